@@ -1,0 +1,57 @@
+# ActivityFM — every target sets up .venv itself (idempotent), so each works on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.afm-installed
+export AFM_HOME ?= $(CURDIR)/var
+export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup demo test lint unit integration e2e clean lock prereqs
+
+prereqs:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ActivityFM needs Python 3.11: '$(PYTHON)' is not on PATH (install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...')."; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { echo "ActivityFM needs Python 3.11, but '$(PYTHON)' is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())')."; exit 1; }
+	@command -v java >/dev/null 2>&1 || { echo "ActivityFM needs Java 17 for Spark: 'java' is not on PATH (install OpenJDK 17, e.g. 'apt-get install openjdk-17-jre-headless')."; exit 1; }
+	@v=$$(java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -1); [ "$${v:-0}" -ge 17 ] || { echo "ActivityFM needs Java 17 or newer for Spark, but 'java' is version $${v:-unknown}."; exit 1; }
+
+# Install only when pyproject.toml or constraints.txt changed since the last install.
+$(STAMP): pyproject.toml constraints.txt | prereqs
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+setup: prereqs $(STAMP)
+
+demo: setup
+	$(BIN)/afm demo
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+e2e: setup
+	$(BIN)/python -m pytest -q tests/e2e
+
+# Re-resolve the lock from pyproject.toml (needs the package registry).
+lock: prereqs
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip wheel
+	.lock-venv/bin/python -m pip install --quiet '.[dev]'
+	{ head -2 constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^activityfm' | sed -E 's/^torch==([0-9.]+)\+cpu/torch==\1/'; } > constraints.new && mv constraints.new constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,325 @@
+"""``afm`` — one command per pipeline step.
+
+Every step a DAG task runs is a command here, so on-call runs exactly the same step by
+hand (``afm features run-day --ds 2026-01-05``). The CLI lives in ``serving`` because
+serving sits at the top of the dependency stack (features → training → serving); each
+command imports its package lazily so ``afm --help`` stays fast.
+
+Common options: ``--home`` (or ``AFM_HOME``) picks the data root, default ``./var``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from features.config import Layout, parse_ds
+
+
+def _layout(home: str | None) -> Layout:
+    return Layout.at(home)
+
+
+def _ds(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        parse_ds(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
+home_option = click.option("--home", envvar="AFM_HOME", default=None, help="Data root (default: $AFM_HOME or ./var).")
+ds_option = click.option("--ds", required=True, callback=_ds, help="Partition day, YYYY-MM-DD (UTC).")
+master_option = click.option(
+    "--master", envvar="AFM_SPARK_MASTER", default=None, help="Spark master (default local[*])."
+)
+
+
+def _echo_json(obj: object) -> None:
+    click.echo(json.dumps(obj, default=str, sort_keys=True))
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """ActivityFM: activity sequences → foundation model → rankings."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# --------------------------------------------------------------------------- data
+@cli.group()
+def data() -> None:
+    """Raw data: the synthetic world and importers for real data sets."""
+
+
+@data.command("synth")
+@home_option
+@click.option("--users", default=None, type=int, help="Number of users.")
+@click.option("--items", default=None, type=int, help="Items at the start.")
+@click.option("--days", default=None, type=int, help="Days of activity.")
+@click.option("--start", "start_ds", default=None, callback=_ds, help="First day, YYYY-MM-DD.")
+@click.option("--seed", default=None, type=int, help="Random seed (same seed, same bytes).")
+@click.option("--size", type=click.Choice(["tiny", "demo", "large"]), default="demo", show_default=True)
+def data_synth(home, users, items, days, start_ds, seed, size) -> None:
+    """Generate the synthetic world (raw events by ds, items, ground truth)."""
+    from features.synth import SynthConfig, generate_world
+
+    cfg = SynthConfig.preset(size)
+    overrides = {"n_users": users, "n_items": items, "n_days": days, "start_ds": start_ds, "seed": seed}
+    cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+    summary = generate_world(_layout(home), cfg)
+    _echo_json(summary)
+
+
+@data.command("import")
+@home_option
+@click.option("--format", "fmt", type=click.Choice(["movielens", "sasrec", "taobao"]), required=True)
+@click.option("--src", required=True, type=click.Path(exists=True), help="File or folder to import.")
+@click.option("--start", "start_ds", default="2026-01-01", callback=_ds, help="sasrec only: day of the first event.")
+def data_import(home, fmt, src, start_ds) -> None:
+    """Import a real data set into the event contract (raw events by ds + items)."""
+    from features import importers
+
+    layout = _layout(home)
+    if fmt == "movielens":
+        summary = importers.import_movielens(Path(src), layout)
+    elif fmt == "sasrec":
+        summary = importers.import_sasrec(Path(src), layout, start_ds=start_ds)
+    else:
+        summary = importers.import_taobao(Path(src), layout)
+    _echo_json(summary)
+
+
+@data.command("best-auc")
+@home_option
+@ds_option
+def data_best_auc(home, ds) -> None:
+    """Best per-action AUC the synthetic generator allows on day DS (scoring with the true probabilities)."""
+    from features.synth import best_auc
+
+    _echo_json(best_auc(_layout(home), ds))
+
+
+# ----------------------------------------------------------------------- features
+@cli.group()
+def features() -> None:
+    """Spark feature jobs, data-quality gates and the Feast store."""
+
+
+@features.command("gate")
+@home_option
+@ds_option
+@master_option
+def features_gate(home, ds, master) -> None:
+    """Validate raw events of DS with GX; write valid/ and quarantine/ (in = valid + quarantined)."""
+    from features.gate import run_gate
+    from features.spark import spark_session
+
+    with spark_session(master) as spark:
+        _echo_json(run_gate(spark, _layout(home), ds))
+
+
+@features.command("sequences")
+@home_option
+@ds_option
+@master_option
+def features_sequences(home, ds, master) -> None:
+    """Build the user_sequences snapshot of DS from DS-1's snapshot plus DS's valid events."""
+    from features.sequences import build_user_sequences
+    from features.spark import spark_session
+
+    with spark_session(master) as spark:
+        _echo_json(build_user_sequences(spark, _layout(home), ds))
+
+
+@features.command("examples")
+@home_option
+@ds_option
+@master_option
+def features_examples(home, ds, master) -> None:
+    """Build ranking examples of DS (one row per impression; sequence as of the request time)."""
+    from features.examples import build_ranking_examples
+    from features.spark import spark_session
+
+    with spark_session(master) as spark:
+        _echo_json(build_ranking_examples(spark, _layout(home), ds))
+
+
+@features.command("corpus")
+@home_option
+@ds_option
+@master_option
+def features_corpus(home, ds, master) -> None:
+    """Build the pretraining corpus of DS from the user_sequences snapshot."""
+    from features.corpus import build_pretrain_corpus
+    from features.spark import spark_session
+
+    with spark_session(master) as spark:
+        _echo_json(build_pretrain_corpus(spark, _layout(home), ds))
+
+
+@features.command("run-day")
+@home_option
+@ds_option
+@master_option
+def features_run_day(home, ds, master) -> None:
+    """All Spark steps of one day in one Spark session: gate → sequences → examples → corpus → Feast sources."""
+    from features.pipeline import run_day
+
+    _echo_json(run_day(_layout(home), ds, master=master))
+
+
+@features.command("docs")
+@home_option
+def features_docs(home) -> None:
+    """Rebuild the Great Expectations data docs and print where they are."""
+    from features.quality import build_data_docs
+
+    click.echo(build_data_docs(_layout(home)))
+
+
+@features.command("register")
+@home_option
+def features_register(home) -> None:
+    """Register entities and feature views in the Feast registry (feast apply)."""
+    from features.store import register
+
+    _echo_json(register(_layout(home)))
+
+
+@features.command("materialize")
+@home_option
+@click.option("--end", "end_ds", default=None, callback=_ds, help="Materialize up to the end of this day.")
+def features_materialize(home, end_ds) -> None:
+    """Copy the latest feature values from the offline parquet sources to the online store."""
+    from features.store import materialize
+
+    _echo_json(materialize(_layout(home), end_ds=end_ds))
+
+
+# ----------------------------------------------------------------------- training
+@cli.group()
+def train() -> None:
+    """Pretrain the PinFM backbone and fine-tune the ranker."""
+
+
+@train.command("pretrain")
+@home_option
+@click.option("--ds", default=None, callback=_ds, help="Corpus day to train on (default: latest).")
+@click.option("--size", type=click.Choice(["tiny", "small", "base"]), default="small", show_default=True)
+@click.option("--steps", default=None, type=int, help="Override the number of optimizer steps.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--seed", default=0, type=int, show_default=True)
+def train_pretrain(home, ds, size, steps, device, seed) -> None:
+    """Pretrain the backbone with next-token InfoNCE; saves models/pinfm/<version>."""
+    from training.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig.preset(size).replace(device=device, seed=seed, **({"steps": steps} if steps else {}))
+    _echo_json(pretrain(_layout(home), cfg, ds=ds))
+
+
+@train.command("finetune")
+@home_option
+@click.option(
+    "--ds", default=None, callback=_ds, help="Evaluation day (last day); earlier days train (default: latest)."
+)
+@click.option("--backbone", default="latest", show_default=True, help="PinFM version to start from, or 'none'.")
+@click.option("--epochs", default=None, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, type=int, show_default=True)
+@click.option(
+    "--promote/--no-promote", default=True, show_default=True, help="Make it CURRENT when it passes the gate."
+)
+def train_finetune(home, ds, backbone, epochs, device, seed, promote) -> None:
+    """Fine-tune the ranker on ranking examples; evaluates per-action AUC on the last day."""
+    from training.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig().replace(device=device, seed=seed, **({"epochs": epochs} if epochs else {}))
+    _echo_json(finetune(_layout(home), cfg, ds=ds, backbone=backbone, promote=promote))
+
+
+# -------------------------------------------------------------------------- model
+@cli.group()
+def model() -> None:
+    """Model registry: list, promote, roll back."""
+
+
+@model.command("list")
+@home_option
+def model_list(home) -> None:
+    """List ranker versions (newest last) and which one is CURRENT."""
+    from training.artifacts import list_versions
+
+    for row in list_versions(_layout(home)):
+        _echo_json(row)
+
+
+@model.command("promote")
+@home_option
+@click.argument("version")
+def model_promote(home, version) -> None:
+    """Make VERSION the served ranker (writes models/ranker/CURRENT)."""
+    from training.artifacts import promote
+
+    _echo_json(promote(_layout(home), version))
+
+
+@model.command("rollback")
+@home_option
+def model_rollback(home) -> None:
+    """Serve the previously promoted ranker again."""
+    from training.artifacts import rollback
+
+    _echo_json(rollback(_layout(home)))
+
+
+# ------------------------------------------------------------------------ serving
+@cli.command("serve")
+@home_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, type=int, show_default=True)
+def serve(home, host, port) -> None:
+    """Run the scoring HTTP service (POST /v1/rank, GET /health)."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    uvicorn.run(create_app(_layout(home)), host=host, port=port, log_level="info")
+
+
+@cli.command("publish-embeddings")
+@home_option
+def publish_embeddings(home) -> None:
+    """Compute user embeddings with the CURRENT ranker, write them to Feast and materialize."""
+    from serving.embeddings import publish_user_embeddings
+
+    _echo_json(publish_user_embeddings(_layout(home)))
+
+
+@cli.command("demo")
+@home_option
+@click.option("--size", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
+def demo(home, size) -> None:
+    """Run the whole pipeline on a fresh synthetic world through the Airflow DAGs and query the service."""
+    from serving.demo import run_demo
+
+    sys.exit(run_demo(_layout(home), size=size))
+
+
+def main() -> None:
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    cli(prog_name="afm")
+
+
+if __name__ == "__main__":
+    main()
