@@ -133,3 +133,15 @@ class Layout:
         if not table.exists():
             return []
         return sorted(p.name.split("=", 1)[1] for p in table.iterdir() if p.is_dir() and p.name.startswith("ds="))
+
+
+def ds_for_logical_date(logical_date: dt.datetime) -> str:
+    """The partition day a DAG run processes: the UTC date of its logical date.
+
+    The DAGs use data-interval timetables, so the run for day D has logical date D 00:00
+    UTC and runs once D is over (Airflow 3's default cron timetable has zero-length
+    intervals, so the interval itself is not used).
+    """
+    if logical_date.tzinfo is None:
+        raise ValueError(f"logical date {logical_date!r} has no timezone; expected an aware UTC datetime")
+    return logical_date.astimezone(dt.UTC).date().isoformat()

@@ -179,6 +179,19 @@ def features_run_day(home, ds, master) -> None:
     _echo_json(run_day(_layout(home), ds, master=master))
 
 
+@features.command("feast-export")
+@home_option
+@ds_option
+@master_option
+def features_feast_export(home, ds, master) -> None:
+    """Write DS's user sequences and the item catalogue as Feast offline sources."""
+    from features.spark import spark_session
+    from features.store import export_feast_sources
+
+    with spark_session(master) as spark:
+        _echo_json(export_feast_sources(spark, _layout(home), ds))
+
+
 @features.command("docs")
 @home_option
 def features_docs(home) -> None:
@@ -314,6 +327,20 @@ def demo(home, size) -> None:
     from serving.demo import run_demo
 
     sys.exit(run_demo(_layout(home), size=size))
+
+
+def run_afm(*args: str) -> None:
+    """Run one ``afm`` command in this process (what DAG tasks call); raises when it fails.
+
+    Example: ``run_afm("features", "gate", "--ds", "2026-01-05")``.
+    """
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    logging.getLogger(__name__).info("afm %s", " ".join(args))
+    try:
+        cli.main(list(args), prog_name="afm", standalone_mode=False)
+    except SystemExit as exc:  # `afm demo` and click's own exits
+        if exc.code not in (0, None):
+            raise RuntimeError(f"afm {' '.join(args)} exited with {exc.code}") from exc
 
 
 def main() -> None:
