@@ -1,0 +1,139 @@
+"""Feast objects of ActivityFM: entities, offline sources, feature views, feature services.
+
+The offline sources are directories of parquet files under the data root's ``feast/``
+directory (``Layout.feast``). Their paths here are relative: Feast resolves them against
+the repo path, which :func:`features.store.feature_store` sets to ``Layout.feast``, so
+the registry never holds a machine-specific path and one registry works for any
+``AFM_HOME``.
+
+Source layout (written by :mod:`features.store`)::
+
+    sources/user_sequence/<ds>/part-*.parquet     one snapshot per day, event_timestamp = end of ds
+    sources/item_features/part-*.parquet          the item catalogue, event_timestamp = created_at
+    sources/user_embedding/<model_version>/*.parquet  embeddings per model version
+
+Each source has an ``event_timestamp`` column; point-in-time joins and materialization
+use it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.types import Array, Float32, Int64, String
+
+TIMESTAMP_FIELD = "event_timestamp"
+
+#: Source directories, relative to ``Layout.feast``.
+USER_SEQUENCE_DIR = "sources/user_sequence"
+ITEM_FEATURES_DIR = "sources/item_features"
+USER_EMBEDDING_DIR = "sources/user_embedding"
+
+#: How long a value stays valid for point-in-time joins and online reads.
+#: A user_sequences snapshot is written every day for every user who ever acted.
+SEQUENCE_TTL = timedelta(days=30)
+EMBEDDING_TTL = timedelta(days=90)
+NO_EXPIRY = timedelta(0)  # Feast: a zero ttl means values never expire
+
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.INT64,
+    description="A user of the platform.",
+)
+item = Entity(
+    name="item",
+    join_keys=["item_id"],
+    value_type=ValueType.INT64,
+    description="An item that can be shown and acted on.",
+)
+
+user_sequence_source = FileSource(
+    name="user_sequence_source",
+    path=USER_SEQUENCE_DIR,
+    timestamp_field=TIMESTAMP_FIELD,
+    description="Daily user_sequences snapshots (features/user_sequences/ds=…), stamped with the end of the day.",
+)
+item_features_source = FileSource(
+    name="item_features_source",
+    path=ITEM_FEATURES_DIR,
+    timestamp_field=TIMESTAMP_FIELD,
+    description="The item catalogue (raw/items/items.parquet), stamped with created_at.",
+)
+user_embedding_source = FileSource(
+    name="user_embedding_source",
+    path=USER_EMBEDDING_DIR,
+    timestamp_field=TIMESTAMP_FIELD,
+    description="User embeddings computed by a ranker version, stamped with the publish time.",
+)
+
+user_sequence = FeatureView(
+    name="user_sequence",
+    entities=[user],
+    ttl=SEQUENCE_TTL,
+    schema=[
+        Field(name="user_id", dtype=Int64),
+        Field(name="item_ids", dtype=Array(Int64)),
+        Field(name="actions", dtype=Array(String)),
+        Field(name="surfaces", dtype=Array(String)),
+        Field(name="n_events", dtype=Int64),
+    ],
+    source=user_sequence_source,
+    online=True,
+    description="The user's explicit-action sequence (oldest first) as of the end of the snapshot day.",
+)
+
+item_features = FeatureView(
+    name="item_features",
+    entities=[item],
+    ttl=NO_EXPIRY,
+    schema=[
+        Field(name="item_id", dtype=Int64),
+        Field(name="category", dtype=String),
+        Field(name="content", dtype=Array(Float32)),
+        Field(name="created_at_s", dtype=Int64),
+    ],
+    source=item_features_source,
+    online=True,
+    description="Item catalogue features: category, dense content vector, creation time (unix seconds).",
+)
+
+user_embedding = FeatureView(
+    name="user_embedding",
+    entities=[user],
+    ttl=EMBEDDING_TTL,
+    schema=[
+        Field(name="user_id", dtype=Int64),
+        Field(name="embedding", dtype=Array(Float32)),
+        Field(name="model_version", dtype=String),
+    ],
+    source=user_embedding_source,
+    online=True,
+    description="Precomputed user embedding and the ranker version that computed it (never mix versions).",
+)
+
+ranking_user = FeatureService(
+    name="ranking_user",
+    features=[user_sequence, user_embedding],
+    description="What the scoring service reads for the requesting user.",
+)
+ranking_item = FeatureService(
+    name="ranking_item",
+    features=[item_features],
+    description="What the scoring service reads for each candidate item.",
+)
+
+#: Everything `register` applies, in dependency order.
+OBJECTS = [
+    user,
+    item,
+    user_sequence_source,
+    item_features_source,
+    user_embedding_source,
+    user_sequence,
+    item_features,
+    user_embedding,
+    ranking_user,
+    ranking_item,
+]

@@ -1,0 +1,465 @@
+"""The Feast feature store of ActivityFM: configuration, offline sources, registration, materialization.
+
+Everything Feast keeps lives under ``Layout.feast`` (``$AFM_HOME/feast``)::
+
+    registry.db                                   Feast registry (file)
+    online.db                                     SQLite online store (default)
+    sources/user_sequence/<ds>/part-*.parquet     offline source: one snapshot per day
+    sources/item_features/part-*.parquet          offline source: the item catalogue
+    sources/user_embedding/<version>/*.parquet    offline source: embeddings per model version
+
+Feature consumers::
+
+    from features.config import Layout
+    from features.store import feature_store
+
+    fs = feature_store(Layout.default())
+    row = fs.get_online_features(
+        features=["user_sequence:item_ids", "user_sequence:actions", "user_embedding:embedding"],
+        entity_rows=[{"user_id": 42}],
+    ).to_dict()
+
+The online store is SQLite unless ``AFM_FEAST_ONLINE=redis``; then ``AFM_REDIS_URL``
+(``host:port`` or ``redis://host:port``, default ``localhost:6379``) names the server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+import os
+import re
+import shutil
+import string
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import yaml
+
+from features.config import Layout, day_window, parse_ds
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+REPO_DIR = Path(__file__).resolve().parent / "feature_repo"
+CONFIG_FILE = REPO_DIR / "feature_store.yaml"
+
+#: The earliest time materialization looks at for views without a daily snapshot.
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+USER_SEQUENCE_COLUMNS = ("user_id", "item_ids", "actions", "surfaces", "n_events")
+ITEM_FEATURE_COLUMNS = ("item_id", "category", "content", "created_at_s")
+USER_EMBEDDING_COLUMNS = ("user_id", "embedding", "model_version", "event_timestamp")
+
+_TS = pa.timestamp("us", tz="UTC")
+USER_EMBEDDING_SOURCE_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64()),
+        pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("model_version", pa.string()),
+        pa.field("event_timestamp", _TS),
+    ]
+)
+
+
+class FeatureStoreError(RuntimeError):
+    """The Feast store is missing, not registered, or its inputs are wrong; the message says which."""
+
+
+# --------------------------------------------------------------------------- config
+def definitions() -> ModuleType:
+    """The module holding the Feast objects (``features/feature_repo/definitions.py``)."""
+    return importlib.import_module("features.feature_repo.definitions")
+
+
+def _online_store_config(base: dict[str, Any]) -> dict[str, Any]:
+    choice = os.environ.get("AFM_FEAST_ONLINE", "sqlite").strip().lower()
+    if choice in ("", "sqlite"):
+        return base
+    if choice == "redis":
+        url = os.environ.get("AFM_REDIS_URL", "localhost:6379").strip()
+        url = re.sub(r"^rediss?://", "", url).rstrip("/")
+        return {"type": "redis", "connection_string": url}
+    raise FeatureStoreError(f"AFM_FEAST_ONLINE must be 'sqlite' or 'redis', got {choice!r}")
+
+
+def repo_config(layout: Layout) -> Any:
+    """The Feast ``RepoConfig`` for ``layout``: feature_store.yaml with ``${AFM_FEAST_DIR}`` = ``layout.feast``.
+
+    Args:
+        layout: The data root; the registry, online store and offline sources live under ``layout.feast``.
+
+    Returns:
+        A ``feast.RepoConfig`` whose repo path is ``layout.feast`` (so relative source paths resolve there).
+    """
+    from feast import RepoConfig
+
+    feast_dir = Path(layout.feast).resolve()
+    text = string.Template(CONFIG_FILE.read_text()).safe_substitute({**os.environ, "AFM_FEAST_DIR": str(feast_dir)})
+    raw = yaml.safe_load(text)
+    raw["online_store"] = _online_store_config(raw.get("online_store") or {})
+    config = RepoConfig(**raw)
+    config.repo_path = feast_dir
+    return config
+
+
+def feature_store(layout: Layout) -> FeatureStore:
+    """A Feast ``FeatureStore`` over ``layout.feast``; works from any working directory.
+
+    Args:
+        layout: The data root (``Layout.default()`` reads ``AFM_HOME``, default ``./var``).
+
+    Returns:
+        The feature store. Call :func:`register` once before reading from it.
+    """
+    from feast import FeatureStore
+
+    feast_dir = Path(layout.feast).resolve()
+    feast_dir.mkdir(parents=True, exist_ok=True)
+    return FeatureStore(repo_path=str(feast_dir), config=repo_config(layout))
+
+
+def is_registered(layout: Layout) -> bool:
+    """Whether ``register`` has written a registry under ``layout.feast``."""
+    return (Path(layout.feast) / "registry.db").exists()
+
+
+# --------------------------------------------------------------------------- export
+def _source_dir(layout: Layout, relative: str) -> Path:
+    return Path(layout.feast) / relative
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap ``tmp`` into place as ``final`` (rerun-safe: the old content is removed)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def _require_columns(have: list[str], need: tuple[str, ...], where: str) -> None:
+    missing = [c for c in need if c not in have]
+    if missing:
+        raise FeatureStoreError(f"{where}: missing columns {missing} (have {sorted(have)})")
+
+
+def snapshot_timestamp(ds: str) -> dt.datetime:
+    """The event timestamp of the ``ds`` snapshot: the last microsecond of the UTC day.
+
+    Args:
+        ds: Partition day, ``YYYY-MM-DD``.
+
+    Returns:
+        ``ds`` 23:59:59.999999 UTC: every event of the day is at or before it.
+    """
+    return day_window(ds)[1] - dt.timedelta(microseconds=1)
+
+
+def export_feast_sources(spark: SparkSession, layout: Layout, ds: str) -> dict:
+    """Write the ``ds`` user-sequence snapshot and the item catalogue as Feast offline sources.
+
+    Reads ``layout.user_sequences/ds=<ds>`` (``features.tables.USER_SEQUENCES_SCHEMA``) and
+    ``layout.items`` (``features.contract.ITEM_SCHEMA``), writes parquet part files under
+    ``layout.feast/sources``. Rerunning a day replaces that day's sequence rows; the item
+    source is the whole catalogue and is replaced each time.
+
+    Args:
+        spark: An active Spark session.
+        layout: The data root.
+        ds: The snapshot day, ``YYYY-MM-DD``.
+
+    Returns:
+        ``{"ds", "event_timestamp", "user_sequence_rows", "item_rows", "paths"}``.
+
+    Raises:
+        FeatureStoreError: when an input is missing or lacks columns.
+    """
+    from pyspark.sql import functions as F
+
+    from features.feature_repo import definitions as defs
+
+    parse_ds(ds)
+    seq_in = layout.partition(layout.user_sequences, ds)
+    if not seq_in.exists():
+        raise FeatureStoreError(f"no user_sequences snapshot for ds={ds} at {seq_in}; run `afm features sequences`")
+    items_in = Path(layout.items)
+    if not items_in.exists() or not any(items_in.glob("*.parquet")):
+        raise FeatureStoreError(f"no item catalogue at {items_in} (expected items.parquet)")
+
+    snap_ts = snapshot_timestamp(ds)
+    seq = spark.read.parquet(str(seq_in))
+    _require_columns(seq.columns, USER_SEQUENCE_COLUMNS, f"user_sequences ds={ds}")
+    seq_out = seq.select(
+        F.col("user_id").cast("bigint").alias("user_id"),
+        F.col("item_ids").cast("array<bigint>").alias("item_ids"),
+        F.col("actions").cast("array<string>").alias("actions"),
+        F.col("surfaces").cast("array<string>").alias("surfaces"),
+        F.col("n_events").cast("bigint").alias("n_events"),
+        # Spark timestamps are instants; a microsecond literal avoids any session-timezone shift.
+        F.timestamp_micros(F.lit(int(snap_ts.timestamp()) * 1_000_000 + snap_ts.microsecond)).alias(
+            defs.TIMESTAMP_FIELD
+        ),
+    )
+
+    items = spark.read.parquet(*[str(p) for p in sorted(items_in.glob("*.parquet"))])
+    _require_columns(items.columns, ("item_id", "created_at", "category", "content"), f"items at {items_in}")
+    items_out = items.select(
+        F.col("item_id").cast("bigint").alias("item_id"),
+        F.col("category").cast("string").alias("category"),
+        F.col("content").cast("array<float>").alias("content"),
+        F.unix_seconds(F.col("created_at")).alias("created_at_s"),
+        F.col("created_at").alias(defs.TIMESTAMP_FIELD),
+    )
+
+    seq_dir = _source_dir(layout, defs.USER_SEQUENCE_DIR) / ds
+    item_dir = _source_dir(layout, defs.ITEM_FEATURES_DIR)
+    conf_key = "spark.sql.parquet.outputTimestampType"
+    previous = spark.conf.get(conf_key, None)
+    spark.conf.set(conf_key, "TIMESTAMP_MICROS")  # INT96 would lose the UTC marker for pandas/dask
+    try:
+        counts = {}
+        for df, final, name in ((seq_out, seq_dir, "user_sequence_rows"), (items_out, item_dir, "item_rows")):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            tmp.rmdir()
+            df.write.mode("overwrite").parquet(str(tmp))
+            _replace_dir(tmp, final)
+            counts[name] = pq.ParquetDataset(str(final)).read(columns=[df.columns[0]]).num_rows
+    finally:
+        if previous is None:
+            spark.conf.unset(conf_key)
+        else:
+            spark.conf.set(conf_key, previous)
+
+    summary = {
+        "ds": ds,
+        "event_timestamp": snap_ts.isoformat(),
+        **counts,
+        "paths": {"user_sequence": str(seq_dir), "item_features": str(item_dir)},
+    }
+    log.info("feast sources for ds=%s: %s", ds, summary)
+    return summary
+
+
+# --------------------------------------------------------------------- registration
+def register(layout: Layout) -> dict:
+    """Apply the Feast definitions (entities, sources, views, services) to the registry; idempotent.
+
+    Args:
+        layout: The data root; the registry is ``layout.feast/registry.db``.
+
+    Returns:
+        ``{"project", "registry", "entities", "feature_views", "feature_services"}``.
+    """
+    defs = definitions()
+    fs = feature_store(layout)
+    fs.apply(list(defs.OBJECTS))
+    summary = {
+        "project": fs.project,
+        "registry": str(Path(layout.feast) / "registry.db"),
+        "entities": sorted(e.name for e in fs.list_entities()),
+        "feature_views": sorted(v.name for v in fs.list_feature_views()),
+        "feature_services": sorted(s.name for s in fs.list_feature_services()),
+    }
+    log.info("feast registry: %s", summary)
+    return summary
+
+
+def _require_registered(layout: Layout) -> None:
+    if not is_registered(layout):
+        raise FeatureStoreError(f"no Feast registry under {layout.feast}; run `afm features register` first")
+
+
+# ---------------------------------------------------------------- materialization
+def _source_rows(path: Path, key: str, start: dt.datetime, end: dt.datetime) -> int:
+    """Distinct ``key`` values of a source directory whose event_timestamp is in [start, end]."""
+    if not path.exists() or not any(path.rglob("*.parquet")):
+        return 0
+    data = pads.dataset(str(path), format="parquet", partitioning=None)
+    ts = pads.field("event_timestamp")
+    table = data.to_table(columns=[key], filter=(ts >= pa.scalar(start, _TS)) & (ts <= pa.scalar(end, _TS)))
+    return len(table.column(key).unique())
+
+
+def _latest_sequence_day(layout: Layout, end: dt.datetime) -> str | None:
+    from features.feature_repo import definitions as defs
+
+    root = _source_dir(layout, defs.USER_SEQUENCE_DIR)
+    if not root.exists():
+        return None
+    days = []
+    for p in root.iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        try:
+            day = parse_ds(p.name)
+        except ValueError:
+            continue
+        if snapshot_timestamp(day.isoformat()) <= end:
+            days.append(day.isoformat())
+    return max(days) if days else None
+
+
+def materialize(layout: Layout, end_ds: str | None = None) -> dict:
+    """Load the latest feature values up to the end of ``end_ds`` (or now) into the online store.
+
+    ``user_sequence`` is loaded from the newest snapshot day at or before the end (a
+    snapshot holds every user), ``item_features`` and ``user_embedding`` from all rows up to
+    the end (latest per entity wins).
+
+    Args:
+        layout: The data root.
+        end_ds: Last day to include, ``YYYY-MM-DD``; default: now (UTC).
+
+    Returns:
+        ``{"end", "views": {view: {"start", "rows"}}}`` where ``rows`` counts the entities loaded.
+    """
+    from features.feature_repo import definitions as defs
+
+    _require_registered(layout)
+    end = day_window(end_ds)[1] if end_ds is not None else dt.datetime.now(dt.UTC)
+    fs = feature_store(layout)
+    views: dict[str, dict] = {}
+
+    seq_day = _latest_sequence_day(layout, end)
+    plan: list[tuple[str, dt.datetime | None, Path, str]] = [
+        (
+            "user_sequence",
+            day_window(seq_day)[0] if seq_day else None,
+            _source_dir(layout, defs.USER_SEQUENCE_DIR),
+            "user_id",
+        ),
+        ("item_features", EPOCH, _source_dir(layout, defs.ITEM_FEATURES_DIR), "item_id"),
+        ("user_embedding", EPOCH, _source_dir(layout, defs.USER_EMBEDDING_DIR), "user_id"),
+    ]
+    for name, start, path, key in plan:
+        rows = _source_rows(path, key, start, end) if start is not None else 0
+        if rows:
+            fs.materialize(start_date=start, end_date=end, feature_views=[name])
+        views[name] = {"start": start.isoformat() if start else None, "rows": rows}
+    summary = {"end": end.isoformat(), "views": views}
+    log.info("feast materialize: %s", summary)
+    return summary
+
+
+# ------------------------------------------------------------------ training sets
+ROW_ID = "_afm_row"
+
+
+def historical_features(layout: Layout, entity_df: pd.DataFrame, features: list[str]) -> pd.DataFrame:
+    """Point-in-time feature values for every row of ``entity_df``, in its order.
+
+    A thin wrapper around ``FeatureStore.get_historical_features``: Feast's file offline
+    store drops an entity row when the entity has only rows newer than the row's timestamp;
+    here every input row comes back once, with nulls where no value was valid at its time.
+
+    Args:
+        layout: The data root.
+        entity_df: Join keys (``user_id`` and/or ``item_id``) and ``event_timestamp`` (UTC),
+            plus any other columns to carry along.
+        features: Feature references, e.g. ``["user_sequence:item_ids", "item_features:content"]``.
+
+    Returns:
+        ``entity_df``'s columns plus one column per feature, one row per input row.
+    """
+    import pandas as pd
+
+    if "event_timestamp" not in entity_df.columns:
+        raise FeatureStoreError("entity_df needs an event_timestamp column (UTC) for the point-in-time join")
+    _require_registered(layout)
+    base = entity_df.reset_index(drop=True).copy()
+    base["event_timestamp"] = pd.to_datetime(base["event_timestamp"], utc=True)
+    base[ROW_ID] = range(len(base))
+    got = feature_store(layout).get_historical_features(entity_df=base, features=list(features)).to_df()
+    names = [ref.split(":", 1)[1] for ref in features]
+    names = [n for n in names if n in got.columns]
+    out = base.merge(got[[ROW_ID, *names]], on=ROW_ID, how="left", validate="one_to_one")
+    return out.sort_values(ROW_ID).drop(columns=[ROW_ID]).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ user embeddings
+def _safe_version(version: str) -> str:
+    if not version or not re.fullmatch(r"[A-Za-z0-9._+-]+", version) or version.startswith("."):
+        raise FeatureStoreError(f"model_version {version!r} must be non-empty and use only letters, digits, . _ + -")
+    return version
+
+
+def write_user_embeddings(layout: Layout, df: pd.DataFrame) -> None:
+    """Write user embeddings to the offline source and materialize them into the online store.
+
+    Rows of one model version replace that version's earlier rows in the offline source;
+    the online store then holds each user's newest embedding (by ``event_timestamp``).
+
+    Args:
+        layout: The data root.
+        df: Columns ``user_id`` (int), ``embedding`` (sequence of floats, one length for all
+            rows), ``model_version`` (str), ``event_timestamp`` (UTC datetime).
+
+    Raises:
+        FeatureStoreError: on missing columns, mixed embedding lengths, bad versions, or no registry.
+    """
+    import pandas as pd
+
+    from features.feature_repo import definitions as defs
+
+    _require_registered(layout)
+    _require_columns(list(df.columns), USER_EMBEDDING_COLUMNS, "user embeddings")
+    if df.empty:
+        raise FeatureStoreError("user embeddings: the DataFrame has no rows")
+    frame = df.loc[:, list(USER_EMBEDDING_COLUMNS)].copy()
+    if frame["user_id"].isna().any() or frame["embedding"].isna().any():
+        raise FeatureStoreError("user embeddings: user_id and embedding must not be null")
+    lengths = {len(e) for e in frame["embedding"]}
+    if len(lengths) != 1:
+        raise FeatureStoreError(f"user embeddings: rows have different embedding lengths {sorted(lengths)}")
+    ts = pd.to_datetime(frame["event_timestamp"], utc=True)
+    if ts.isna().any():
+        raise FeatureStoreError("user embeddings: event_timestamp must not be null")
+    frame["event_timestamp"] = ts
+    matrix = np.stack([np.asarray(e, dtype=np.float32) for e in frame["embedding"]])  # (N, D)
+    frame["_row"] = np.arange(len(frame))
+
+    root = _source_dir(layout, defs.USER_EMBEDDING_DIR)
+    for version, part in frame.groupby("model_version", sort=True):
+        final = root / _safe_version(str(version))
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        rows = matrix[part["_row"].to_numpy()]  # (n, D)
+        n, d = rows.shape
+        embedding = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(rows.ravel())
+        )
+        table = pa.Table.from_arrays(
+            [
+                pa.array(part["user_id"].to_numpy(dtype=np.int64)),
+                embedding,
+                pa.array([str(version)] * n, pa.string()),
+                pa.array(part["event_timestamp"].dt.as_unit("us"), _TS),
+            ],
+            schema=USER_EMBEDDING_SOURCE_SCHEMA,
+        )
+        pq.write_table(table, tmp / "part-0.parquet")
+        _replace_dir(tmp, final)
+
+    start = ts.min().to_pydatetime()
+    end = ts.max().to_pydatetime() + dt.timedelta(microseconds=1)
+    t0 = time.perf_counter()
+    feature_store(layout).materialize(start_date=start, end_date=end, feature_views=["user_embedding"])
+    log.info("materialized %d user embeddings in %.1fs", len(frame), time.perf_counter() - t0)
