@@ -1,0 +1,160 @@
+"""Backbone, hashing and InfoNCE unit tests (tiny configs, no data files)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from features.contract import ACTION_IDS, POSITIVE_ACTIONS, SURFACE_IDS
+from training.model import (
+    HashedItemEmbedding,
+    NextTokenInfoNCE,
+    PinFM,
+    PinFMConfig,
+    hash_item_ids,
+    info_nce,
+    last_hidden,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+IDS = [1, 2, 3, 12345, 10_000_000_000, 2**62 + 17, 987654321987]
+
+
+def _tokens(B: int, L: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, 10**12, (B, L), generator=g)
+    actions = torch.randint(1, len(ACTION_IDS) + 1, (B, L), generator=g)
+    surfaces = torch.randint(1, len(SURFACE_IDS) + 1, (B, L), generator=g)
+    return items, actions, surfaces
+
+
+def test_hash_is_deterministic_in_a_fresh_process() -> None:
+    here = [hash_item_ids(torch.tensor(IDS), t, 1024).tolist() for t in range(2)]
+    code = (
+        "import torch; from training.model import hash_item_ids; "
+        f"print([hash_item_ids(torch.tensor({IDS}), t, 1024).tolist() for t in range(2)])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "7"}
+    )
+    assert out.stdout.strip() == str(here)
+    assert here == [hash_item_ids(torch.tensor(IDS), t, 1024).tolist() for t in range(2)]
+
+
+def test_hash_tables_differ_and_stay_in_range() -> None:
+    ids = torch.arange(1, 5001, dtype=torch.int64) * 7919
+    h0, h1 = hash_item_ids(ids, 0, 1000), hash_item_ids(ids, 1, 1000)
+    assert (h0 >= 0).all() and (h0 < 1000).all() and (h1 >= 0).all() and (h1 < 1000).all()
+    assert (h0 != h1).float().mean() > 0.9  # independent functions
+    assert len(torch.unique(h0)) > 900  # spreads over the buckets
+    # two ids colliding in table 0 almost never collide in table 1 too: pairs stay distinguishable
+    pairs = torch.unique(h0 * 1000 + h1)
+    assert len(pairs) > 4900
+
+
+def test_item_embedding_padding_and_content() -> None:
+    cfg = PinFMConfig.preset("tiny")
+    emb = HashedItemEmbedding(cfg)
+    ids = torch.tensor([[0, 5, 6]])
+    out = emb(ids)  # (1, 3, D)
+    assert out.shape == (1, 3, cfg.d_model)
+    assert torch.all(out[0, 0] == 0) and out[0, 1].abs().sum() > 0
+    content = torch.zeros(1, 3, cfg.content_dim)
+    content[0, 2, 0] = 1.0
+    with_c = emb(ids, content)
+    assert torch.allclose(with_c[0, 1], out[0, 1])  # no content → unchanged
+    assert not torch.allclose(with_c[0, 2], out[0, 2])  # content added
+    assert torch.all(with_c[0, 0] == 0)
+    with pytest.raises(ValueError, match="content has dim"):
+        emb(ids, torch.zeros(1, 3, cfg.content_dim + 1))
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_backbone_is_causal(use_mask: bool) -> None:
+    torch.manual_seed(0)
+    cfg = PinFMConfig.preset("tiny")
+    model = PinFM(cfg).eval()
+    items, actions, surfaces = _tokens(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.bool) if use_mask else None
+    t = 5
+    items2, actions2, surfaces2 = items.clone(), actions.clone(), surfaces.clone()
+    items2[:, t + 1 :] += 1
+    actions2[:, t + 1 :] = actions2[:, t + 1 :] % len(ACTION_IDS) + 1
+    with torch.no_grad():
+        a = model(items, actions, surfaces, None, mask)
+        b = model(items2, actions2, surfaces2, None, mask)
+    assert a.shape == (2, 12, cfg.d_model)
+    assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :], atol=1e-4)
+
+
+def test_padding_left_or_right_gives_the_same_last_state() -> None:
+    torch.manual_seed(0)
+    model = PinFM(PinFMConfig.preset("tiny")).eval()
+    items, actions, surfaces = _tokens(1, 6)
+    pad = torch.zeros(1, 3, dtype=torch.int64)
+    right = [torch.cat([x, pad], 1) for x in (items, actions, surfaces)]
+    left = [torch.cat([pad, x], 1) for x in (items, actions, surfaces)]
+    rmask = torch.tensor([[True] * 6 + [False] * 3])
+    lmask = torch.tensor([[False] * 3 + [True] * 6])
+    with torch.no_grad():
+        r = last_hidden(model(*right, None, rmask), rmask)
+        l_ = model(*left, None, lmask)[:, -1]
+        plain = model(items, actions, surfaces)[:, -1]
+    assert torch.allclose(r, plain, atol=1e-5)
+    assert torch.allclose(l_, plain, atol=1e-5)
+
+
+def test_backbone_rejects_too_long_sequences() -> None:
+    cfg = PinFMConfig.preset("tiny")
+    model = PinFM(cfg)
+    items, actions, surfaces = _tokens(1, cfg.max_len + 1)
+    with pytest.raises(ValueError, match="max_len"):
+        model(items, actions, surfaces)
+
+
+def test_config_validation_and_presets() -> None:
+    assert PinFMConfig.preset("small").d_model == 64
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        PinFMConfig.preset("huge")
+    with pytest.raises(ValueError, match="n_heads"):
+        PinFMConfig(d_model=30, n_heads=4)
+    cfg = PinFMConfig.preset("tiny")
+    assert PinFMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_info_nce_perfect_alignment_is_near_zero() -> None:
+    n, d = 16, 32
+    keys = torch.eye(n, d)  # orthonormal rows
+    loss = info_nce(keys.clone(), keys, temperature=0.01)
+    assert float(loss) < 1e-3
+
+
+def test_info_nce_random_is_about_log_n() -> None:
+    torch.manual_seed(0)
+    n = 256
+    loss = info_nce(torch.randn(n, 64), torch.randn(n, 64), temperature=1.0)
+    assert abs(float(loss) - math.log(n)) < 0.1
+
+
+def test_info_nce_masks_same_item_negatives() -> None:
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    k = q.clone()
+    ids = torch.tensor([7, 7, 9])
+    masked = info_nce(q, k, 0.05, ids)
+    unmasked = info_nce(q, k, 0.05)
+    assert float(masked) < 1e-3 < float(unmasked)  # duplicates of the positive are not negatives
+
+
+def test_next_token_pairs_only_where_next_action_is_positive() -> None:
+    pos = torch.tensor([ACTION_IDS[a] for a in POSITIVE_ACTIONS])
+    a = torch.tensor([[ACTION_IDS["click"], ACTION_IDS["hide"], ACTION_IDS["save"], ACTION_IDS["click"], 0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    rows, cols = NextTokenInfoNCE.select(a, mask, pos)
+    assert cols.tolist() == [1, 2]  # t=0 → next is hide (skip); t=3 → next is padding (skip)
+    assert rows.tolist() == [0, 0]

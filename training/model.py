@@ -1,0 +1,400 @@
+"""PinFM backbone: hashed item embeddings + action/surface tokens → pre-LN causal transformer.
+
+Shapes used in comments: B = batch, L = sequence length, D = ``d_model``, C = content dim,
+H = heads, N = number of (query, target) pairs of the InfoNCE loss.
+
+Padding convention: item id 0, action id 0 and surface id 0 are padding. Batches built by
+:mod:`training.data` are right-padded (real tokens first), but :meth:`PinFM.forward` also
+accepts left padding when ``pad_mask`` is given: positions count real tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from features.contract import ACTIONS, CONTENT_DIM, SURFACES
+
+# ------------------------------------------------------------------------- hashing
+#: Mersenne prime 2^31 - 1: every product below stays < 2^62, so int64 never overflows.
+_PRIME = 2_147_483_647
+_MASK31 = 0x7FFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    """One splitmix64 step on Python ints (exact, so identical in every process)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def hash_constants(table: int) -> tuple[int, int, int, int, int]:
+    """Fixed multipliers/offsets (all in [1, 2^31 - 1)) of hash function number ``table``."""
+    out = []
+    state = 0xAF3D_0000 + 7919 * (table + 1)
+    for _ in range(5):
+        state = _splitmix64(state)
+        out.append(1 + state % (_PRIME - 1))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def hash_item_ids(item_ids: torch.Tensor, table: int, buckets: int) -> torch.Tensor:
+    """Deterministic bucket of every int64 item id for hash function ``table``.
+
+    Multiply-add-mod-prime (Carter-Wegman) over the low 31 and the high bits of the id,
+    then a second multiply-add round; the result does not depend on the process, the
+    platform or Python's ``hash()`` seed.
+
+    Args:
+        item_ids: int64 tensor of any shape.
+        table: which of the independent hash functions to use (0, 1, ...).
+        buckets: number of buckets; the result lies in [0, buckets).
+
+    Returns:
+        int64 tensor of the same shape as ``item_ids``.
+    """
+    a1, b1, a2, a3, b3 = hash_constants(table)
+    ids = item_ids.to(torch.int64)
+    lo = ids & _MASK31  # < 2^31
+    hi = torch.remainder(ids >> 31, _PRIME)  # < 2^31 (remainder is non-negative, also for negative ids)
+    h = torch.remainder(lo * a1 + b1, _PRIME)
+    h = torch.remainder(hi * a2 + h, _PRIME)
+    h = torch.remainder(h * a3 + b3, _PRIME)
+    return torch.remainder(h, buckets)
+
+
+# -------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class PinFMConfig:
+    """Size of the backbone. ``d_model`` must be divisible by ``n_heads`` and ``n_hash_tables``."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    max_len: int = 64
+    n_hash_tables: int = 2
+    hash_buckets: int = 8192
+    content_dim: int = CONTENT_DIM
+    dropout: float = 0.0
+    n_actions: int = len(ACTIONS) + 1  # + padding id 0
+    n_surfaces: int = len(SURFACES) + 1
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.d_model % self.n_hash_tables:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_hash_tables={self.n_hash_tables}")
+        if self.max_len < 1 or self.hash_buckets < 2:
+            raise ValueError(f"max_len must be ≥ 1 and hash_buckets ≥ 2, got {self.max_len}, {self.hash_buckets}")
+
+    @classmethod
+    def preset(cls, name: str) -> PinFMConfig:
+        """Named sizes: ``tiny`` (tests), ``small`` (CPU demo), ``base`` (GPU)."""
+        presets = {
+            "tiny": cls(d_model=32, n_layers=1, n_heads=2, max_len=32, hash_buckets=1024),
+            "small": cls(d_model=64, n_layers=2, n_heads=4, max_len=64, hash_buckets=8192),
+            "base": cls(d_model=256, n_layers=4, n_heads=8, max_len=256, hash_buckets=65536, dropout=0.1),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")
+        return presets[name]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PinFMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PinFMConfig fields {unknown}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------- modules
+class HashedItemEmbedding(nn.Module):
+    """k sub-tables of ``hash_buckets × D/k``, one independent hash each, concatenated.
+
+    Unseen ids need no vocabulary rebuild. Id 0 is padding and embeds to zeros. When a
+    content vector is present its projection is added.
+    """
+
+    def __init__(self, cfg: PinFMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        sub = cfg.d_model // cfg.n_hash_tables
+        self.tables = nn.ModuleList(nn.Embedding(cfg.hash_buckets, sub) for _ in range(cfg.n_hash_tables))
+        self.content_proj = nn.Linear(cfg.content_dim, cfg.d_model, bias=False)
+
+    def buckets(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """(...,) int64 ids → (..., k) bucket per sub-table."""
+        return torch.stack(
+            [hash_item_ids(item_ids, t, self.cfg.hash_buckets) for t in range(self.cfg.n_hash_tables)], dim=-1
+        )
+
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        content: torch.Tensor | None = None,
+        content_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embed ids.
+
+        Args:
+            item_ids: (...,) int64, 0 = padding.
+            content: (..., C) float content vectors, or None.
+            content_mask: (...,) bool, True where ``content`` is real; default: rows not all zero.
+
+        Returns:
+            (..., D) embeddings; zeros at padding.
+        """
+        b = self.buckets(item_ids)  # (..., k)
+        emb = torch.cat([tab(b[..., t]) for t, tab in enumerate(self.tables)], dim=-1)  # (..., D)
+        if content is not None:
+            if content.shape[-1] != self.cfg.content_dim:
+                raise ValueError(f"content has dim {content.shape[-1]}, the model expects {self.cfg.content_dim}")
+            if content_mask is None:
+                content_mask = content.abs().sum(-1) > 0  # (...,)
+            emb = emb + self.content_proj(content.to(emb.dtype)) * content_mask.unsqueeze(-1).to(emb.dtype)
+        return emb * (item_ids != 0).unsqueeze(-1).to(emb.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: PinFMConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, L, D)
+        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D/H)
+        p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, L, D/H)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+
+    def __init__(self, cfg: PinFMConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, 4 * cfg.d_model),
+            nn.GELU(),
+            nn.Linear(4 * cfg.d_model, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), attn_mask))  # (B, L, D)
+        return x + self.mlp(self.ln2(x))  # (B, L, D)
+
+
+class PinFM(nn.Module):
+    """The user-sequence foundation model (GPT-2 style, causal)."""
+
+    def __init__(self, cfg: PinFMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.items = HashedItemEmbedding(cfg)
+        self.action_emb = nn.Embedding(cfg.n_actions, cfg.d_model, padding_idx=0)
+        self.surface_emb = nn.Embedding(cfg.n_surfaces, cfg.d_model, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.apply(_init_weights)
+
+    def item_embedding(self, item_ids: torch.Tensor, content: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding of candidate/target items: (...,) ids [+ (..., C) content] → (..., D)."""
+        return self.items(item_ids, content)
+
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        action_ids: torch.Tensor,
+        surface_ids: torch.Tensor,
+        content: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden state after every token (causal: position t sees tokens ≤ t only).
+
+        Args:
+            item_ids: (B, L) int64, 0 = padding.
+            action_ids: (B, L) int64 ids of features.contract.ACTION_IDS.
+            surface_ids: (B, L) int64 ids of features.contract.SURFACE_IDS.
+            content: (B, L, C) float or None.
+            pad_mask: (B, L) bool, True at real tokens; None = no padding.
+
+        Returns:
+            (B, L, D) hidden states (final LayerNorm applied).
+        """
+        B, L = item_ids.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"sequence length {L} exceeds max_len={self.cfg.max_len}; truncate to the newest events")
+        if pad_mask is None:
+            pos = torch.arange(L, device=item_ids.device).expand(B, L)  # (B, L)
+            attn_mask = None
+        else:
+            pad_mask = pad_mask.bool()
+            pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L) index among real tokens
+            causal = torch.ones(L, L, dtype=torch.bool, device=item_ids.device).tril()  # (L, L)
+            eye = torch.eye(L, dtype=torch.bool, device=item_ids.device)
+            # a query sees earlier real keys, and always itself (so all-pad rows stay finite)
+            attn_mask = (causal & (pad_mask[:, None, :] | eye)).unsqueeze(1)  # (B, 1, L, L)
+        x = (
+            self.items(item_ids, content)
+            + self.action_emb(action_ids)
+            + self.surface_emb(surface_ids)
+            + self.pos_emb(pos)
+        )  # (B, L, D)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.ln_f(x)  # (B, L, D)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+
+def last_hidden(hidden: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state at the last real position of each right-padded row.
+
+    Args:
+        hidden: (B, L, D).
+        pad_mask: (B, L) bool, True at real tokens (right padding).
+
+    Returns:
+        (B, D); rows with no real token take position 0.
+    """
+    idx = (pad_mask.long().sum(1) - 1).clamp(min=0)  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, D)
+
+
+# ------------------------------------------------------------------------- losses
+def info_nce(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: torch.Tensor | float,
+    key_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE where query i's positive is key i and every other key is a negative.
+
+    Args:
+        queries: (N, D) (normalized inside).
+        keys: (N, D) (normalized inside).
+        temperature: scalar > 0.
+        key_ids: (N,) item ids; keys j ≠ i with the same id as key i are masked out
+            (an in-batch "negative" that is the positive item is not a negative).
+
+    Returns:
+        scalar mean cross-entropy.
+    """
+    q = F.normalize(queries, dim=-1)  # (N, D)
+    k = F.normalize(keys, dim=-1)  # (N, D)
+    logits = q @ k.T / temperature  # (N, N)
+    if key_ids is not None:
+        same = key_ids[:, None] == key_ids[None, :]  # (N, N)
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(q.shape[0], device=q.device)
+    return F.cross_entropy(logits, target)
+
+
+class NextTokenInfoNCE(nn.Module):
+    """Next-token InfoNCE on positive actions with a learnable temperature.
+
+    For each position t whose next token t+1 is real and a positive action, the hidden
+    state at t must pick the embedding of item t+1 among all selected targets in the batch.
+    """
+
+    def __init__(self, init_temperature: float = 0.1, min_temperature: float = 0.01) -> None:
+        super().__init__()
+        self.log_temp = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.min_log_temp = math.log(min_temperature)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temp.clamp(min=self.min_log_temp).exp()
+
+    @staticmethod
+    def select(
+        action_ids: torch.Tensor, pad_mask: torch.Tensor, positive_action_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, t) of every valid pair: (B, L) tensors → two (N,) index tensors."""
+        nxt_ok = pad_mask[:, 1:] & pad_mask[:, :-1] & torch.isin(action_ids[:, 1:], positive_action_ids)  # (B, L-1)
+        rows, cols = nxt_ok.nonzero(as_tuple=True)
+        return rows, cols
+
+    def forward(
+        self,
+        model: PinFM,
+        hidden: torch.Tensor,
+        item_ids: torch.Tensor,
+        action_ids: torch.Tensor,
+        pad_mask: torch.Tensor,
+        content: torch.Tensor | None,
+        positive_action_ids: torch.Tensor,
+        max_pairs: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Loss and number of pairs.
+
+        Args:
+            model: the backbone (for target item embeddings).
+            hidden: (B, L, D) backbone output.
+            item_ids, action_ids: (B, L) int64.
+            pad_mask: (B, L) bool.
+            content: (B, L, C) or None.
+            positive_action_ids: (P,) int64 action ids that count as positive.
+            max_pairs: subsample at most this many pairs (bounds the N × N logits).
+            generator: RNG for the subsample.
+        """
+        rows, cols = self.select(action_ids, pad_mask, positive_action_ids)  # (N,), (N,)
+        if max_pairs is not None and rows.numel() > max_pairs:
+            keep = torch.randperm(rows.numel(), generator=generator)[:max_pairs].to(rows.device)
+            rows, cols = rows[keep], cols[keep]
+        if rows.numel() < 2:
+            return hidden.sum() * 0.0, int(rows.numel())
+        q = hidden[rows, cols]  # (N, D)
+        tgt_ids = item_ids[rows, cols + 1]  # (N,)
+        tgt_content = content[rows, cols + 1] if content is not None else None  # (N, C)
+        k = model.item_embedding(tgt_ids, tgt_content)  # (N, D)
+        return info_nce(q, k, self.temperature, tgt_ids), int(rows.numel())
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cpu'/'cuda' as given (error when cuda is missing)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)

@@ -1,0 +1,127 @@
+"""What the scoring service holds: one ranker version on CPU, eval mode, no autograd.
+
+Two calls, matching the late-fusion split of the ranker: :meth:`ServingModel.user_embeddings`
+(once per user, can be precomputed and published) and :meth:`ServingModel.score` (per
+request, for any number of candidates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from features.config import Layout
+from features.contract import SURFACE_IDS, ContractError
+from training.data import ContentTable, encode_sequences
+from training.ranker import Ranker, RankerConfig
+
+
+class ServingModel:
+    """A loaded ranker version.
+
+    Attributes:
+        version: the ranker version string.
+        actions: action names of the score columns.
+        embedding_dim: size of a user embedding.
+        max_len: sequences are truncated to their newest ``max_len`` events.
+    """
+
+    def __init__(self, ranker: Ranker, version: str, content: ContentTable | None = None) -> None:
+        self.ranker = ranker.cpu().eval()
+        self.version = version
+        self.actions: tuple[str, ...] = tuple(ranker.cfg.actions)
+        self.embedding_dim: int = ranker.cfg.backbone.d_model
+        self.max_len: int = ranker.cfg.backbone.max_len
+        self.content = content if content is not None else ContentTable.empty(ranker.cfg.backbone.content_dim)
+        self.chunk = 1024  # users per backbone pass in user_embeddings
+
+    @classmethod
+    def from_artifact(cls, layout: Layout, artifact: dict) -> ServingModel:
+        """Build from :func:`training.artifacts.load_artifact` output (``config["ranker"]`` holds the shape)."""
+        cfg_dict = artifact["config"].get("ranker")
+        if cfg_dict is None:
+            raise ContractError(f"{artifact['path']}/config.json has no 'ranker' section; is it a ranker artifact?")
+        ranker = Ranker(RankerConfig.from_dict(cfg_dict))
+        ranker.load_state_dict(artifact["state_dict"])
+        content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
+        return cls(ranker, artifact["version"], content)
+
+    def user_embeddings(self, sequences: Sequence[dict]) -> np.ndarray:
+        """User embeddings of a batch of sequences.
+
+        Args:
+            sequences: dicts with "item_ids", "actions", "surfaces" lists (oldest first,
+                newest last; empty lists allowed).
+
+        Returns:
+            (U, D) float32.
+        """
+        if not sequences:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        for i, s in enumerate(sequences):
+            missing = [k for k in ("item_ids", "actions", "surfaces") if k not in s]
+            if missing:
+                raise ContractError(f"sequence {i} lacks keys {missing}")
+        arrays = encode_sequences(
+            [s["item_ids"] for s in sequences],
+            [s["actions"] for s in sequences],
+            [s["surfaces"] for s in sequences],
+            self.max_len,
+        )
+        out = np.zeros((len(arrays), self.embedding_dim), np.float32)
+        for start in range(0, len(arrays), self.chunk):
+            rows = np.arange(start, min(start + self.chunk, len(arrays)))
+            b = arrays.tensors(rows, self.content)
+            with torch.no_grad():
+                emb = self.ranker.user_embedding(
+                    b["item_ids"], b["action_ids"], b["surface_ids"], b["content"], b["pad_mask"]
+                )  # (chunk, D)
+            out[rows] = emb.numpy()
+        return out
+
+    def score(
+        self,
+        user_embedding: np.ndarray,
+        candidates: Sequence[int],
+        surface: str,
+        content: dict[int, Sequence[float]] | None = None,
+    ) -> np.ndarray:
+        """Per-action probabilities of each candidate.
+
+        Args:
+            user_embedding: (D,) from :meth:`user_embeddings`.
+            candidates: C item ids.
+            surface: one of features.contract.SURFACES.
+            content: optional item_id → content vector, overriding the catalogue's.
+
+        Returns:
+            (C, A) float32 probabilities, columns in ``self.actions`` order.
+        """
+        if surface not in SURFACE_IDS:
+            raise ContractError(f"unknown surface {surface!r}; expected one of {sorted(SURFACE_IDS)}")
+        user = np.asarray(user_embedding, dtype=np.float32).reshape(-1)
+        if user.shape != (self.embedding_dim,):
+            raise ContractError(
+                f"user embedding has {user.size} values, model {self.version} expects {self.embedding_dim}"
+            )
+        if len(candidates) == 0:
+            return np.zeros((0, len(self.actions)), np.float32)
+        ids = np.asarray(candidates, dtype=np.int64)  # (C,)
+        cand_content = self.content.lookup(ids)  # (C, Cd)
+        for j, item in enumerate(ids.tolist()):
+            vec = (content or {}).get(item)
+            if vec is not None:
+                vec = np.asarray(vec, dtype=np.float32)
+                if vec.shape != (self.content.dim,):
+                    raise ContractError(f"content of item {item} has {vec.size} values, expected {self.content.dim}")
+                cand_content[j] = vec
+        with torch.no_grad():
+            logits = self.ranker.score_from_user_embedding(
+                torch.from_numpy(user)[None, :],  # (1, D)
+                torch.from_numpy(ids)[None, :],  # (1, C)
+                torch.from_numpy(cand_content)[None],  # (1, C, Cd)
+                torch.tensor([SURFACE_IDS[surface]]),  # (1,)
+            )  # (1, C, A)
+        return torch.sigmoid(logits[0]).numpy().astype(np.float32)
