@@ -269,6 +269,15 @@ def build_data_docs(layout: Layout) -> str:
     return str(Path(path))
 
 
+def data_docs_index(layout: Layout) -> Path:
+    """Where the local data docs site's ``index.html`` is (built by every job's checkpoint).
+
+    Args:
+        layout: the data root whose GX project is used.
+    """
+    return layout.gx / "uncommitted" / "data_docs" / "local_site" / "index.html"
+
+
 # --------------------------------------------------------------------------- suites
 def raw_events_expectations(ds: str) -> list[Any]:
     """The ``raw_events`` suite for day ``ds`` (the event contract as GX expectations).

@@ -8,6 +8,7 @@ and writes parquet timestamps as microseconds, so pyarrow/pandas readers see
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -61,12 +62,14 @@ def _active_session() -> SparkSession | None:
 
 
 @contextmanager
-def spark_session(master: str | None = None) -> Iterator[SparkSession]:
+def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterator[SparkSession]:
     """A SparkSession for the feature jobs, stopped on exit only if this call created it.
 
     Args:
         master: Spark master URL; default ``$AFM_SPARK_MASTER`` or ``local[*]``. Ignored when
             a session is already active in this process (it is reused, and left running).
+        keep_alive: leave a session this call created running until the process exits, so
+            the next step in the same process (Airflow tasks under ``dags test``) reuses it.
 
     Yields:
         The session, with UTC session time zone and small shuffle partitions.
@@ -101,6 +104,10 @@ def spark_session(master: str | None = None) -> Iterator[SparkSession]:
     spark.sparkContext.setLogLevel("ERROR")
     configure_session(spark)
     log.info("started Spark %s (master %s, shuffle partitions %s)", spark.version, url, shuffle)
+    if keep_alive:
+        atexit.register(spark.stop)
+        yield spark
+        return
     try:
         yield spark
     finally:

@@ -125,7 +125,7 @@ def features_gate(home, ds, master) -> None:
     from features.gate import run_gate
     from features.spark import spark_session
 
-    with spark_session(master) as spark:
+    with spark_session(master, keep_alive=True) as spark:
         _echo_json(run_gate(spark, _layout(home), ds))
 
 
@@ -138,7 +138,7 @@ def features_sequences(home, ds, master) -> None:
     from features.sequences import build_user_sequences
     from features.spark import spark_session
 
-    with spark_session(master) as spark:
+    with spark_session(master, keep_alive=True) as spark:
         _echo_json(build_user_sequences(spark, _layout(home), ds))
 
 
@@ -151,7 +151,7 @@ def features_examples(home, ds, master) -> None:
     from features.examples import build_ranking_examples
     from features.spark import spark_session
 
-    with spark_session(master) as spark:
+    with spark_session(master, keep_alive=True) as spark:
         _echo_json(build_ranking_examples(spark, _layout(home), ds))
 
 
@@ -164,7 +164,7 @@ def features_corpus(home, ds, master) -> None:
     from features.corpus import build_pretrain_corpus
     from features.spark import spark_session
 
-    with spark_session(master) as spark:
+    with spark_session(master, keep_alive=True) as spark:
         _echo_json(build_pretrain_corpus(spark, _layout(home), ds))
 
 
@@ -188,7 +188,7 @@ def features_feast_export(home, ds, master) -> None:
     from features.spark import spark_session
     from features.store import export_feast_sources
 
-    with spark_session(master) as spark:
+    with spark_session(master, keep_alive=True) as spark:
         _echo_json(export_feast_sources(spark, _layout(home), ds))
 
 

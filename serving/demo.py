@@ -125,6 +125,7 @@ def pick_request(layout: Layout, ds: str) -> dict:
 
 def run_demo(layout: Layout, size: str = "demo") -> int:
     """Run the demo end to end; returns a process exit code."""
+    from features.quality import data_docs_index
     from features.synth import SynthConfig, best_auc, generate_world
     from training.artifacts import current_version, list_versions
 
@@ -141,6 +142,7 @@ def run_demo(layout: Layout, size: str = "demo") -> int:
     version = current_version(layout)
     metrics = next(v["metrics"] for v in list_versions(layout) if v["version"] == version)
     best = best_auc(layout, days[-1])
+    actions = [a for a in best if a != "n_impressions"]
 
     proc, url = start_service(layout)
     try:
@@ -162,13 +164,14 @@ def run_demo(layout: Layout, size: str = "demo") -> int:
         print(f"{rank:>4}  {item['item_id']:>8}  {scores}  {mark}")
     print()
     print(f"per-action AUC on {days[-1]} (held-out day)   model   best the generator allows")
-    for action, best_value in best.items():
+    for action in actions:
+        best_value = best[action]
         model_value = metrics.get(f"auc_{action}")
         model_text = f"{model_value:.3f}" if model_value is not None else "  n/a"
         print(f"  {action:<8}{'':30}{model_text}   {best_value:.3f}")
     print()
     print("where to look next:")
-    print(f"  GX data docs      {layout.gx}/uncommitted/data_docs/local_site/index.html")
+    print(f"  GX data docs      {data_docs_index(layout)}")
     print(f"  quarantined rows  {layout.quarantine_events}/ds=*/")
     print(
         f"  Feast repo        {REPO_ROOT / 'features' / 'feature_repo'} (registry + online store under {layout.feast})"
