@@ -1,4 +1,4 @@
-"""One day of the data pipeline in one Spark session: gate → sequences → examples → corpus → Feast sources."""
+"""One day of the data pipeline in one Spark session: gate → sequences → examples → corpus → Feast sources → data docs."""
 
 from __future__ import annotations
 
@@ -54,6 +54,9 @@ def run_day(
             results["feast"] = f"skipped: {exc}"
         else:
             results["feast"] = export_feast_sources(spark, layout, ds)
+    from features.quality import build_data_docs
+
+    results["data_docs"] = build_data_docs(layout)
     log.info(
         "run-day ds=%s: %d valid / %d quarantined events, %d users, %d examples, %d corpus segments",
         ds,
