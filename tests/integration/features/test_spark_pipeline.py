@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -131,8 +132,9 @@ def test_run_day_steps_and_reports(world):
     layout, results = world
     for ds in (D1, D2, D3):
         res = results[ds]
-        assert set(res) == {"gate", "sequences", "examples", "corpus", "feast"}
+        assert set(res) == {"gate", "sequences", "examples", "corpus", "feast", "data_docs"}
         assert res["feast"].startswith("skipped")
+        assert Path(res["data_docs"]).is_file()
         for step in ("gate", "sequences", "examples", "corpus"):
             report = json.loads((Layout.partition(layout.reports, ds) / f"{step}.json").read_text())
             assert report["status"] == "ok"
