@@ -343,9 +343,25 @@ def run_afm(*args: str) -> None:
             raise RuntimeError(f"afm {' '.join(args)} exited with {exc.code}") from exc
 
 
+#: Errors that carry a complete, user-facing message: printed as one line (traceback with -v).
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+
 def main() -> None:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    cli(prog_name="afm")
+    try:
+        cli.main(prog_name="afm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("afm: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except USER_ERRORS as exc:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            raise
+        click.echo(f"afm: error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
