@@ -1,6 +1,7 @@
 # ActivityFM — every target sets up .venv itself (idempotent), so each works on a fresh machine.
 SHELL := /bin/bash
 PYTHON ?= python3.11
+JAVA ?= java
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.afm-installed
@@ -12,9 +13,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 prereqs:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ActivityFM needs Python 3.11: '$(PYTHON)' is not on PATH (install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...')."; exit 1; }
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { echo "ActivityFM needs Python 3.11, but '$(PYTHON)' is Python $$($(PYTHON) -c 'import platform; print(platform.python_version())')."; exit 1; }
-	@command -v java >/dev/null 2>&1 || { echo "ActivityFM needs Java 17 for Spark: 'java' is not on PATH (install OpenJDK 17, e.g. 'apt-get install openjdk-17-jre-headless')."; exit 1; }
-	@v=$$(java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -1); [ "$${v:-0}" -ge 17 ] || { echo "ActivityFM needs Java 17 or newer for Spark, but 'java' is version $${v:-unknown}."; exit 1; }
+	@v=$$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null); case "$$v" in 3.11.*) ;; *) echo "ActivityFM needs Python 3.11, but '$(PYTHON)' is $${v:+Python }$${v:-not a working Python}."; exit 1;; esac
+	@command -v $(JAVA) >/dev/null 2>&1 || { echo "ActivityFM needs Java 17 for Spark: '$(JAVA)' is not on PATH (install OpenJDK 17, e.g. 'apt-get install openjdk-17-jre-headless')."; exit 1; }
+	@v=$$($(JAVA) -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -1); [ "$${v:-0}" -ge 17 ] || { echo "ActivityFM needs Java 17 or newer for Spark, but '$(JAVA)' is version $${v:-unknown}."; exit 1; }
 
 # Install only when pyproject.toml or constraints.txt changed since the last install.
 $(STAMP): pyproject.toml constraints.txt | prereqs

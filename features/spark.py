@@ -61,6 +61,18 @@ def _active_session() -> SparkSession | None:
     return None
 
 
+def require_java() -> None:
+    """Raise one clear sentence when no Java runtime is there for Spark (instead of a gateway crash)."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return
+    if shutil.which("java") is None:
+        raise RuntimeError(
+            "Spark needs Java 17: no 'java' on PATH and no JAVA_HOME "
+            "(install OpenJDK 17, e.g. 'apt-get install openjdk-17-jre-headless')."
+        )
+
+
 @contextmanager
 def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterator[SparkSession]:
     """A SparkSession for the feature jobs, stopped on exit only if this call created it.
@@ -82,6 +94,7 @@ def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterat
 
     from pyspark.sql import SparkSession
 
+    require_java()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     url = master or os.environ.get("AFM_SPARK_MASTER") or DEFAULT_MASTER

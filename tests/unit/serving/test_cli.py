@@ -32,3 +32,12 @@ def test_run_afm_raises_for_dag_tasks(tmp_path) -> None:
     # a DAG task must fail (not exit the worker) when its step fails
     with pytest.raises(FileNotFoundError, match="no ranking examples under .*run the feature pipeline first"):
         run_afm("train", "finetune", "--home", str(tmp_path), "--no-promote")
+
+
+def test_missing_java_is_one_sentence(monkeypatch) -> None:
+    from features import spark
+
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setattr(spark.shutil, "which", lambda _name: None)
+    with pytest.raises(RuntimeError, match="Spark needs Java 17"):
+        spark.require_java()
