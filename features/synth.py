@@ -118,6 +118,10 @@ class SynthConfig:
     hide_slope: float = 2.0
     surface_probs: tuple[float, float, float] = (0.6, 0.15, 0.25)  # home, search, related
     surface_bias: tuple[float, float, float] = (0.0, 0.3, 0.15)
+    # Dirty rows planted per day in a second file of the raw partition, as real feeds have
+    # them: a duplicate event_id, an unknown action, an unknown surface, a timestamp in the
+    # next day. The gate must quarantine exactly these; they never change a label.
+    dirty_rows_per_day: int = 8
 
     @classmethod
     def preset(cls, name: str) -> SynthConfig:
@@ -127,7 +131,9 @@ class SynthConfig:
             name: one of "tiny", "demo", "large".
         """
         presets = {
-            "tiny": dict(n_users=40, n_items=150, new_items_per_day=15, n_days=3, retrieval_pool=500),
+            "tiny": dict(
+                n_users=40, n_items=150, new_items_per_day=15, n_days=3, retrieval_pool=500, dirty_rows_per_day=4
+            ),
             "demo": {},
             "large": dict(n_users=20_000, n_items=50_000, new_items_per_day=2_000, n_days=7, n_clusters=32),
         }
@@ -164,6 +170,39 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+DIRTY_FILE = "part-1-dirty.parquet"
+DIRTY_KINDS = ("duplicate_event_id", "unknown_action", "unknown_surface", "ts_out_of_day")
+
+
+def dirty_rows(events: pa.Table, n: int, rng: np.random.Generator) -> pa.Table:
+    """``n`` bad copies of explicit events of one day, cycling through DIRTY_KINDS.
+
+    Each copy of an explicit (non-impression) event is one of: the same row again (a
+    duplicate event_id), the action misspelt, the surface unknown, or the timestamp moved
+    into the next day (with a new event_id). None of them can change an impression's label:
+    the gate quarantines them, and the valid copy of the event stays.
+
+    Args:
+        events: the day's valid events (EVENT_SCHEMA).
+        n: how many bad rows.
+        rng: the world's random generator (keeps the world deterministic).
+    """
+    explicit = np.flatnonzero(np.asarray(events.column("action").to_pylist()) != "impression")
+    picks = rng.choice(explicit, size=min(n, len(explicit)), replace=False)
+    rows = events.take(pa.array(np.sort(picks))).to_pylist()
+    for i, row in enumerate(rows):
+        kind = DIRTY_KINDS[i % len(DIRTY_KINDS)]
+        if kind != "duplicate_event_id":
+            row["event_id"] = f"{row['event_id']}-dirty-{kind}"
+        if kind == "unknown_action":
+            row["action"] = row["action"][:-1] + "x"
+        elif kind == "unknown_surface":
+            row["surface"] = "sidebar"
+        elif kind == "ts_out_of_day":
+            row["ts"] = row["ts"] + dt.timedelta(days=1)
+    return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
 
 
 @dataclass
@@ -476,6 +515,11 @@ def generate_world(layout: Layout, cfg: SynthConfig) -> dict:
         written = write_events(layout, events, source=f"synth ds={ds}", replace_all=False)
         if list(written) != [ds]:
             raise ContractError(f"synth: events of ds={ds} fell on other days: {sorted(written)}")
+        if cfg.dirty_rows_per_day:
+            dirty = dirty_rows(events, cfg.dirty_rows_per_day, rng)
+            write_parquet(dirty, Layout.partition(layout.raw_events, ds) / DIRTY_FILE)
+            stats["n_dirty"] = dirty.num_rows
+            files.append(str(Layout.partition(layout.raw_events, ds) / DIRTY_FILE))
         path = Layout.partition(truth_dir(layout), ds) / PART_FILE
         write_parquet(truth, path)
         files += [str(Layout.partition(layout.raw_events, ds) / PART_FILE), str(path)]

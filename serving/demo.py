@@ -165,6 +165,12 @@ def run_demo(layout: Layout, size: str = "demo") -> int:
         proc.wait(timeout=30)
 
     print()
+    print("GX gate (rows in = valid + quarantined):")
+    for ds in days:
+        gate = json.loads((layout.partition(layout.reports, ds) / "gate.json").read_text())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(gate["by_reason"].items())) or "none"
+        print(f"  {ds}  {gate['rows_in']} = {gate['rows_valid']} + {gate['rows_quarantined']}  ({reasons})")
+    print()
     print(f"POST {url}/v1/rank  user_id={req['user_id']} surface={req['surface']} candidates={len(req['candidates'])}")
     print(f"model {ranked['model_version']} (user embedding: {ranked.get('embedding_source')})")
     print(f"{'rank':>4}  {'item_id':>8}  " + "  ".join(f"{a:>6}" for a in ranked["items"][0]["scores"]) + "  clicked")

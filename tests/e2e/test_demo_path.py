@@ -34,6 +34,22 @@ def test_demo_prints_ranking_and_auc_beside_best(demo_home) -> None:
     assert "POST http://127.0.0.1:" in out
     assert "per-action AUC" in out and "best the generator allows" in out
     assert "where to look next:" in out
+    assert "GX gate (rows in = valid + quarantined):" in out
+
+
+def test_gate_quarantined_exactly_the_planted_dirty_rows(demo_home) -> None:
+    import json
+
+    from features.synth import DIRTY_KINDS, SynthConfig
+
+    layout, _ = demo_home
+    planted = SynthConfig.preset("tiny").dirty_rows_per_day
+    for ds in layout.available_days(layout.raw_events):
+        gate = json.loads((layout.partition(layout.reports, ds) / "gate.json").read_text())
+        assert gate["rows_in"] == gate["rows_valid"] + gate["rows_quarantined"]
+        assert gate["rows_quarantined"] == planted
+        assert set(gate["by_reason"]) == set(DIRTY_KINDS)
+        assert len(pd.read_parquet(layout.partition(layout.quarantine_events, ds))) == planted
 
 
 def test_every_dag_left_its_outputs(demo_home) -> None:

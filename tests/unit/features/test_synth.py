@@ -47,7 +47,7 @@ def test_same_seed_same_bytes_different_seed_different(world, tmp_path):
     again = Layout(tmp_path / "again")
     generate_world(again, TINY)
     first, second = _hashes(layout.root), _hashes(again.root)
-    assert len(first) == 1 + 2 * TINY.n_days  # items + events and truth per day
+    assert len(first) == 1 + 3 * TINY.n_days  # items + events, dirty events and truth per day
     assert first == second
     other = Layout(tmp_path / "other")
     generate_world(other, TINY.replace(seed=TINY.seed + 1))
@@ -198,3 +198,22 @@ def test_fill_slates_priorities_and_fallback():
     assert out[0].tolist() == [0, 1, 5, 4, 3]
     # row 1: no fresh items -> random fills (duplicates skipped)
     assert out[1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_dirty_rows_are_planted_and_break_the_contract(tmp_path) -> None:
+    from features.contract import validate_event_record
+    from features.synth import DIRTY_FILE, DIRTY_KINDS
+
+    layout = Layout.at(tmp_path)
+    generate_world(layout, SynthConfig.preset("tiny"))
+    day = layout.available_days(layout.raw_events)[0]
+    part = layout.partition(layout.raw_events, day)
+    clean = pq.read_table(part / "part-0.parquet").to_pylist()
+    dirty = pq.read_table(part / DIRTY_FILE).to_pylist()
+    assert len(dirty) == len(DIRTY_KINDS)
+    clean_ids = {r["event_id"] for r in clean}
+    assert sum(r["event_id"] in clean_ids for r in dirty) == 1  # exactly one duplicate id
+    reasons = [validate_event_record(r) for r in dirty]
+    assert ["unknown_action"] in reasons and ["unknown_surface"] in reasons
+    start, end = day_window(day)
+    assert sum(not (start <= r["ts"] < end) for r in dirty) == 1  # one lands in the next day
