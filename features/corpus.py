@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from features import quality
 from features.config import Layout
 from features.sequences import SEQ_COLUMNS
-from features.spark import configure_session, conform, read_partition, remove_partition, write_partition, write_report
+from features.spark import configure_session, conform, finish_step, read_partition, write_partition
 from features.tables import PRETRAIN_CORPUS_SCHEMA, SEGMENT_LEN
 
 if TYPE_CHECKING:
@@ -110,10 +110,5 @@ def build_pretrain_corpus(
         "gx": {"pretrain_corpus": summary["success"]},
         "gx_results": [summary],
         "path": str(path),
-        "status": "ok" if summary["success"] else "failed",
     }
-    write_report(layout, ds, "corpus", result)
-    if not summary["success"]:
-        remove_partition(path)
-        quality.require_success(summary, str(path))
-    return result
+    return finish_step(layout, ds, "corpus", result, [(summary, path)])

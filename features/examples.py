@@ -34,9 +34,8 @@ from features.sequences import (
 from features.spark import (
     configure_session,
     conform,
-    remove_partition,
+    finish_step,
     write_partition,
-    write_report,
 )
 from features.tables import MAX_SEQ_LEN, RANKING_EXAMPLES_SCHEMA, REQUEST_SEQUENCES_SCHEMA
 
@@ -231,7 +230,6 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
         ds,
         layout=layout,
     )
-    ok = ex_summary["success"] and seq_summary["success"] and orphans == 0
     result: dict[str, Any] = {
         "step": "examples",
         "ds": ds,
@@ -248,13 +246,6 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
         "gx_results": [ex_summary, seq_summary],
         "examples_path": str(ex_path),
         "request_sequences_path": str(seq_path),
-        "status": "ok" if ok else "failed",
     }
-    write_report(layout, ds, "examples", result)
-    if not ok:
-        remove_partition(ex_path)
-        remove_partition(seq_path)
-        quality.require_success(ex_summary, str(ex_path))
-        quality.require_success(seq_summary, str(seq_path))
-        raise quality.QualityError(f"ranking_examples ds={ds}: {orphans} examples have no request_sequences row")
-    return result
+    failure = f"{orphans} examples have no request_sequences row" if orphans else None
+    return finish_step(layout, ds, "examples", result, [(ex_summary, ex_path), (seq_summary, seq_path)], failure)

@@ -21,11 +21,10 @@ from features.contract import IMPRESSION
 from features.spark import (
     configure_session,
     conform,
+    finish_step,
     has_parquet,
     read_partition,
-    remove_partition,
     write_partition,
-    write_report,
 )
 from features.tables import MAX_SEQ_LEN, USER_SEQUENCES_SCHEMA
 
@@ -286,10 +285,5 @@ def build_user_sequences(
         "gx": {"user_sequences": summary["success"]},
         "gx_results": [summary],
         "path": str(path),
-        "status": "ok" if summary["success"] else "failed",
     }
-    write_report(layout, ds, "sequences", result)
-    if not summary["success"]:
-        remove_partition(path)
-        quality.require_success(summary, str(path))
-    return result
+    return finish_step(layout, ds, "sequences", result, [(summary, path)])

@@ -261,3 +261,41 @@ def write_report(layout: Layout, ds: str, step: str, result: dict[str, Any]) -> 
     line = " ".join(f"{k}={v}" for k, v in sorted(flat.items()))
     log.info("[%s ds=%s] %s", step, ds, line)
     return out
+
+
+def finish_step(
+    layout: Layout,
+    ds: str,
+    step: str,
+    result: dict[str, Any],
+    outputs: list[tuple[dict[str, Any], Path]],
+    failure: str | None = None,
+) -> dict[str, Any]:
+    """Record a step's report; if an output's GX suite failed (or ``failure`` says why), reject its outputs.
+
+    A rejected step removes every output partition it wrote and raises, so nothing
+    downstream reads data that failed its checks; the report stays, with ``status: failed``.
+
+    Args:
+        layout: the data root.
+        ds: partition day.
+        step: step name (report file name).
+        result: the step's result; ``status`` is set here.
+        outputs: ``(GX summary, partition path)`` of every output the step wrote.
+        failure: a non-GX reason the step failed (None when there is none).
+
+    Returns:
+        ``result`` when every check passed.
+    """
+    from features import quality
+
+    ok = failure is None and all(summary["success"] for summary, _ in outputs)
+    result["status"] = "ok" if ok else "failed"
+    write_report(layout, ds, step, result)
+    if ok:
+        return result
+    for _, path in outputs:
+        remove_partition(path)
+    for summary, path in outputs:
+        quality.require_success(summary, str(path))
+    raise quality.QualityError(f"{step} ds={ds}: {failure}")
