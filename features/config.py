@@ -120,6 +120,11 @@ class Layout:
         return self.root / "models"
 
     @property
+    def runs(self) -> Path:
+        """Training run directories (checkpoints for resume, metrics logs, curves)."""
+        return self.root / "runs"
+
+    @property
     def airflow(self) -> Path:
         return self.root / "airflow"
 

@@ -42,6 +42,27 @@ master_option = click.option(
 )
 
 
+LOSS_CHOICES = {"next": (1.0, 0.0, 0.0), "next+multi": (1.0, 1.0, 0.0), "next+multi+future": (1.0, 1.0, 1.0)}
+losses_option = click.option(
+    "--losses",
+    type=click.Choice(sorted(LOSS_CHOICES)),
+    default=None,
+    help="Pretraining losses: next-token only, + multi-token, + future-token (default: the preset's).",
+)
+
+
+def _negatives(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | str | None:
+    if value is None or value == "full":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"expected a count ≥ 0 or 'full', got {value!r}")
+    return n
+
+
 def _echo_json(obj: object) -> None:
     click.echo(json.dumps(obj, default=str, sort_keys=True))
 
@@ -233,11 +254,18 @@ def train() -> None:
 @click.option("--steps", default=None, type=int, help="Override the number of optimizer steps.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--seed", default=0, type=int, show_default=True)
-def train_pretrain(home, ds, size, steps, device, seed) -> None:
-    """Pretrain the backbone with next-token InfoNCE; saves models/pinfm/<version>."""
+@losses_option
+def train_pretrain(home, ds, size, steps, device, seed, losses) -> None:
+    """Pretrain the backbone (next-, multi-, future-token losses); saves models/pinfm/<version>.
+
+    A crashed run started again with the same options resumes from its last checkpoint.
+    """
     from training.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig.preset(size).replace(device=device, seed=seed, **({"steps": steps} if steps else {}))
+    over = {"steps": steps} if steps else {}
+    if losses:
+        over.update(zip(("next_token", "multi_token", "future_token"), LOSS_CHOICES[losses], strict=True))
+    cfg = PretrainConfig.preset(size).replace(device=device, seed=seed, **over)
     _echo_json(pretrain(_layout(home), cfg, ds=ds))
 
 
@@ -259,6 +287,100 @@ def train_finetune(home, ds, backbone, epochs, device, seed, promote) -> None:
 
     cfg = FinetuneConfig().replace(device=device, seed=seed, **({"epochs": epochs} if epochs else {}))
     _echo_json(finetune(_layout(home), cfg, ds=ds, backbone=backbone, promote=promote))
+
+
+# -------------------------------------------------------------------------- bench
+@cli.group()
+def bench() -> None:
+    """Benchmarks: each prints one JSON line with its figures and the ratio it is judged by."""
+
+
+@bench.command("seqrec")
+@home_option
+@click.option(
+    "--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False), help="'user item' file."
+)
+@click.option("--format", "fmt", type=click.Choice(["sasrec"]), default="sasrec", show_default=True)
+@click.option("--protocol", type=click.Choice(["full", "sampled100"]), default="full", show_default=True)
+@click.option("--max-len", default=50, show_default=True, type=int, help="History length.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", show_default=True)
+@click.option("--epochs", default=None, type=int, help="Override the number of epochs.")
+@losses_option
+@click.option("--negatives", default=None, callback=_negatives, help="Sampled negatives per step, or 'full'.")
+@click.option("--seed", default=0, type=int, show_default=True)
+@click.option(
+    "--run-dir", default=None, type=click.Path(file_okay=False), help="Checkpoints (default under $AFM_HOME/runs)."
+)
+@click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in the run directory.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also write the JSON line here.")
+def bench_seqrec(
+    home, data_path, fmt, protocol, max_len, device, preset, epochs, losses, negatives, seed, run_dir, fresh, out_path
+):
+    """Train PinFM on a leave-one-out split, select on validation, report test HR/NDCG/MRR.
+
+    A crashed run started again with the same options resumes from its last epoch.
+    """
+    from training.seqrec import SeqRecConfig, run_seqrec_bench
+
+    base = SeqRecConfig.preset(preset).to_dict()
+    cfg = SeqRecConfig.from_dict({**base, "max_len": max_len, "device": device, "seed": seed})
+    obj = {}
+    if losses:
+        obj.update(zip(("next_token", "multi_token", "future_token"), LOSS_CHOICES[losses], strict=True))
+    if negatives is not None:
+        obj["negatives"] = negatives
+    cfg = SeqRecConfig.from_dict(
+        {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
+    )
+    run = Path(run_dir) if run_dir else _layout(home).runs / f"seqrec-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
+    out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh)
+    out["run_dir"] = str(run)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _echo_json(out)
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(out, default=str, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@bench.command("pretrain")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--steps", default=None, type=int, help="Timed steps (default 10 on CPU, 50 on GPU).")
+@click.option("--batch-size", default=None, type=int, help="Sequences per step (default 8 on CPU, 64 on GPU).")
+@click.option(
+    "--peak-tflops", default=800.0, show_default=True, help="Nominal accelerator peak for the MFU (H100 bf16)."
+)
+def bench_pretrain(device, steps, batch_size, peak_tflops) -> None:
+    """Training tokens/s of the reference size (d=256, 4 layers, length 256) and its FLOP utilisation."""
+    from training.bench import bench_pretrain as run
+
+    _echo_json(run(device=device, steps=steps, batch_size=batch_size, peak_tflops=peak_tflops))
+
+
+# --------------------------------------------------------------------------- eval
+@cli.group("eval")
+def eval_() -> None:
+    """Evaluate trained models."""
+
+
+@eval_.command("retrieval")
+@click.option(
+    "--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help="A finished 'afm bench seqrec' run."
+)
+@click.option(
+    "--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False), help="'user item' file."
+)
+@click.option("--protocol", type=click.Choice(["full", "sampled100"]), default="full", show_default=True)
+@click.option("--part", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def eval_retrieval(run_dir, data_path, protocol, part, device) -> None:
+    """Leave-one-out retrieval metrics (HR/NDCG@10/50/200, MRR) of a trained backbone."""
+    from training.seqrec import SeqRecData, evaluate_retrieval, load_seqrec_run
+
+    model, cfg = load_seqrec_run(run_dir, device)
+    data = SeqRecData.load(data_path)
+    m = evaluate_retrieval(model, data, part, cfg.max_len, cfg.objective.similarity, protocol)
+    _echo_json({"protocol": protocol, "part": part, "n_users": m.pop("n"), **{k: round(v, 5) for k, v in m.items()}})
 
 
 # -------------------------------------------------------------------------- model

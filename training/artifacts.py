@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +60,7 @@ def save_artifact(
     metrics: dict,
     data_version: dict,
     extra: dict[str, dict] | None = None,
+    files: list[Path] | None = None,
 ) -> str:
     """Write a new immutable version of ``kind`` and return its version string.
 
@@ -70,6 +72,7 @@ def save_artifact(
         metrics: evaluation numbers.
         data_version: which data trained/evaluated it.
         extra: more JSON records to store, ``{"gate": {...}}`` → ``gate.json``.
+        files: existing files copied in under their own names (training curve, metrics log).
     """
     root = _kind_dir(layout, kind)
     root.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,9 @@ def save_artifact(
             if name in ("model", "config", "metrics", "data_version", "artifact") or "/" in name:
                 raise ValueError(f"extra record name {name!r} is reserved or not a plain name")
             _write_json(tmp / f"{name}.json", record)
+        for f in files or []:
+            if Path(f).exists():
+                shutil.copyfile(f, tmp / Path(f).name)
         target = root / version
         if target.exists():
             raise RegistryError(f"{target} already exists; versions are never overwritten")

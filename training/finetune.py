@@ -22,8 +22,8 @@ from training import artifacts
 from training.data import ContentTable, RankingData, load_ranking_data
 from training.metrics import roc_auc
 from training.model import PinFMConfig, resolve_device
-from training.pretrain import warmup_cosine
 from training.ranker import Ranker, RankerConfig
+from training.trainer import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def finetune(
     )
     steps_per_epoch = len(train.request_batches(cfg.batch_size, rng=None))
     total = max(1, cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, total, 0.1))
     weights = torch.tensor(cfg.action_weights, dtype=torch.float32, device=device)  # (A,)
 
     losses: list[float] = []

@@ -1,7 +1,7 @@
 """PinFM backbone: hashed item embeddings + action/surface tokens → pre-LN causal transformer.
 
 Shapes used in comments: B = batch, L = sequence length, D = ``d_model``, C = content dim,
-H = heads, N = number of (query, target) pairs of the InfoNCE loss.
+H = heads. The pretraining losses live in :mod:`training.objectives`.
 
 Padding convention: item id 0, action id 0 and surface id 0 are padding. Batches built by
 :mod:`training.data` are right-padded (real tokens first), but :meth:`PinFM.forward` also
@@ -11,7 +11,6 @@ accepts left padding when ``pad_mask`` is given: positions count real tokens onl
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +84,7 @@ class PinFMConfig:
     dropout: float = 0.0
     n_actions: int = len(ACTIONS) + 1  # + padding id 0
     n_surfaces: int = len(SURFACES) + 1
+    time_gap_buckets: int = 24  # log2-second buckets of the gap to the previous event; 0 = unknown/padding
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -217,6 +217,7 @@ class PinFM(nn.Module):
         self.action_emb = nn.Embedding(cfg.n_actions, cfg.d_model, padding_idx=0)
         self.surface_emb = nn.Embedding(cfg.n_surfaces, cfg.d_model, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.gap_emb = nn.Embedding(cfg.time_gap_buckets, cfg.d_model, padding_idx=0)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -233,6 +234,8 @@ class PinFM(nn.Module):
         surface_ids: torch.Tensor,
         content: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
+        *,
+        time_gaps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden state after every token (causal: position t sees tokens ≤ t only).
 
@@ -241,7 +244,9 @@ class PinFM(nn.Module):
             action_ids: (B, L) int64 ids of features.contract.ACTION_IDS.
             surface_ids: (B, L) int64 ids of features.contract.SURFACE_IDS.
             content: (B, L, C) float or None.
-            pad_mask: (B, L) bool, True at real tokens; None = no padding.
+            pad_mask: (B, L) bool, True at real tokens; None = no padding, or right padding
+                (the causal mask alone keeps real tokens from seeing the padding after them).
+            time_gaps: (B, L) int64 buckets of :func:`bucketize_time_gaps` (0 = unknown), or None.
 
         Returns:
             (B, L, D) hidden states (final LayerNorm applied).
@@ -265,10 +270,36 @@ class PinFM(nn.Module):
             + self.surface_emb(surface_ids)
             + self.pos_emb(pos)
         )  # (B, L, D)
+        if time_gaps is not None:
+            x = x + self.gap_emb(time_gaps.clamp(0, self.cfg.time_gap_buckets - 1))
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, attn_mask)
         return self.ln_f(x)  # (B, L, D)
+
+
+def bucketize_time_gaps(ts: torch.Tensor, n_buckets: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bucket of the gap (seconds) between each event and the previous one of its row.
+
+    Bucket 0 = unknown (the first event, padding); bucket b ≥ 1 holds gaps in
+    [2^(b-1) - 1, 2^b - 1) seconds, capped at ``n_buckets - 1``.
+
+    Args:
+        ts: (B, L) int64 unix seconds, oldest first.
+        n_buckets: the model's ``time_gap_buckets``.
+        pad_mask: (B, L) bool, True at real events, or None.
+
+    Returns:
+        (B, L) int64 buckets.
+    """
+    gap = torch.zeros_like(ts)
+    gap[:, 1:] = (ts[:, 1:] - ts[:, :-1]).clamp(min=0)
+    b = torch.floor(torch.log2(gap.double() + 1.0)).long() + 1  # (B, L)
+    b = b.clamp(max=n_buckets - 1)
+    b[:, 0] = 0
+    if pad_mask is not None:
+        b = b * pad_mask.long()
+    return b
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -295,98 +326,6 @@ def last_hidden(hidden: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
     """
     idx = (pad_mask.long().sum(1) - 1).clamp(min=0)  # (B,)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, D)
-
-
-# ------------------------------------------------------------------------- losses
-def info_nce(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    temperature: torch.Tensor | float,
-    key_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """InfoNCE where query i's positive is key i and every other key is a negative.
-
-    Args:
-        queries: (N, D) (normalized inside).
-        keys: (N, D) (normalized inside).
-        temperature: scalar > 0.
-        key_ids: (N,) item ids; keys j ≠ i with the same id as key i are masked out
-            (an in-batch "negative" that is the positive item is not a negative).
-
-    Returns:
-        scalar mean cross-entropy.
-    """
-    q = F.normalize(queries, dim=-1)  # (N, D)
-    k = F.normalize(keys, dim=-1)  # (N, D)
-    logits = q @ k.T / temperature  # (N, N)
-    if key_ids is not None:
-        same = key_ids[:, None] == key_ids[None, :]  # (N, N)
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, float("-inf"))
-    target = torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(logits, target)
-
-
-class NextTokenInfoNCE(nn.Module):
-    """Next-token InfoNCE on positive actions with a learnable temperature.
-
-    For each position t whose next token t+1 is real and a positive action, the hidden
-    state at t must pick the embedding of item t+1 among all selected targets in the batch.
-    """
-
-    def __init__(self, init_temperature: float = 0.1, min_temperature: float = 0.01) -> None:
-        super().__init__()
-        self.log_temp = nn.Parameter(torch.tensor(math.log(init_temperature)))
-        self.min_log_temp = math.log(min_temperature)
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temp.clamp(min=self.min_log_temp).exp()
-
-    @staticmethod
-    def select(
-        action_ids: torch.Tensor, pad_mask: torch.Tensor, positive_action_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, t) of every valid pair: (B, L) tensors → two (N,) index tensors."""
-        nxt_ok = pad_mask[:, 1:] & pad_mask[:, :-1] & torch.isin(action_ids[:, 1:], positive_action_ids)  # (B, L-1)
-        rows, cols = nxt_ok.nonzero(as_tuple=True)
-        return rows, cols
-
-    def forward(
-        self,
-        model: PinFM,
-        hidden: torch.Tensor,
-        item_ids: torch.Tensor,
-        action_ids: torch.Tensor,
-        pad_mask: torch.Tensor,
-        content: torch.Tensor | None,
-        positive_action_ids: torch.Tensor,
-        max_pairs: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, int]:
-        """Loss and number of pairs.
-
-        Args:
-            model: the backbone (for target item embeddings).
-            hidden: (B, L, D) backbone output.
-            item_ids, action_ids: (B, L) int64.
-            pad_mask: (B, L) bool.
-            content: (B, L, C) or None.
-            positive_action_ids: (P,) int64 action ids that count as positive.
-            max_pairs: subsample at most this many pairs (bounds the N × N logits).
-            generator: RNG for the subsample.
-        """
-        rows, cols = self.select(action_ids, pad_mask, positive_action_ids)  # (N,), (N,)
-        if max_pairs is not None and rows.numel() > max_pairs:
-            keep = torch.randperm(rows.numel(), generator=generator)[:max_pairs].to(rows.device)
-            rows, cols = rows[keep], cols[keep]
-        if rows.numel() < 2:
-            return hidden.sum() * 0.0, int(rows.numel())
-        q = hidden[rows, cols]  # (N, D)
-        tgt_ids = item_ids[rows, cols + 1]  # (N,)
-        tgt_content = content[rows, cols + 1] if content is not None else None  # (N, C)
-        k = model.item_embedding(tgt_ids, tgt_content)  # (N, D)
-        return info_nce(q, k, self.temperature, tgt_ids), int(rows.numel())
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,25 +1,31 @@
-"""Pretrain the PinFM backbone on the pretraining corpus with next-token InfoNCE.
+"""Pretrain the PinFM backbone on the pretraining corpus (next-, multi- and future-token losses).
 
-``afm train pretrain --size small`` → :func:`pretrain` → ``models/pinfm/<version>``.
+``afm train pretrain --size small`` → :func:`pretrain` → ``models/pinfm/<version>``. The run
+goes through :class:`training.trainer.Trainer`, so it checkpoints under
+``runs/pretrain-ds=<ds>-<digest>/`` and a crashed run started again with the same settings
+resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-import math
+import shutil
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from features.config import Layout
 from features.contract import ACTION_IDS, POSITIVE_ACTIONS
 from training.artifacts import save_artifact
-from training.data import ContentTable, encode_sequence_frame, latest_day, read_partition
-from training.model import NextTokenInfoNCE, PinFM, PinFMConfig, resolve_device
+from training.data import ContentTable, SequenceArrays, encode_sequence_frame, latest_day, read_partition
+from training.model import PinFM, PinFMConfig
+from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
+from training.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,10 @@ class PretrainConfig:
         warmup: linear warm-up steps (then cosine decay to 10 %).
         weight_decay: AdamW weight decay.
         grad_clip: max gradient norm.
-        max_pairs: at most this many (query, target) pairs per step (bounds the N × N logits).
+        next_token, multi_token, future_token: loss weights (0 = off).
+        negatives: sampled negatives per step (plus in-batch ones), log-Q corrected.
+        max_pairs: at most this many (query, target) pairs per loss and step.
+        ckpt_every: checkpoint every this many steps.
         device: 'auto', 'cpu' or 'cuda'.
         seed: RNG seed.
         log_every: log the loss every this many steps.
@@ -49,7 +58,12 @@ class PretrainConfig:
     warmup: int = 12
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    next_token: float = 1.0
+    multi_token: float = 0.5
+    future_token: float = 0.5
+    negatives: int = 256
     max_pairs: int = 1024
+    ckpt_every: int = 50
     device: str = "auto"
     seed: int = 0
     log_every: int = 25
@@ -58,9 +72,9 @@ class PretrainConfig:
     def preset(cls, name: str) -> PretrainConfig:
         """``tiny`` (tests, seconds), ``small`` (CPU demo, ≤ ~1 min), ``base`` (GPU)."""
         presets = {
-            "tiny": cls(model="tiny", batch_size=16, steps=40, warmup=4, lr=5e-3, max_pairs=256),
+            "tiny": cls(model="tiny", batch_size=16, steps=40, warmup=4, lr=5e-3, max_pairs=256, negatives=64),
             "small": cls(),
-            "base": cls(model="base", batch_size=128, steps=3000, warmup=200, lr=1e-3, max_pairs=4096),
+            "base": cls(model="base", batch_size=128, steps=3000, warmup=200, lr=1e-3, max_pairs=4096, negatives=4096),
         }
         if name not in presets:
             raise ValueError(f"unknown pretrain preset {name!r}; expected one of {sorted(presets)}")
@@ -73,13 +87,45 @@ class PretrainConfig:
             raise ValueError(f"unknown PretrainConfig fields {unknown}")
         return dataclasses.replace(self, **kw)
 
+    def objective(self) -> ObjectiveConfig:
+        return ObjectiveConfig(
+            next_token=self.next_token,
+            multi_token=self.multi_token,
+            future_token=self.future_token,
+            negatives=self.negatives,
+            max_pairs=self.max_pairs,
+            init_temperature=0.1,
+        )
 
-def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine down to ``floor``."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+class CorpusBatches:
+    """Random segments of the corpus per step, a pure function of (seed, step).
+
+    Args:
+        seqs: encoded corpus segments.
+        rows: usable row indices (≥ 2 events).
+        batch_size: segments per step.
+        content: item content lookup.
+        seed: sampling seed.
+    """
+
+    def __init__(
+        self, seqs: SequenceArrays, rows: np.ndarray, batch_size: int, content: ContentTable, seed: int
+    ) -> None:
+        self.seqs, self.rows, self.content, self.seed = seqs, rows, content, seed
+        self.batch_size = min(batch_size, len(rows))
+        self.positive_ids = torch.tensor([ACTION_IDS[a] for a in POSITIVE_ACTIONS])
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        pick = np.random.default_rng([self.seed, step]).choice(self.rows, size=self.batch_size, replace=False)
+        batch = self.seqs.tensors(np.sort(pick), self.content)
+        batch["positive"] = torch.isin(batch["action_ids"], self.positive_ids) & batch["pad_mask"]
+        if batch["content"] is None:
+            del batch["content"]
+        return batch
 
 
 def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict:
@@ -97,10 +143,6 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     t0 = time.perf_counter()
     ds = ds or latest_day(layout, layout.pretrain_corpus)
     model_cfg = PinFMConfig.preset(cfg.model)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     corpus = read_partition(layout.pretrain_corpus, ds, columns=["user_id", "item_ids", "actions", "surfaces"])
     seqs = encode_sequence_frame(corpus, model_cfg.max_len)
@@ -108,58 +150,37 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     if len(seqs_keep) == 0:
         raise ValueError(f"pretrain corpus ds={ds} has no segment with ≥ 2 events; nothing to learn from")
     content = ContentTable.from_layout(layout, model_cfg.content_dim)
-    positive_ids = torch.tensor([ACTION_IDS[a] for a in POSITIVE_ACTIONS], device=device)
     log.info(
         "pretrain: ds=%s segments=%d (usable %d) items_with_content=%d model=%s device=%s",
-        ds, len(seqs), len(seqs_keep), len(content), cfg.model, device,
+        ds, len(seqs), len(seqs_keep), len(content), cfg.model, cfg.device,
     )  # fmt: skip
 
-    model = PinFM(model_cfg).to(device)
-    loss_fn = NextTokenInfoNCE().to(device)
-    params = list(model.parameters()) + list(loss_fn.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps))
-
-    losses: list[float] = []
-    tokens = 0
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", disable=None)
-    for step in bar:
-        rows = rng.choice(seqs_keep, size=min(cfg.batch_size, len(seqs_keep)), replace=False)
-        batch = seqs.tensors(rows, content, device)
-        hidden = model(
-            batch["item_ids"], batch["action_ids"], batch["surface_ids"], batch["content"], batch["pad_mask"]
-        )  # (B, L, D)
-        loss, n_pairs = loss_fn(
-            model,
-            hidden,
-            batch["item_ids"],
-            batch["action_ids"],
-            batch["pad_mask"],
-            batch["content"],
-            positive_ids,
-            max_pairs=cfg.max_pairs,
-            generator=gen,
-        )
-        opt.zero_grad(set_to_none=True)
-        if n_pairs >= 2:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-        sched.step()
-        tokens += int(batch["pad_mask"].sum())
-        if losses:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", temp=f"{float(loss_fn.temperature.detach()):.3f}")
-        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.info(
-                "pretrain step %d/%d loss %.4f pairs %d temp %.4f lr %.2e",
-                step + 1, cfg.steps, losses[-1] if losses else float("nan"), n_pairs,
-                float(loss_fn.temperature.detach()), sched.get_last_lr()[0],
-            )  # fmt: skip
-    if not losses:
-        raise ValueError(f"pretrain corpus ds={ds} has no positive next-token pairs (actions {POSITIVE_ACTIONS})")
-
+    counts = seqs.item_ids[seqs_keep]
+    catalog = ItemCatalog.from_sequences([counts[counts != 0]])
+    model = PinFM(model_cfg)
+    objective = PinFMObjective(cfg.objective(), catalog)
+    run_dir = layout.runs / f"pretrain-ds={ds}-{cfg.digest()}"
+    trainer = Trainer(
+        model,
+        objective,
+        CorpusBatches(seqs, seqs_keep, cfg.batch_size, content, cfg.seed),
+        TrainerConfig(
+            steps=cfg.steps,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup=cfg.warmup,
+            min_lr_ratio=0.1,
+            grad_clip=cfg.grad_clip,
+            device=cfg.device,
+            seed=cfg.seed,
+            log_every=cfg.log_every,
+            ckpt_every=cfg.ckpt_every,
+            desc="pretrain",
+        ),
+        run_dir=run_dir,
+    )
+    result = trainer.fit()
+    losses = result.losses
     train_s = time.perf_counter() - t0
     k = max(1, len(losses) // 10)
     first_loss, final_loss = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
@@ -167,17 +188,20 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
         "first_loss": first_loss,
         "final_loss": final_loss,
         "steps": cfg.steps,
-        "tokens_per_s": tokens / max(train_s, 1e-9),
-        "temperature": float(loss_fn.temperature.detach()),
+        "tokens_per_s": result.tokens / max(train_s, 1e-9),
+        "temperature": float(objective.temperature.detach()),
+        "resumed_from": result.resumed_from,
     }
     version = save_artifact(
         layout,
         "pinfm",
-        model.state_dict(),
+        {k: v.cpu() for k, v in model.state_dict().items()},
         config={"model": model_cfg.to_dict(), "model_preset": cfg.model, "pretrain": dataclasses.asdict(cfg)},
         metrics=metrics,
         data_version={"corpus_ds": ds, "n_segments": int(len(seqs)), "corpus_path": f"pretrain_corpus/ds={ds}"},
+        files=[run_dir / "training_curve.png", run_dir / "metrics.jsonl"],
     )
+    shutil.rmtree(run_dir, ignore_errors=True)  # the artifact is saved: nothing left to resume
     seconds = time.perf_counter() - t0
     log.info("pretrain: saved pinfm %s (loss %.4f → %.4f, %.1f s)", version, first_loss, final_loss, seconds)
     return {

@@ -1,8 +1,7 @@
-"""Backbone, hashing and InfoNCE unit tests (tiny configs, no data files)."""
+"""Backbone and hashing unit tests (tiny configs, no data files)."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from features.contract import ACTION_IDS, POSITIVE_ACTIONS, SURFACE_IDS
+from features.contract import ACTION_IDS, SURFACE_IDS
 from training.model import (
     HashedItemEmbedding,
-    NextTokenInfoNCE,
     PinFM,
     PinFMConfig,
     hash_item_ids,
-    info_nce,
     last_hidden,
 )
 
@@ -126,35 +123,3 @@ def test_config_validation_and_presets() -> None:
         PinFMConfig(d_model=30, n_heads=4)
     cfg = PinFMConfig.preset("tiny")
     assert PinFMConfig.from_dict(cfg.to_dict()) == cfg
-
-
-def test_info_nce_perfect_alignment_is_near_zero() -> None:
-    n, d = 16, 32
-    keys = torch.eye(n, d)  # orthonormal rows
-    loss = info_nce(keys.clone(), keys, temperature=0.01)
-    assert float(loss) < 1e-3
-
-
-def test_info_nce_random_is_about_log_n() -> None:
-    torch.manual_seed(0)
-    n = 256
-    loss = info_nce(torch.randn(n, 64), torch.randn(n, 64), temperature=1.0)
-    assert abs(float(loss) - math.log(n)) < 0.1
-
-
-def test_info_nce_masks_same_item_negatives() -> None:
-    q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    k = q.clone()
-    ids = torch.tensor([7, 7, 9])
-    masked = info_nce(q, k, 0.05, ids)
-    unmasked = info_nce(q, k, 0.05)
-    assert float(masked) < 1e-3 < float(unmasked)  # duplicates of the positive are not negatives
-
-
-def test_next_token_pairs_only_where_next_action_is_positive() -> None:
-    pos = torch.tensor([ACTION_IDS[a] for a in POSITIVE_ACTIONS])
-    a = torch.tensor([[ACTION_IDS["click"], ACTION_IDS["hide"], ACTION_IDS["save"], ACTION_IDS["click"], 0]])
-    mask = torch.tensor([[True, True, True, True, False]])
-    rows, cols = NextTokenInfoNCE.select(a, mask, pos)
-    assert cols.tolist() == [1, 2]  # t=0 → next is hide (skip); t=3 → next is padding (skip)
-    assert rows.tolist() == [0, 0]

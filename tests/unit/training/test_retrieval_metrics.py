@@ -1,0 +1,58 @@
+"""HR/NDCG/MRR and the two ranking protocols against hand-computed tiny cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.retrieval import ranks_full, ranks_sampled, retrieval_metrics
+
+
+def test_metrics_of_hand_computed_ranks() -> None:
+    m = retrieval_metrics([0, 1, 4, 20], ks=(1, 5))
+    assert m["hr@1"] == pytest.approx(0.25)
+    assert m["hr@5"] == pytest.approx(0.75)
+    assert m["ndcg@1"] == pytest.approx(0.25)  # only rank 0 counts, gain 1
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / 4)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 21) / 4)
+    assert m["n"] == 4
+
+
+def test_metrics_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="no ranks"):
+        retrieval_metrics([])
+    with pytest.raises(ValueError, match="≥ 0"):
+        retrieval_metrics([-1])
+
+
+def test_full_ranking_removes_the_users_other_items_but_never_the_target() -> None:
+    scores = torch.tensor(
+        [
+            [0.9, 0.8, 0.7, 0.1],  # target col 2: cols 0 and 1 above it
+            [0.9, 0.8, 0.7, 0.1],
+        ]
+    )
+    targets = torch.tensor([2, 2])
+    exclude = torch.tensor(
+        [[False, False, False, False], [True, False, True, False]]
+    )  # row 1 saw item 0 (and the target)
+    assert ranks_full(scores, targets).tolist() == [2.0, 2.0]
+    assert ranks_full(scores, targets, exclude).tolist() == [2.0, 1.0]
+
+
+def test_ties_count_half() -> None:
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    assert ranks_full(scores, torch.tensor([1])).tolist() == [1.5]  # 3 ties → middle of 0..3
+    assert ranks_sampled(torch.tensor([0.5]), torch.tensor([[0.5, 0.1, 0.9]])).tolist() == [1.5]
+
+
+def test_sampled_protocol_counts_only_the_samples() -> None:
+    target = torch.tensor([0.6, 0.0])
+    negs = torch.tensor([[0.1, 0.7, 0.2], [0.1, 0.2, 0.3]])
+    assert ranks_sampled(target, negs).tolist() == [1.0, 3.0]
+    m = retrieval_metrics(ranks_sampled(target, negs), ks=(1, 2))
+    assert m["hr@2"] == pytest.approx(0.5) and m["hr@1"] == 0.0
+    assert np.isclose(m["ndcg@2"], 0.5 / math.log2(3))

@@ -1,0 +1,383 @@
+"""Pretraining objectives of PinFM: next-token, multi-token and future-token losses.
+
+Every loss is a softmax over candidate items where the query is the backbone's hidden
+state at one position and the positive is an item the user later acted on positively:
+
+* **next-token** — the query at t must pick the item at t+1;
+* **multi-token** — the query at t must pick each positive item in t+1 … t+L';
+* **future-token** — only the query at the *read position* (the last input token, the one
+  the downstream ranker reads) must pick each positive item after it. With an embedding
+  computed offline and used for a day, this is what the ranker needs the state to know.
+
+Candidates are the positives of the other pairs in the batch (in-batch negatives) plus M
+negatives sampled once per step from the catalog (uniformly or by popularity). Because
+those candidates are not drawn uniformly, every candidate's logit is corrected by the log
+of its expected number of draws (log-Q correction), which makes the sampled softmax an
+estimate of the full one. ``negatives="full"`` uses the whole catalog instead (exact, for
+small catalogs and for the comparison).
+
+Shapes: B batch, L length, D model dim, N (query, positive) pairs, M sampled negatives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which losses, their weights, and how candidates are built.
+
+    Attributes:
+        next_token: weight of the next-token loss (0 = off).
+        multi_token: weight of the multi-token loss (0 = off).
+        multi_token_window: L', how many following positions each query predicts.
+        future_token: weight of the future-token loss (0 = off).
+        future_window: the last this-many tokens of a row are its future (the read
+            position is the token before them); rows too short read at their second-to-last.
+        similarity: "cosine" (normalized, divided by the temperature) or "dot".
+        init_temperature: start value of the learnable temperature.
+        in_batch_negatives: use the other pairs' positives as negatives.
+        negatives: number of sampled negatives M per step, or "full" for the whole catalog.
+        sampler: "uniform" or "popularity" (by training frequency) for the sampled negatives.
+        logq_correction: subtract log of each candidate's expected draw count.
+        max_pairs: at most this many pairs per loss per step (None = all).
+    """
+
+    next_token: float = 1.0
+    multi_token: float = 0.0
+    multi_token_window: int = 4
+    future_token: float = 0.0
+    future_window: int = 4
+    similarity: str = "cosine"
+    init_temperature: float = 0.05
+    in_batch_negatives: bool = True
+    negatives: int | str = 1024
+    sampler: str = "uniform"
+    logq_correction: bool = True
+    max_pairs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.similarity not in ("cosine", "dot"):
+            raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
+        if self.sampler not in ("uniform", "popularity"):
+            raise ValueError(f"sampler must be 'uniform' or 'popularity', got {self.sampler!r}")
+        if not (self.negatives == "full" or (isinstance(self.negatives, int) and self.negatives >= 0)):
+            raise ValueError(f"negatives must be a count ≥ 0 or 'full', got {self.negatives!r}")
+        if self.next_token < 0 or self.multi_token < 0 or self.future_token < 0:
+            raise ValueError("loss weights must be ≥ 0")
+        if self.next_token + self.multi_token + self.future_token == 0:
+            raise ValueError("at least one of next_token, multi_token, future_token needs a weight > 0")
+        if self.multi_token_window < 1 or self.future_window < 1:
+            raise ValueError("multi_token_window and future_window must be ≥ 1")
+        if self.negatives == 0 and not self.in_batch_negatives:
+            raise ValueError("no negatives: enable in_batch_negatives or sample some")
+
+    def replace(self, **kw) -> ObjectiveConfig:
+        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown ObjectiveConfig fields {unknown}")
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ItemCatalog:
+    """The items negatives are drawn from, with training frequencies for the log-Q correction.
+
+    Args:
+        item_ids: (I,) int64 ids of the catalog (any order, unique).
+        counts: (I,) how often each item occurs as a training positive (≥ 0).
+
+    Example:
+        >>> cat = ItemCatalog(np.array([5, 9]), np.array([3, 1]))
+        >>> cat.log_prob(torch.tensor([9])).exp()
+        tensor([0.2500])
+    """
+
+    def __init__(self, item_ids: np.ndarray, counts: np.ndarray) -> None:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        cnt = np.asarray(counts, dtype=np.float64)
+        if ids.ndim != 1 or ids.shape != cnt.shape or ids.size == 0:
+            raise ValueError("ItemCatalog needs two equal-length, non-empty 1-d arrays")
+        order = np.argsort(ids, kind="stable")
+        self.ids = torch.from_numpy(ids[order])  # (I,) sorted
+        if (self.ids[1:] == self.ids[:-1]).any():
+            raise ValueError("ItemCatalog: item ids must be unique")
+        smoothed = cnt[order] + 1.0  # every item can be drawn
+        self.popularity = torch.from_numpy(smoothed / smoothed.sum()).float()  # (I,)
+
+    @classmethod
+    def from_sequences(cls, sequences: list[np.ndarray] | np.ndarray) -> ItemCatalog:
+        """Catalog of every id occurring in ``sequences`` (0 = padding is skipped), counted."""
+        flat = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences])
+        ids, counts = np.unique(flat[flat != 0], return_counts=True)
+        return cls(ids, counts)
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def log_prob(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """log popularity of each id; ids outside the catalog get the smallest probability."""
+        idx = torch.searchsorted(self.ids, item_ids.cpu().clamp(min=0)).clamp(max=len(self) - 1)
+        found = self.ids[idx] == item_ids.cpu()
+        p = torch.where(found, self.popularity[idx], self.popularity.min())
+        return p.log().to(item_ids.device)
+
+    def sample(self, n: int, sampler: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """n ids drawn with replacement (torch's global RNG) and log of each id's draw probability."""
+        if sampler == "uniform":
+            idx = torch.randint(len(self), (n,))
+            logp = torch.full((n,), -math.log(len(self)))
+        else:
+            idx = torch.multinomial(self.popularity, n, replacement=True)
+            logp = self.popularity[idx].log()
+        return self.ids[idx].to(device), logp.to(device)
+
+
+# ------------------------------------------------------------------------- pairs
+def next_token_pairs(positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, query pos, target pos) of every t → t+1 pair whose target is a real positive token.
+
+    Args:
+        positive: (B, L) bool, True at real tokens with a positive action (right padded, so
+            a real token's predecessors are real).
+    """
+    rows, cols = positive[:, 1:].nonzero(as_tuple=True)
+    return rows, cols, cols + 1
+
+
+def multi_token_pairs(positive: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, query pos, target pos) for every t → t+j, 1 ≤ j ≤ window, with a positive target."""
+    rows_l, q_l, t_l = [], [], []
+    for j in range(1, min(window, positive.shape[1] - 1) + 1):
+        rows, cols = positive[:, j:].nonzero(as_tuple=True)
+        rows_l.append(rows)
+        q_l.append(cols)
+        t_l.append(cols + j)
+    return torch.cat(rows_l), torch.cat(q_l), torch.cat(t_l)
+
+
+def read_positions(lengths: torch.Tensor, future_window: int) -> torch.Tensor:
+    """Read position of each row: the last token before its final ``future_window`` tokens.
+
+    Rows with ≤ ``future_window`` tokens read at their second-to-last token (one future
+    token); rows with < 2 tokens get -1 (no pair).
+    """
+    return torch.where(lengths > future_window, lengths - 1 - future_window, lengths - 2)
+
+
+def future_token_pairs(
+    positive: torch.Tensor, read_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, query pos, target pos): the read position of each row → every positive token after it."""
+    L = positive.shape[1]
+    pos = torch.arange(L, device=positive.device)  # (L,)
+    after = (pos[None, :] > read_pos[:, None]) & (read_pos[:, None] >= 0) & positive  # (B, L)
+    rows, cols = after.nonzero(as_tuple=True)
+    return rows, read_pos[rows], cols
+
+
+# ------------------------------------------------------------------------- loss
+def sampled_softmax_loss(
+    queries: torch.Tensor,
+    pos_ids: torch.Tensor,
+    pos_emb: torch.Tensor,
+    neg_ids: torch.Tensor | None,
+    neg_emb: torch.Tensor | None,
+    temperature: torch.Tensor | float,
+    pos_logq: torch.Tensor | None = None,
+    neg_logq: torch.Tensor | None = None,
+    in_batch: bool = True,
+    similarity: str = "cosine",
+) -> torch.Tensor:
+    """Softmax cross-entropy of each query's positive against in-batch and sampled candidates.
+
+    Candidate j of query i is: the positive of pair j (in-batch block, the diagonal is
+    query i's own positive) and the sampled negatives. Candidates with the same id as
+    query i's positive (other than the diagonal) are removed (an accidental hit is no
+    negative). With log-Q, ``pos_logq``/``neg_logq`` (log expected draw counts) are
+    subtracted from each candidate's logit, the diagonal included.
+
+    Args:
+        queries: (N, D).
+        pos_ids: (N,) int64 id of each pair's positive.
+        pos_emb: (N, D) embedding of each pair's positive.
+        neg_ids: (M,) int64 ids of sampled negatives, or None.
+        neg_emb: (M, D) their embeddings, or None.
+        temperature: scalar > 0; logits are similarities / temperature.
+        pos_logq: (N,) log-Q of each in-batch candidate, or None (no correction).
+        neg_logq: (M,) log-Q of each sampled candidate, or None.
+        in_batch: use the in-batch block (else only the diagonal positive and the samples).
+        similarity: "cosine" or "dot".
+
+    Returns:
+        scalar mean cross-entropy over the N pairs.
+    """
+    if similarity == "cosine":
+        queries = F.normalize(queries, dim=-1)
+        pos_emb = F.normalize(pos_emb, dim=-1)
+        neg_emb = F.normalize(neg_emb, dim=-1) if neg_emb is not None else None
+    n = queries.shape[0]
+    if in_batch:
+        logits = queries @ pos_emb.T / temperature  # (N, N)
+        if pos_logq is not None:
+            logits = logits - pos_logq[None, :]
+        same = pos_ids[:, None] == pos_ids[None, :]  # (N, N)
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, NEG_INF)
+        target = torch.arange(n, device=queries.device)
+    else:
+        logits = (queries * pos_emb).sum(-1, keepdim=True) / temperature  # (N, 1)
+        if pos_logq is not None:
+            logits = logits - pos_logq[:, None]
+        target = torch.zeros(n, dtype=torch.long, device=queries.device)
+    if neg_ids is not None and neg_emb is not None and neg_ids.numel():
+        neg = queries @ neg_emb.T / temperature  # (N, M)
+        if neg_logq is not None:
+            neg = neg - neg_logq[None, :]
+        neg = neg.masked_fill(pos_ids[:, None] == neg_ids[None, :], NEG_INF)
+        logits = torch.cat([logits, neg], dim=1)  # (N, N + M) or (N, 1 + M)
+    return F.cross_entropy(logits.float(), target)
+
+
+def full_softmax_loss(
+    queries: torch.Tensor,
+    pos_index: torch.Tensor,
+    all_emb: torch.Tensor,
+    temperature: torch.Tensor | float,
+    similarity: str,
+) -> torch.Tensor:
+    """Cross-entropy over the whole catalog.
+
+    Args:
+        queries: (N, D).
+        pos_index: (N,) index of each positive in ``all_emb``.
+        all_emb: (I, D) embedding of every catalog item.
+    """
+    if similarity == "cosine":
+        queries, all_emb = F.normalize(queries, dim=-1), F.normalize(all_emb, dim=-1)
+    return F.cross_entropy((queries @ all_emb.T / temperature).float(), pos_index)  # (N, I) logits
+
+
+class PinFMObjective(nn.Module):
+    """The weighted sum of the enabled losses, with a learnable temperature.
+
+    ``forward(model, batch)`` takes a :class:`training.model.PinFM` and a batch dict with
+    ``item_ids``, ``action_ids``, ``surface_ids`` (B, L), ``pad_mask`` (B, L) bool (right
+    padded), ``positive`` (B, L) bool, optional ``content`` (B, L, C), ``time_gaps`` (B, L)
+    and ``read_pos`` (B,), and returns the loss and a dict of floats.
+
+    Args:
+        cfg: which losses and how candidates are built.
+        catalog: items for sampled negatives and the log-Q correction.
+
+    Example:
+        >>> obj = PinFMObjective(ObjectiveConfig(negatives=64), ItemCatalog.from_sequences(seqs))
+        >>> loss, stats = obj(model, batch)
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, catalog: ItemCatalog, min_temperature: float = 0.01) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.catalog = catalog
+        self.log_temp = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
+        self.min_log_temp = math.log(min_temperature)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temp.clamp(min=self.min_log_temp).exp()
+
+    def _candidates(self, model: nn.Module, device: torch.device):
+        if self.cfg.negatives == "full" or self.cfg.negatives == 0:
+            return None, None, None
+        ids, logp = self.catalog.sample(int(self.cfg.negatives), self.cfg.sampler, device)
+        return ids, model.item_embedding(ids), logp
+
+    def _loss(self, model, hidden, batch, pairs, negs, n_pairs_total: int) -> torch.Tensor | None:
+        rows, q_pos, t_pos = pairs
+        if self.cfg.max_pairs is not None and rows.numel() > self.cfg.max_pairs:
+            keep = torch.randperm(rows.numel())[: self.cfg.max_pairs].to(rows.device)
+            rows, q_pos, t_pos = rows[keep], q_pos[keep], t_pos[keep]
+        if rows.numel() == 0:
+            return None
+        q = hidden[rows, q_pos]  # (N, D)
+        tgt = batch["item_ids"][rows, t_pos]  # (N,)
+        temp = self.temperature
+        if self.cfg.negatives == "full":
+            all_ids = self.catalog.ids.to(q.device)
+            pos_index = torch.searchsorted(all_ids, tgt)
+            return full_softmax_loss(q, pos_index, model.item_embedding(all_ids), temp, self.cfg.similarity)
+        content = batch.get("content")
+        k = model.item_embedding(tgt, content[rows, t_pos] if content is not None else None)  # (N, D)
+        neg_ids, neg_emb, neg_logp = negs
+        pos_logq = neg_logq = None
+        if self.cfg.logq_correction:
+            # expected number of times each id is a candidate: N draws from the positives'
+            # (popularity) distribution in-batch + M draws from the sampler.
+            n = rows.numel() if self.cfg.in_batch_negatives else 0
+            m = 0 if neg_ids is None else neg_ids.numel()
+
+            def expected(ids: torch.Tensor, sampler_logp: torch.Tensor | None) -> torch.Tensor:
+                pop = self.catalog.log_prob(ids)
+                parts = []
+                if n:
+                    parts.append(pop + math.log(n))
+                if m:
+                    samp = sampler_logp if sampler_logp is not None else self._sampler_log_prob(ids)
+                    parts.append(samp + math.log(m))
+                return torch.logsumexp(torch.stack(parts), dim=0)
+
+            pos_logq = expected(tgt, None)
+            if neg_ids is not None:
+                neg_logq = expected(neg_ids, neg_logp)
+        return sampled_softmax_loss(
+            q, tgt, k, neg_ids, neg_emb, temp, pos_logq, neg_logq, self.cfg.in_batch_negatives, self.cfg.similarity
+        )
+
+    def _sampler_log_prob(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cfg.sampler == "uniform":
+            return torch.full(ids.shape, -math.log(len(self.catalog)), device=ids.device)
+        return self.catalog.log_prob(ids)
+
+    def forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        hidden = model(
+            batch["item_ids"],
+            batch["action_ids"],
+            batch["surface_ids"],
+            batch.get("content"),
+            None,  # right padded: the causal mask alone keeps real tokens away from padding
+            time_gaps=batch.get("time_gaps"),
+        )  # (B, L, D)
+        positive = batch["positive"] & batch["pad_mask"]  # (B, L)
+        negs = self._candidates(model, hidden.device)
+        total = hidden.sum() * 0.0
+        stats: dict[str, float] = {}
+        parts = []
+        if self.cfg.next_token > 0:
+            parts.append(("next", self.cfg.next_token, next_token_pairs(positive)))
+        if self.cfg.multi_token > 0:
+            parts.append(("multi", self.cfg.multi_token, multi_token_pairs(positive, self.cfg.multi_token_window)))
+        if self.cfg.future_token > 0:
+            read_pos = batch.get("read_pos")
+            if read_pos is None:
+                read_pos = read_positions(batch["pad_mask"].sum(1), self.cfg.future_window)
+            parts.append(("future", self.cfg.future_token, future_token_pairs(positive, read_pos)))
+        for name, weight, pairs in parts:
+            loss = self._loss(model, hidden, batch, pairs, negs, 0)
+            stats[f"pairs_{name}"] = float(pairs[0].numel())
+            if loss is not None:
+                total = total + weight * loss
+                stats[f"loss_{name}"] = float(loss.detach())
+        stats["temperature"] = float(self.temperature.detach())
+        return total, stats

@@ -1,0 +1,89 @@
+"""Retrieval metrics of sequential recommendation: ranks of the target item → HR/NDCG/MRR.
+
+Two protocols:
+
+* **full ranking** — the target is ranked against every item of the catalog, with the
+  user's other interacted items removed (they can neither help nor hurt the target);
+* **sampled100** — the older protocol: the target against 100 items drawn uniformly from
+  the items the user never interacted with.
+
+Ranks are 0-based (0 = the target scored highest). Ties are split: an item scored equal to
+the target counts half, so a model that scores everything the same lands in the middle
+instead of at the top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_KS: tuple[int, ...] = (10, 50, 200)
+
+
+def ranks_full(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each row's target among all columns.
+
+    Args:
+        scores: (U, I) float scores of every item for every user.
+        targets: (U,) int64 column of each user's target.
+        exclude: (U, I) bool, True at items to remove from the ranking (the user's other
+            items); the target itself is never removed.
+
+    Returns:
+        (U,) float ranks (a half for every tie).
+    """
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    target_score = scores[rows, targets].unsqueeze(1)  # (U, 1)
+    above = scores > target_score  # (U, I)
+    tied = scores == target_score  # (U, I) — includes the target itself
+    if exclude is not None:
+        keep = ~exclude
+        keep[rows, targets] = True
+        above &= keep
+        tied &= keep
+    return above.sum(1).float() + (tied.sum(1).float() - 1.0) / 2.0  # (U,)
+
+
+def ranks_sampled(target_scores: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the target among sampled negatives.
+
+    Args:
+        target_scores: (U,) score of each user's target.
+        negative_scores: (U, M) scores of the user's M sampled negatives.
+
+    Returns:
+        (U,) float ranks (a half for every tie).
+    """
+    t = target_scores.unsqueeze(1)  # (U, 1)
+    return (negative_scores > t).sum(1).float() + (negative_scores == t).sum(1).float() / 2.0
+
+
+def retrieval_metrics(ranks: np.ndarray | torch.Tensor | Sequence[float], ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """HR@k, NDCG@k for each k, and MRR from 0-based target ranks (one target per user).
+
+    HR@k = share of users whose target ranks < k; NDCG@k = mean of 1/log2(rank + 2) over
+    those users (0 for the rest); MRR = mean of 1/(rank + 1).
+
+    Args:
+        ranks: (U,) 0-based ranks; fractional ranks (from ties) are allowed.
+        ks: cut-offs.
+
+    Returns:
+        {"hr@k": .., "ndcg@k": .., ..., "mrr": .., "n": U}.
+    """
+    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64).reshape(-1)
+    if r.size == 0:
+        raise ValueError("retrieval_metrics: no ranks to summarise")
+    if (r < 0).any():
+        raise ValueError("retrieval_metrics: ranks are 0-based and must be ≥ 0")
+    out: dict[str, float] = {}
+    gain = 1.0 / np.log2(r + 2.0)
+    for k in ks:
+        hit = r < k
+        out[f"hr@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, gain, 0.0).mean())
+    out["mrr"] = float((1.0 / (r + 1.0)).mean())
+    out["n"] = int(r.size)
+    return out
