@@ -1,4 +1,9 @@
-"""Weekly: pretrain the PinFM backbone on the corpus of the week's first day (next-token InfoNCE)."""
+"""Weekly: pretrain the PinFM backbone on the corpus of the week's first day.
+
+Next-, multi- and future-token losses (training/objectives.py) through the shared trainer
+(training/trainer.py): the run checkpoints under $AFM_HOME/runs, so a retried task resumes
+where the failed try stopped instead of starting over.
+"""
 
 from airflow.sdk import DAG, CronDataIntervalTimetable
 
@@ -13,4 +18,4 @@ with DAG(
     tags=["activityfm", "training"],
     doc_md=__doc__,
 ):
-    afm_step("pretrain", "train", "pretrain", "--ds", "{ds}")
+    afm_step("pretrain", "train", "pretrain", "--ds", "{ds}", retries=2)

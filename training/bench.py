@@ -6,7 +6,7 @@ step. Steps are timed after 3 warm-up steps, with bf16 autocast on CUDA.
 
 Model FLOPs per step (the usual 6 × parameters × tokens count, plus attention and loss):
 
-* backbone: ``6 · N · tokens`` with N the non-embedding parameters;
+* backbone: ``6 · N · tokens`` with N the parameters of the transformer blocks and final norm;
 * causal attention: ``6 · layers · L · d · tokens`` (QKᵀ and AV, half of the square);
 * loss: ``6 · pairs · (pairs + negatives) · d`` (in-batch and sampled logits).
 
@@ -57,8 +57,7 @@ def matmul_tflops(device: torch.device, n: int | None = None, reps: int = 10) ->
 def model_flops_per_step(model: PinFM, batch_size: int, seq_len: int, pairs: int, negatives: int) -> float:
     """Training FLOPs of one step (forward + backward), see the module docstring."""
     cfg = model.cfg
-    embed = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    n_params = sum(p.numel() for p in model.parameters() if id(p) not in embed)
+    n_params = sum(p.numel() for p in [*model.blocks.parameters(), *model.ln_f.parameters()])  # no lookups
     tokens = batch_size * seq_len
     backbone = 6 * n_params * tokens
     attention = 6 * cfg.n_layers * seq_len * cfg.d_model * tokens

@@ -96,11 +96,12 @@ class PinFMConfig:
 
     @classmethod
     def preset(cls, name: str) -> PinFMConfig:
-        """Named sizes: ``tiny`` (tests), ``small`` (CPU demo), ``base`` (GPU)."""
+        """Named sizes: ``tiny`` (tests), ``small`` (CPU demo), ``base`` (GPU), ``large`` (multi-GPU)."""
         presets = {
             "tiny": cls(d_model=32, n_layers=1, n_heads=2, max_len=32, hash_buckets=1024),
             "small": cls(d_model=64, n_layers=2, n_heads=4, max_len=64, hash_buckets=8192),
             "base": cls(d_model=256, n_layers=4, n_heads=8, max_len=256, hash_buckets=65536, dropout=0.1),
+            "large": cls(d_model=512, n_layers=8, n_heads=8, max_len=512, hash_buckets=1 << 20, dropout=0.1),
         }
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")

@@ -9,7 +9,7 @@ state at one position and the positive is an item the user later acted on positi
   the downstream ranker reads) must pick each positive item after it. With an embedding
   computed offline and used for a day, this is what the ranker needs the state to know.
 
-Candidates are the positives of the other pairs in the batch (in-batch negatives) plus M
+Candidates are the positives of (up to K of) the other pairs in the batch (in-batch negatives) plus M
 negatives sampled once per step from the catalog (uniformly or by popularity). Because
 those candidates are not drawn uniformly, every candidate's logit is corrected by the log
 of its expected number of draws (log-Q correction), which makes the sampled softmax an
@@ -47,6 +47,7 @@ class ObjectiveConfig:
         similarity: "cosine" (normalized, divided by the temperature) or "dot".
         init_temperature: start value of the learnable temperature.
         in_batch_negatives: use the other pairs' positives as negatives.
+        in_batch_max: at most this many in-batch keys (a random subset; bounds the N × K logits).
         negatives: number of sampled negatives M per step, or "full" for the whole catalog.
         sampler: "uniform" or "popularity" (by training frequency) for the sampled negatives.
         logq_correction: subtract log of each candidate's expected draw count.
@@ -61,6 +62,7 @@ class ObjectiveConfig:
     similarity: str = "cosine"
     init_temperature: float = 0.05
     in_batch_negatives: bool = True
+    in_batch_max: int | None = 2048
     negatives: int | str = 1024
     sampler: str = "uniform"
     logq_correction: bool = True
@@ -200,14 +202,16 @@ def sampled_softmax_loss(
     neg_logq: torch.Tensor | None = None,
     in_batch: bool = True,
     similarity: str = "cosine",
+    in_batch_max: int | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy of each query's positive against in-batch and sampled candidates.
 
-    Candidate j of query i is: the positive of pair j (in-batch block, the diagonal is
-    query i's own positive) and the sampled negatives. Candidates with the same id as
-    query i's positive (other than the diagonal) are removed (an accidental hit is no
-    negative). With log-Q, ``pos_logq``/``neg_logq`` (log expected draw counts) are
-    subtracted from each candidate's logit, the diagonal included.
+    Query i's candidates are: its own positive, the positives of the other pairs (in-batch
+    keys; at most ``in_batch_max`` of them, a random subset, so the cost stays
+    O(N · (K + M)) and not O(N²)) and the sampled negatives. A candidate with the same id as
+    query i's positive is removed (an accidental hit is no negative). With log-Q,
+    ``pos_logq``/``neg_logq`` (log expected draw counts) are subtracted from every logit,
+    the positive's included.
 
     Args:
         queries: (N, D).
@@ -216,10 +220,11 @@ def sampled_softmax_loss(
         neg_ids: (M,) int64 ids of sampled negatives, or None.
         neg_emb: (M, D) their embeddings, or None.
         temperature: scalar > 0; logits are similarities / temperature.
-        pos_logq: (N,) log-Q of each in-batch candidate, or None (no correction).
+        pos_logq: (N,) log-Q of each pair's positive, or None (no correction).
         neg_logq: (M,) log-Q of each sampled candidate, or None.
-        in_batch: use the in-batch block (else only the diagonal positive and the samples).
+        in_batch: use the other pairs' positives as negatives.
         similarity: "cosine" or "dot".
+        in_batch_max: K, the most in-batch keys (None = all N).
 
     Returns:
         scalar mean cross-entropy over the N pairs.
@@ -229,25 +234,25 @@ def sampled_softmax_loss(
         pos_emb = F.normalize(pos_emb, dim=-1)
         neg_emb = F.normalize(neg_emb, dim=-1) if neg_emb is not None else None
     n = queries.shape[0]
+    pos_logit = (queries * pos_emb).sum(-1, keepdim=True) / temperature  # (N, 1)
+    if pos_logq is not None:
+        pos_logit = pos_logit - pos_logq[:, None]
+    blocks = [pos_logit]
     if in_batch:
-        logits = queries @ pos_emb.T / temperature  # (N, N)
+        keys = torch.arange(n, device=queries.device)
+        if in_batch_max is not None and n > in_batch_max:
+            keys = torch.randperm(n)[:in_batch_max].to(queries.device)  # (K,)
+        logits = queries @ pos_emb[keys].T / temperature  # (N, K)
         if pos_logq is not None:
-            logits = logits - pos_logq[None, :]
-        same = pos_ids[:, None] == pos_ids[None, :]  # (N, N)
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, NEG_INF)
-        target = torch.arange(n, device=queries.device)
-    else:
-        logits = (queries * pos_emb).sum(-1, keepdim=True) / temperature  # (N, 1)
-        if pos_logq is not None:
-            logits = logits - pos_logq[:, None]
-        target = torch.zeros(n, dtype=torch.long, device=queries.device)
+            logits = logits - pos_logq[keys][None, :]
+        blocks.append(logits.masked_fill(pos_ids[:, None] == pos_ids[keys][None, :], NEG_INF))
     if neg_ids is not None and neg_emb is not None and neg_ids.numel():
         neg = queries @ neg_emb.T / temperature  # (N, M)
         if neg_logq is not None:
             neg = neg - neg_logq[None, :]
-        neg = neg.masked_fill(pos_ids[:, None] == neg_ids[None, :], NEG_INF)
-        logits = torch.cat([logits, neg], dim=1)  # (N, N + M) or (N, 1 + M)
+        blocks.append(neg.masked_fill(pos_ids[:, None] == neg_ids[None, :], NEG_INF))
+    logits = torch.cat(blocks, dim=1)  # (N, 1 + K + M)
+    target = torch.zeros(n, dtype=torch.long, device=queries.device)
     return F.cross_entropy(logits.float(), target)
 
 
@@ -304,7 +309,10 @@ class PinFMObjective(nn.Module):
         ids, logp = self.catalog.sample(int(self.cfg.negatives), self.cfg.sampler, device)
         return ids, model.item_embedding(ids), logp
 
-    def _loss(self, model, hidden, batch, pairs, negs, n_pairs_total: int) -> torch.Tensor | None:
+    def _loss(
+        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pairs: tuple, negs: tuple
+    ) -> torch.Tensor | None:
+        """Loss of one pair set (None when it has no pair)."""
         rows, q_pos, t_pos = pairs
         if self.cfg.max_pairs is not None and rows.numel() > self.cfg.max_pairs:
             keep = torch.randperm(rows.numel())[: self.cfg.max_pairs].to(rows.device)
@@ -325,7 +333,7 @@ class PinFMObjective(nn.Module):
         if self.cfg.logq_correction:
             # expected number of times each id is a candidate: N draws from the positives'
             # (popularity) distribution in-batch + M draws from the sampler.
-            n = rows.numel() if self.cfg.in_batch_negatives else 0
+            n = min(rows.numel(), self.cfg.in_batch_max or rows.numel()) if self.cfg.in_batch_negatives else 0
             m = 0 if neg_ids is None else neg_ids.numel()
 
             def expected(ids: torch.Tensor, sampler_logp: torch.Tensor | None) -> torch.Tensor:
@@ -342,7 +350,17 @@ class PinFMObjective(nn.Module):
             if neg_ids is not None:
                 neg_logq = expected(neg_ids, neg_logp)
         return sampled_softmax_loss(
-            q, tgt, k, neg_ids, neg_emb, temp, pos_logq, neg_logq, self.cfg.in_batch_negatives, self.cfg.similarity
+            q,
+            tgt,
+            k,
+            neg_ids,
+            neg_emb,
+            temp,
+            pos_logq,
+            neg_logq,
+            self.cfg.in_batch_negatives,
+            self.cfg.similarity,
+            self.cfg.in_batch_max,
         )
 
     def _sampler_log_prob(self, ids: torch.Tensor) -> torch.Tensor:
@@ -374,7 +392,7 @@ class PinFMObjective(nn.Module):
                 read_pos = read_positions(batch["pad_mask"].sum(1), self.cfg.future_window)
             parts.append(("future", self.cfg.future_token, future_token_pairs(positive, read_pos)))
         for name, weight, pairs in parts:
-            loss = self._loss(model, hidden, batch, pairs, negs, 0)
+            loss = self._loss(model, hidden, batch, pairs, negs)
             stats[f"pairs_{name}"] = float(pairs[0].numel())
             if loss is not None:
                 total = total + weight * loss

@@ -14,6 +14,7 @@ from training.model import (
     HashedItemEmbedding,
     PinFM,
     PinFMConfig,
+    bucketize_time_gaps,
     hash_item_ids,
     last_hidden,
 )
@@ -123,3 +124,24 @@ def test_config_validation_and_presets() -> None:
         PinFMConfig(d_model=30, n_heads=4)
     cfg = PinFMConfig.preset("tiny")
     assert PinFMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_time_gap_buckets_and_causality_with_gaps() -> None:
+    ts = torch.tensor([[100, 100, 101, 104, 1100, 0]])
+    pad = torch.tensor([[True, True, True, True, True, False]])
+    b = bucketize_time_gaps(ts, 24, pad)
+    # gaps 0, 1, 3, 996 s → buckets 1 + floor(log2(gap + 1)); the first event and padding are 0
+    assert b.tolist() == [[0, 1, 2, 3, 10, 0]]
+    assert bucketize_time_gaps(torch.tensor([[0, 10**9]]), 8).tolist() == [[0, 7]]  # capped
+    torch.manual_seed(0)
+    model = PinFM(PinFMConfig.preset("tiny")).eval()
+    items, actions, surfaces = _tokens(1, 6)
+    gaps2 = b.clone()
+    gaps2[:, 4:] = 5
+    with torch.no_grad():
+        h1 = model(items, actions, surfaces, time_gaps=b)
+        h2 = model(items, actions, surfaces, time_gaps=gaps2)
+        h0 = model(items, actions, surfaces)
+    assert torch.allclose(h1[:, :4], h2[:, :4], atol=1e-6)
+    assert not torch.allclose(h1[:, 4], h2[:, 4], atol=1e-4)
+    assert not torch.allclose(h0[:, 1], h1[:, 1], atol=1e-4)  # gaps change the state

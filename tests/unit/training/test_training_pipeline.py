@@ -29,8 +29,9 @@ def test_pretrain_loss_goes_down_and_artifact_exists(world: Layout, trained: dic
     assert pre["final_loss"] < pre["first_loss"] - 0.2
     assert pre["steps"] == PretrainConfig.preset("tiny").steps and pre["tokens_per_s"] > 0
     d = world.models / "pinfm" / pre["version"]
-    for name in ("model.pt", "config.json", "metrics.json", "data_version.json"):
+    for name in ("model.pt", "config.json", "metrics.json", "data_version.json", "metrics.jsonl", "training_curve.png"):
         assert (d / name).is_file()
+    assert not world.runs.exists() or not any(world.runs.iterdir())  # finished run: checkpoint dir removed
     art = load_artifact(world, "pinfm", pre["version"])
     assert art["data_version"]["corpus_ds"] == "2026-01-03"
 
