@@ -278,8 +278,8 @@ def _sample_unseen(rng: np.random.Generator, n_items: int, seen: set[int], k: in
 
 
 # --------------------------------------------------------------------------- bench
-#: next-token loss, dot-product scores, in-batch (≤ 1,024) + 1,024 uniform negatives, log-Q
-BENCH_OBJECTIVE = ObjectiveConfig(similarity="dot", negatives=1024, in_batch_max=1024)
+#: next- + multi-token losses, dot-product scores, in-batch (≤ 1,024) + 1,024 uniform negatives, log-Q
+BENCH_OBJECTIVE = ObjectiveConfig(similarity="dot", negatives=1024, in_batch_max=1024, multi_token=1.0)
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ class SeqRecConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: int = 200
-    epochs: int = 40
+    epochs: int = 12
     eval_every_epochs: int = 4
     eval_users: int = 8000
     patience: int = 3
