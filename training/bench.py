@@ -17,13 +17,12 @@ FLOP/s ÷ the nominal peak (``--peak-tflops``, 800 for an H100's bf16 here).
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import torch
 
-from training.model import PinFM, PinFMConfig, resolve_device
+from training.model import PinFM, PinFMConfig, device_name, resolve_device
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.trainer import param_groups
 
@@ -117,7 +116,7 @@ def bench_pretrain(
     measured_peak = matmul_tflops(dev)
     return {
         "bench": "pretrain",
-        "device": torch.cuda.get_device_name(dev) if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "device": device_name(dev),
         "precision": "bf16 autocast" if cuda else "fp32",
         "d_model": cfg.d_model,
         "n_layers": cfg.n_layers,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from features.config import Layout
 from features.contract import LABEL_ACTIONS
 from training import artifacts
+from training.config_fields import replace_fields
 from training.data import ContentTable, RankingData, load_ranking_data
 from training.metrics import roc_auc
 from training.model import PinFMConfig, resolve_device
@@ -63,10 +64,7 @@ class FinetuneConfig:
 
     def replace(self, **kw) -> FinetuneConfig:
         """A copy with some fields changed; ValueError naming unknown fields."""
-        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown FinetuneConfig fields {unknown}")
-        return dataclasses.replace(self, **kw)
+        return replace_fields(self, **kw)
 
 
 def _resolve_backbone(layout: Layout, backbone: str, preset: str) -> tuple[PinFMConfig, dict | None]:

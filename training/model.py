@@ -11,6 +11,7 @@ accepts left padding when ``pad_mask`` is given: positions count real tokens onl
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -338,3 +339,10 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
+
+
+def device_name(device: torch.device) -> str:
+    """What benchmarks report as the device: the GPU's name, or the CPU's cores and threads."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config_fields import replace_fields
+
 NEG_INF = float("-inf")
 
 
@@ -85,10 +87,7 @@ class ObjectiveConfig:
             raise ValueError("no negatives: enable in_batch_negatives or sample some")
 
     def replace(self, **kw) -> ObjectiveConfig:
-        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown ObjectiveConfig fields {unknown}")
-        return dataclasses.replace(self, **kw)
+        return replace_fields(self, **kw)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

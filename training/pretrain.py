@@ -22,6 +22,7 @@ import torch
 from features.config import Layout
 from features.contract import ACTION_IDS, POSITIVE_ACTIONS
 from training.artifacts import save_artifact
+from training.config_fields import replace_fields
 from training.data import ContentTable, SequenceArrays, encode_sequence_frame, latest_day, read_partition
 from training.model import PinFM, PinFMConfig
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
@@ -82,10 +83,7 @@ class PretrainConfig:
 
     def replace(self, **kw) -> PretrainConfig:
         """A copy with some fields changed; ValueError naming unknown fields."""
-        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown PretrainConfig fields {unknown}")
-        return dataclasses.replace(self, **kw)
+        return replace_fields(self, **kw)
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(

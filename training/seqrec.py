@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
-from training.model import PinFM, PinFMConfig, last_hidden, resolve_device
+from training.model import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.retrieval import DEFAULT_KS, ranks_full, ranks_sampled, retrieval_metrics
 from training.trainer import Trainer, TrainerConfig
@@ -451,7 +451,8 @@ def run_seqrec_bench(
     )  # fmt: skip
     result = trainer.fit()
     train_seconds = result.seconds
-    best = _best_state(result, trainer)
+    trainer.load_best()  # the test is scored with the best validation weights
+    best = result.best_step
     test = evaluate_retrieval(model, data, "test", cfg.max_len, cfg.objective.similarity, protocol)
     out = {
         "bench": "seqrec",
@@ -470,7 +471,7 @@ def run_seqrec_bench(
         "tokens_per_s": round(result.tokens_per_s, 1),
         "world_size": result.world_size,
         "ranks_in_sync": result.ranks_in_sync,
-        "device": _device_name(device),
+        "device": device_name(device),
     }
     published = PUBLISHED.get((Path(data_path).name, protocol, cfg.max_len))
     if published:
@@ -486,15 +487,3 @@ def run_seqrec_bench(
         test["hr@10"], test["ndcg@10"], best, result.steps, out["seconds"], out["device"],
     )  # fmt: skip
     return out
-
-
-def _best_state(result, trainer: Trainer) -> int | None:
-    """Load the best validation weights (kept in memory when there is no run directory)."""
-    trainer.load_best()
-    return result.best_step
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from training.config_fields import replace_fields
 from training.model import resolve_device
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,7 @@ class TrainerConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
     def replace(self, **kw) -> TrainerConfig:
-        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown TrainerConfig fields {unknown}")
-        return dataclasses.replace(self, **kw)
+        return replace_fields(self, **kw)
 
 
 @dataclass
