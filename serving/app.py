@@ -69,6 +69,7 @@ class RankingModel(Protocol):
         candidates: list[int],
         surface: str,
         content: dict[int, list[float]] | None = None,
+        sequence: dict | None = None,
     ) -> np.ndarray: ...  # (C, A)
 
 
@@ -345,6 +346,7 @@ def create_app(
             log.warning("feature store read failed: %s", exc)
             return _error(503, f"feature store unavailable: {type(exc).__name__}: {exc}")
 
+        sequence = user.sequence or {"item_ids": [], "actions": [], "surfaces": []}
         if (
             user.embedding is not None
             and user.model_version == model.version
@@ -353,13 +355,15 @@ def create_app(
             embedding = np.asarray(user.embedding, dtype=np.float32)  # (D,)
             source = "precomputed"
         else:
-            sequence = user.sequence or {"item_ids": [], "actions": [], "surfaces": []}
             embedding = model.user_embeddings([sequence])[0]  # (U=1, D) → (D,)
             source = "computed"
         metrics.embedding_source.labels(source).inc()
         metrics.candidates.observe(len(req.candidates))
 
-        probs = np.asarray(model.score(embedding, list(req.candidates), req.surface, content or None))  # (C, A)
+        # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend
+        probs = np.asarray(
+            model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence)
+        )  # (C, A)
         if probs.shape != (len(req.candidates), len(model.actions)):
             return _error(500, f"model returned scores of shape {probs.shape}, expected ({len(req.candidates)}, A)")
         primary = model.actions.index(PRIMARY_ACTION) if PRIMARY_ACTION in model.actions else 0

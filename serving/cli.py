@@ -281,11 +281,37 @@ def train_pretrain(home, ds, size, steps, device, seed, losses) -> None:
 @click.option(
     "--promote/--no-promote", default=True, show_default=True, help="Make it CURRENT when it passes the gate."
 )
-def train_finetune(home, ds, backbone, epochs, device, seed, promote) -> None:
-    """Fine-tune the ranker on ranking examples; evaluates per-action AUC on the last day."""
+@click.option(
+    "--sequence",
+    type=click.Choice(["none", "transact", "pinfm_late", "pinfm_early"]),
+    default="pinfm_early",
+    show_default=True,
+    help="Sequence module: none, TransAct, PinFM late fusion (precomputable), PinFM early fusion (DCAT).",
+)
+@click.option(
+    "--new-item-techniques/--no-new-item-techniques",
+    default=True,
+    show_default=True,
+    help="Candidate-ID randomization and item-age-dependent ID dropout during fine-tuning.",
+)
+@click.option("--next-action-weight", default=0.01, show_default=True, help="TransAct V2 Next Action Loss weight.")
+@click.option("--aux-next-token", default=0.0, show_default=True, help="Auxiliary next-token loss weight (0 = off).")
+def train_finetune(
+    home, ds, backbone, epochs, device, seed, promote, sequence, new_item_techniques, next_action_weight, aux_next_token
+) -> None:
+    """Fine-tune the ranker on ranking examples; per-action AUC and HIT@3 (new/old items) on the last day."""
     from training.finetune import FinetuneConfig, finetune
+    from training.ranker import NewItemConfig
 
-    cfg = FinetuneConfig().replace(device=device, seed=seed, **({"epochs": epochs} if epochs else {}))
+    cfg = FinetuneConfig().replace(
+        device=device,
+        seed=seed,
+        sequence=sequence,
+        next_action_weight=next_action_weight,
+        aux_next_token_weight=aux_next_token,
+        **({"epochs": epochs} if epochs else {}),
+        **({} if new_item_techniques else {"new_items": NewItemConfig.off()}),
+    )
     _echo_json(finetune(_layout(home), cfg, ds=ds, backbone=backbone, promote=promote))
 
 
@@ -293,6 +319,32 @@ def train_finetune(home, ds, backbone, epochs, device, seed, promote) -> None:
 @cli.group()
 def bench() -> None:
     """Benchmarks: each prints one JSON line with its figures and the ratio it is judged by."""
+
+
+def _apply_overrides(cfg, overrides: tuple[str, ...]):
+    """``FIELD=VALUE`` (``objective.FIELD=VALUE`` for the losses) over a SeqRecConfig; values are JSON or text."""
+    d = cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE", param_hint="--set")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        target = d
+        for p in parents:
+            if not isinstance(target.get(p), dict):
+                raise click.BadParameter(f"{key!r}: {p!r} is not a group of settings", param_hint="--set")
+            target = target[p]
+        if leaf not in target:
+            raise click.BadParameter(f"{key!r} is not a setting; known: {sorted(target)}", param_hint="--set")
+        target[leaf] = value
+    try:
+        return type(cfg).from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from exc
 
 
 @bench.command("seqrec")
@@ -314,9 +366,17 @@ def bench() -> None:
 )
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in the run directory.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also write the JSON line here.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override a setting, e.g. --set hash_buckets=1048576 --set objective.negatives=2048 (repeatable).",
+)
 def bench_seqrec(
-    home, data_path, fmt, protocol, max_len, device, preset, epochs, losses, negatives, seed, run_dir, fresh, out_path
-):
+    home, data_path, fmt, protocol, max_len, device, preset, epochs, losses, negatives, seed, run_dir, fresh, out_path,
+    overrides,
+):  # fmt: skip
     """Train PinFM on a leave-one-out split, select on validation, report test HR/NDCG/MRR.
 
     A crashed run started again with the same options resumes from its last epoch.
@@ -333,6 +393,7 @@ def bench_seqrec(
     cfg = SeqRecConfig.from_dict(
         {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
     )
+    cfg = _apply_overrides(cfg, overrides)
     run = Path(run_dir) if run_dir else _layout(home).runs / f"seqrec-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
     out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh)
     out["run_dir"] = str(run)
@@ -357,10 +418,67 @@ def bench_pretrain(device, steps, batch_size, peak_tflops) -> None:
     _echo_json(run(device=device, steps=steps, batch_size=batch_size, peak_tflops=peak_tflops))
 
 
+@bench.command("dcat")
+@click.option("--seq-len", default=256, show_default=True, type=int, help="Events per user sequence (all real).")
+@click.option("--candidates", default=500, show_default=True, type=int, help="Candidates per request.")
+@click.option("--requests", default=1, show_default=True, type=int, help="Unique user sequences scored together.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--d-model", default=256, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--heads", default=4, show_default=True, type=int)
+@click.option("--reps", default=None, type=int, help="Timed calls per path (default 10 DCAT / 3 naive on CPU).")
+@click.option(
+    "--naive-max", default=None, type=int, help="Candidates per request the naive path scores (default 50 on CPU)."
+)
+def bench_dcat(seq_len, candidates, requests, device, d_model, layers, heads, reps, naive_max) -> None:
+    """Candidates/s of DCAT (one context pass + crossing pass) vs one full forward per candidate."""
+    from training.bench_dcat import bench_dcat as run
+
+    _echo_json(
+        run(
+            seq_len=seq_len, candidates=candidates, requests=requests, d_model=d_model, n_layers=layers,
+            n_heads=heads, device=device, reps=reps, naive_max=naive_max,
+        )
+    )  # fmt: skip
+
+
+@bench.command("grouping")
+@click.option("--requests", default=64, show_default=True, type=int, help="Requests per training batch.")
+@click.option("--per-request", default=10, show_default=True, type=int, help="Impressions per request.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--steps", default=5, show_default=True, type=int, help="Timed training steps per layout.")
+def bench_grouping(requests, per_request, device, steps) -> None:
+    """Ranker training steps/s with impressions grouped by request (DCAT) vs one sequence copy each."""
+    from training.bench_dcat import bench_grouping as run
+
+    _echo_json(run(requests=requests, per_request=per_request, steps=steps, device=device))
+
+
 # --------------------------------------------------------------------------- eval
 @cli.group("eval")
 def eval_() -> None:
     """Evaluate trained models."""
+
+
+@eval_.command("ranker-ablation")
+@home_option
+@click.option("--ds", default=None, callback=_ds, help="Evaluation day (default: latest); earlier days train.")
+@click.option("--backbone", default="latest", show_default=True, help="PinFM version to start from, or 'none'.")
+@click.option("--epochs", default=None, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, type=int, show_default=True)
+@click.option("--markdown", "md_path", default=None, type=click.Path(dir_okay=False), help="Also write a table here.")
+def eval_ranker_ablation(home, ds, backbone, epochs, device, seed, md_path) -> None:
+    """Fine-tune one ranker per sequence module (+ without new-item techniques); nothing is registered."""
+    from training.ablation import markdown_table, run_ablation
+    from training.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig().replace(device=device, seed=seed, **({"epochs": epochs} if epochs else {}))
+    out = run_ablation(_layout(home), cfg, ds=ds, backbone=backbone)
+    if md_path:
+        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(md_path).write_text(markdown_table(out["rows"]) + "\n", encoding="utf-8")
+    _echo_json(out)
 
 
 @eval_.command("retrieval")

@@ -121,12 +121,16 @@ def _as_list(x: object) -> list:
 
 @dataclass
 class SequenceArrays:
-    """Right-padded sequences as numpy arrays: all (N, L) int64 plus lengths (N,)."""
+    """Right-padded sequences as numpy arrays: all (N, L) int64 plus lengths (N,).
+
+    ``ts`` (N, L) int64 unix seconds of each event (0 at padding), when the source had them.
+    """
 
     item_ids: np.ndarray
     action_ids: np.ndarray
     surface_ids: np.ndarray
     lengths: np.ndarray
+    ts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -136,7 +140,7 @@ class SequenceArrays:
 
         Returns:
             dict with item_ids, action_ids, surface_ids (B, L') int64, pad_mask (B, L') bool,
-            content (B, L', C) float32 or None.
+            content (B, L', C) float32 or None, and ts (B, L') int64 seconds when known.
         """
         lengths = self.lengths[rows]
         width = max(1, int(lengths.max()) if len(lengths) else 1)
@@ -148,6 +152,8 @@ class SequenceArrays:
             "pad_mask": torch.from_numpy(np.arange(width)[None, :] < lengths[:, None]).to(device),
             "content": None,
         }
+        if self.ts is not None:
+            out["ts"] = torch.from_numpy(np.ascontiguousarray(self.ts[rows, :width])).to(device)  # (B, L') seconds
         if content is not None and len(content):
             out["content"] = torch.from_numpy(content.lookup(ids)).to(device)
         return out
@@ -158,6 +164,7 @@ def encode_sequences(
     actions: Sequence[Sequence[str]],
     surfaces: Sequence[Sequence[str]],
     max_len: int,
+    timestamps: Sequence[Sequence] | None = None,
 ) -> SequenceArrays:
     """Lists of per-row sequences (oldest first) → right-padded arrays of the newest ``max_len`` events.
 
@@ -166,11 +173,13 @@ def encode_sequences(
         actions: per row, action names (same length as the row's item ids).
         surfaces: per row, surface names.
         max_len: keep at most this many newest events.
+        timestamps: per row, event times (datetime64 arrays or int unix seconds), or None.
     """
     n = len(item_ids)
     out_i = np.zeros((n, max_len), np.int64)
     out_a = np.zeros((n, max_len), np.int64)
     out_s = np.zeros((n, max_len), np.int64)
+    out_t = np.zeros((n, max_len), np.int64) if timestamps is not None else None
     lengths = np.zeros(n, np.int64)
     for r, (ii, aa, ss) in enumerate(zip(item_ids, actions, surfaces, strict=True)):
         ii, aa, ss = _as_list(ii), _as_list(aa), _as_list(ss)
@@ -185,7 +194,22 @@ def encode_sequences(
             out_i[r, :k] = np.asarray(ii, dtype=np.int64)
             out_a[r, :k] = encode_actions(aa)
             out_s[r, :k] = encode_surfaces(ss)
-    return SequenceArrays(out_i, out_a, out_s, lengths)
+        if out_t is not None and k:
+            tt = _as_list(timestamps[r])
+            if len(tt) < k:
+                raise ContractError(f"sequence row {r}: {len(tt)} timestamps for {k} events")
+            out_t[r, :k] = to_unix_seconds(tt[-k:])
+    return SequenceArrays(out_i, out_a, out_s, lengths, out_t)
+
+
+def to_unix_seconds(values: Sequence | np.ndarray) -> np.ndarray:
+    """Timestamps (datetime64, pandas/Python datetimes or int seconds) → int64 unix seconds."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype.kind != "M":
+        arr = pd.to_datetime(pd.Series(list(values)), utc=True).dt.tz_localize(None).to_numpy()
+    return arr.astype("datetime64[s]").astype(np.int64)
 
 
 def encode_sequence_frame(df: pd.DataFrame, max_len: int) -> SequenceArrays:
@@ -193,7 +217,8 @@ def encode_sequence_frame(df: pd.DataFrame, max_len: int) -> SequenceArrays:
     missing = [c for c in ("item_ids", "actions", "surfaces") if c not in df.columns]
     if missing:
         raise ContractError(f"sequence table lacks columns {missing}")
-    return encode_sequences(df["item_ids"].tolist(), df["actions"].tolist(), df["surfaces"].tolist(), max_len)
+    ts = df["ts"].tolist() if "ts" in df.columns else None
+    return encode_sequences(df["item_ids"].tolist(), df["actions"].tolist(), df["surfaces"].tolist(), max_len, ts)
 
 
 # -------------------------------------------------------------------------- ranking
@@ -209,6 +234,7 @@ class RankingData:
         surface_ids: (N,) surface ids.
         labels: (N, A) float32 labels in ``LABEL_ACTIONS`` order.
         days: the ``ds`` values it came from.
+        request_ts: (R,) int64 unix seconds of each request (0 where unknown).
     """
 
     sequences: SequenceArrays
@@ -218,6 +244,7 @@ class RankingData:
     surface_ids: np.ndarray
     labels: np.ndarray
     days: list[str]
+    request_ts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -260,7 +287,7 @@ def load_ranking_data(layout: Layout, days: Sequence[str], max_len: int) -> Rank
             raise ContractError(f"ranking_examples ds={ds} lacks columns {missing}")
         ex_frames.append(ex[["request_id", "item_id", "surface", *label_cols]])
         seq = read_partition(
-            layout.request_sequences, ds, columns=["request_id", "item_ids", "actions", "surfaces"]
+            layout.request_sequences, ds, columns=["request_id", "request_ts", "item_ids", "actions", "surfaces", "ts"]
         ).drop_duplicates("request_id")
         seq_frames.append(seq)
     ex = pd.concat(ex_frames, ignore_index=True)
@@ -268,6 +295,10 @@ def load_ranking_data(layout: Layout, days: Sequence[str], max_len: int) -> Rank
     req_ids = pd.Index(pd.unique(ex["request_id"].astype(str)))
     seq = seq.assign(request_id=seq["request_id"].astype(str)).set_index("request_id").reindex(req_ids)
     sequences = encode_sequence_frame(seq.reset_index(drop=True), max_len)
+    request_ts = np.zeros(len(req_ids), np.int64)
+    known = seq["request_ts"].notna().to_numpy()
+    if known.any():
+        request_ts[known] = to_unix_seconds(seq["request_ts"].to_numpy()[known])
     labels = ex[label_cols].fillna(0).to_numpy(np.float32)
     return RankingData(
         sequences=sequences,
@@ -277,4 +308,58 @@ def load_ranking_data(layout: Layout, days: Sequence[str], max_len: int) -> Rank
         surface_ids=encode_surfaces(ex["surface"].tolist()),
         labels=labels,
         days=list(days),
+        request_ts=request_ts,
     )
+
+
+def candidate_slots(inverse: np.ndarray, n_rows: int) -> tuple[np.ndarray, int]:
+    """Place impressions into a (rows, width) candidate grid, one row per request.
+
+    Args:
+        inverse: (N,) row (request) of every impression, in [0, n_rows).
+        n_rows: number of rows.
+
+    Returns:
+        (slot (N,), width): impression i goes to ``[inverse[i], slot[i]]``; width = the
+        largest number of impressions of one row (≥ 1).
+    """
+    inverse = np.asarray(inverse, dtype=np.int64)
+    if inverse.size == 0:
+        return np.zeros(0, np.int64), 1
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=n_rows)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.empty_like(inverse)
+    slot[order] = np.arange(inverse.size) - starts[inverse[order]]
+    return slot, int(counts.max())
+
+
+class ItemCreatedAt:
+    """item_id → creation time (unix seconds); -1 for unknown items. Sorted-array lookup."""
+
+    def __init__(self, item_ids: np.ndarray, created_s: np.ndarray) -> None:
+        order = np.argsort(item_ids, kind="stable")
+        self.ids = np.asarray(item_ids, dtype=np.int64)[order]
+        self.created = np.asarray(created_s, dtype=np.int64)[order]
+
+    @classmethod
+    def from_layout(cls, layout: Layout) -> ItemCreatedAt:
+        """From ``layout.items/items.parquet`` (``item_id``, ``created_at``); empty when absent."""
+        path = layout.items / "items.parquet"
+        if not path.exists():
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        t = pq.read_table(path, columns=["item_id", "created_at"]).to_pandas()
+        return cls(t["item_id"].to_numpy(np.int64), to_unix_seconds(t["created_at"].to_numpy()))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def lookup(self, item_ids: np.ndarray) -> np.ndarray:
+        """(...,) ids → (...,) int64 creation seconds, -1 where unknown."""
+        flat = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        out = np.full(flat.size, -1, np.int64)
+        if len(self.ids):
+            pos = np.searchsorted(self.ids, flat).clip(max=len(self.ids) - 1)
+            hit = self.ids[pos] == flat
+            out[hit] = self.created[pos[hit]]
+        return out.reshape(np.shape(item_ids))

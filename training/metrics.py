@@ -43,3 +43,39 @@ def roc_auc(labels: np.ndarray | list, scores: np.ndarray | list) -> float:
     ranks[order] = np.repeat(avg_rank, ends - starts)
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def hit_at_k(labels: np.ndarray | list, scores: np.ndarray | list, groups: np.ndarray | list, k: int = 3) -> float:
+    """HIT@k as the TransAct papers report it, per request.
+
+    For every request (``groups`` value) with at least one positive and more than ``k``
+    candidates: the share of its top ``k`` slots (by score) that hold a positive, out of
+    the most it could hold, ``min(k, positives)``. Mean over those requests; NaN when none
+    qualifies. Ties are broken by candidate order (stable sort), so a constant scorer
+    does not score as a perfect one by accident.
+
+    Args:
+        labels: (n,) 0/1 labels of one action.
+        scores: (n,) the model's scores for that action.
+        groups: (n,) request of each candidate.
+        k: the cut-off.
+    """
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    g = np.asarray(groups).reshape(-1)
+    if not (y.shape == s.shape == g.shape):
+        raise ValueError(f"hit_at_k: labels/scores/groups have {y.size}/{s.size}/{g.size} values")
+    if k < 1:
+        raise ValueError(f"hit_at_k: k must be ≥ 1, got {k}")
+    _, gid = np.unique(g, return_inverse=True)
+    order = np.lexsort((-s, gid))  # by request, then score descending; stable on ties
+    gid_sorted, y_sorted = gid[order], y[order]
+    starts = np.flatnonzero(np.r_[True, gid_sorted[1:] != gid_sorted[:-1]])
+    sizes = np.diff(np.r_[starts, gid_sorted.size])
+    rank = np.arange(gid_sorted.size) - np.repeat(starts, sizes)  # 0-based rank within the request
+    pos = np.bincount(gid_sorted, weights=y_sorted, minlength=len(starts))
+    hits = np.bincount(gid_sorted, weights=y_sorted & (rank < k), minlength=len(starts))
+    keep = (pos > 0) & (sizes > k)
+    if not keep.any():
+        return float("nan")
+    return float(np.mean(hits[keep] / np.minimum(k, pos[keep])))

@@ -86,6 +86,7 @@ class PinFMConfig:
     n_actions: int = len(ACTIONS) + 1  # + padding id 0
     n_surfaces: int = len(SURFACES) + 1
     time_gap_buckets: int = 24  # log2-second buckets of the gap to the previous event; 0 = unknown/padding
+    sparse_item_grads: bool = False  # hash tables get sparse gradients (the Trainer then uses SparseAdam for them)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -125,14 +126,18 @@ class HashedItemEmbedding(nn.Module):
     """k sub-tables of ``hash_buckets × D/k``, one independent hash each, concatenated.
 
     Unseen ids need no vocabulary rebuild. Id 0 is padding and embeds to zeros. When a
-    content vector is present its projection is added.
+    content vector is present its projection is added. With ``sparse_item_grads`` a step
+    touches only the rows it looked up: a dense gradient would zero and add the whole table
+    once per lookup, which costs more than the rest of a small model's step.
     """
 
     def __init__(self, cfg: PinFMConfig) -> None:
         super().__init__()
         self.cfg = cfg
         sub = cfg.d_model // cfg.n_hash_tables
-        self.tables = nn.ModuleList(nn.Embedding(cfg.hash_buckets, sub) for _ in range(cfg.n_hash_tables))
+        self.tables = nn.ModuleList(
+            nn.Embedding(cfg.hash_buckets, sub, sparse=cfg.sparse_item_grads) for _ in range(cfg.n_hash_tables)
+        )
         self.content_proj = nn.Linear(cfg.content_dim, cfg.d_model, bias=False)
 
     def buckets(self, item_ids: torch.Tensor) -> torch.Tensor:
@@ -176,16 +181,26 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, D) normalised inputs → per-head queries, keys, values, each (B, H, L, D/H)."""
         B, L, D = x.shape
+        heads = (B, L, self.n_heads, D // self.n_heads)
         q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, L, D)
-        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D/H)
+        return q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of (B, H, L, D/H) heads (causal when ``attn_mask`` is None), then the output projection."""
+        B, _, L, _ = q.shape
         p = self.dropout if self.training else 0.0
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, H, L, D/H)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+        return self.proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, D)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.qkv_heads(x)  # (B, H, L, D/H)
+        return self.attend(q, k, v, attn_mask)  # (B, L, D)
 
 
 class Block(nn.Module):
@@ -253,6 +268,27 @@ class PinFM(nn.Module):
         Returns:
             (B, L, D) hidden states (final LayerNorm applied).
         """
+        x, attn_mask = self.embed(item_ids, action_ids, surface_ids, content, pad_mask, time_gaps=time_gaps)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.ln_f(x)  # (B, L, D)
+
+    def embed(
+        self,
+        item_ids: torch.Tensor,
+        action_ids: torch.Tensor,
+        surface_ids: torch.Tensor,
+        content: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        *,
+        time_gaps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Input of the first block and the attention mask :meth:`forward` uses (arguments as there).
+
+        Returns:
+            x: (B, L, D) summed token embeddings after dropout.
+            attn_mask: (B, 1, L, L) bool (True = may attend), or None for plain causal attention.
+        """
         B, L = item_ids.shape
         if L > self.cfg.max_len:
             raise ValueError(f"sequence length {L} exceeds max_len={self.cfg.max_len}; truncate to the newest events")
@@ -274,10 +310,7 @@ class PinFM(nn.Module):
         )  # (B, L, D)
         if time_gaps is not None:
             x = x + self.gap_emb(time_gaps.clamp(0, self.cfg.time_gap_buckets - 1))
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, attn_mask)
-        return self.ln_f(x)  # (B, L, D)
+        return self.drop(x), attn_mask  # (B, L, D), (B, 1, L, L) or None
 
 
 def bucketize_time_gaps(ts: torch.Tensor, n_buckets: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,8 @@ from torch import nn
 
 from training.config_fields import replace_fields
 
-NEG_INF = float("-inf")
+#: logit of a masked candidate: finite, so a row whose candidates are all masked keeps finite gradients
+MASKED_LOGIT = -1e30
 
 
 @dataclass(frozen=True)
@@ -233,26 +234,40 @@ def sampled_softmax_loss(
         pos_emb = F.normalize(pos_emb, dim=-1)
         neg_emb = F.normalize(neg_emb, dim=-1) if neg_emb is not None else None
     n = queries.shape[0]
-    pos_logit = (queries * pos_emb).sum(-1, keepdim=True) / temperature  # (N, 1)
+    q = queries / temperature  # (N, D): scaling the queries is cheaper than scaling (N, K + M) logits
+    pos_logit = (q * pos_emb).sum(-1)  # (N,)
     if pos_logq is not None:
-        pos_logit = pos_logit - pos_logq[:, None]
-    blocks = [pos_logit]
+        pos_logit = pos_logit - pos_logq
+    cand_emb, cand_ids, cand_logq = [], [], []
     if in_batch:
         keys = torch.arange(n, device=queries.device)
         if in_batch_max is not None and n > in_batch_max:
             keys = torch.randperm(n)[:in_batch_max].to(queries.device)  # (K,)
-        logits = queries @ pos_emb[keys].T / temperature  # (N, K)
-        if pos_logq is not None:
-            logits = logits - pos_logq[keys][None, :]
-        blocks.append(logits.masked_fill(pos_ids[:, None] == pos_ids[keys][None, :], NEG_INF))
+        cand_emb.append(pos_emb[keys])
+        cand_ids.append(pos_ids[keys])
+        cand_logq.append(pos_logq[keys] if pos_logq is not None else None)
     if neg_ids is not None and neg_emb is not None and neg_ids.numel():
-        neg = queries @ neg_emb.T / temperature  # (N, M)
-        if neg_logq is not None:
-            neg = neg - neg_logq[None, :]
-        blocks.append(neg.masked_fill(pos_ids[:, None] == neg_ids[None, :], NEG_INF))
-    logits = torch.cat(blocks, dim=1)  # (N, 1 + K + M)
-    target = torch.zeros(n, dtype=torch.long, device=queries.device)
-    return F.cross_entropy(logits.float(), target)
+        cand_emb.append(neg_emb)
+        cand_ids.append(neg_ids)
+        cand_logq.append(neg_logq)
+    if not cand_emb:  # no negative at all: the loss of a softmax over one logit
+        return (pos_logit - pos_logit).mean()
+    keys_emb = torch.cat(cand_emb)  # (K + M, D)
+    ids = torch.cat(cand_ids)  # (K + M,)
+    if any(lq is not None for lq in cand_logq):
+        bias = -torch.cat(
+            [
+                lq if lq is not None else torch.zeros_like(i, dtype=q.dtype)
+                for lq, i in zip(cand_logq, cand_ids, strict=True)
+            ]
+        )
+        logits = torch.addmm(bias[None, :].to(q.dtype), q, keys_emb.T)  # (N, K + M), log-Q fused into the matmul
+    else:
+        logits = q @ keys_emb.T  # (N, K + M)
+    logits = logits.float().masked_fill_(pos_ids[:, None] == ids[None, :], MASKED_LOGIT)  # accidental hits
+    # cross-entropy with the positive in column 0, without materialising the (N, 1 + K + M) concatenation
+    log_norm = torch.logaddexp(pos_logit.float(), torch.logsumexp(logits, dim=1))  # (N,)
+    return (log_norm - pos_logit.float()).mean()
 
 
 def full_softmax_loss(
@@ -376,6 +391,14 @@ class PinFMObjective(nn.Module):
             None,  # right padded: the causal mask alone keeps real tokens away from padding
             time_gaps=batch.get("time_gaps"),
         )  # (B, L, D)
+        return self.loss_from_hidden(model, hidden, batch)
+
+    def loss_from_hidden(self, model: nn.Module, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The weighted losses given the backbone's hidden states (B, L, D) of ``batch``.
+
+        Used directly when the hidden states already exist, e.g. the auxiliary next-token
+        loss of fine-tuning, which reuses the ranker's context pass.
+        """
         positive = batch["positive"] & batch["pad_mask"]  # (B, L)
         negs = self._candidates(model, hidden.device)
         total = hidden.sum() * 0.0

@@ -24,7 +24,7 @@ from features.contract import ACTION_IDS, POSITIVE_ACTIONS
 from training.artifacts import save_artifact
 from training.config_fields import replace_fields
 from training.data import ContentTable, SequenceArrays, encode_sequence_frame, latest_day, read_partition
-from training.model import PinFM, PinFMConfig
+from training.model import PinFM, PinFMConfig, bucketize_time_gaps
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.trainer import Trainer, TrainerConfig
 
@@ -47,6 +47,8 @@ class PretrainConfig:
         negatives: sampled negatives per step (plus in-batch ones), log-Q corrected.
         max_pairs: at most this many (query, target) pairs per loss and step.
         ckpt_every: checkpoint every this many steps.
+        time_gaps: feed the corpus's log-time-gap buckets to the backbone (the ranker's
+            ``RankerConfig.time_gaps`` must match; off until serving has event times).
         device: 'auto', 'cpu' or 'cuda'.
         seed: RNG seed.
         log_every: log the loss every this many steps.
@@ -65,6 +67,7 @@ class PretrainConfig:
     negatives: int = 256
     max_pairs: int = 1024
     ckpt_every: int = 50
+    time_gaps: bool = False
     device: str = "auto"
     seed: int = 0
     log_every: int = 25
@@ -108,12 +111,21 @@ class CorpusBatches:
         batch_size: segments per step.
         content: item content lookup.
         seed: sampling seed.
+        time_gap_buckets: when the corpus has event times, feed the backbone their log-gap
+            buckets (the same input the ranker gives it in fine-tuning); None = no time gaps.
     """
 
     def __init__(
-        self, seqs: SequenceArrays, rows: np.ndarray, batch_size: int, content: ContentTable, seed: int
+        self,
+        seqs: SequenceArrays,
+        rows: np.ndarray,
+        batch_size: int,
+        content: ContentTable,
+        seed: int,
+        time_gap_buckets: int | None = None,
     ) -> None:
         self.seqs, self.rows, self.content, self.seed = seqs, rows, content, seed
+        self.time_gap_buckets = time_gap_buckets
         self.batch_size = min(batch_size, len(rows))
         self.positive_ids = torch.tensor([ACTION_IDS[a] for a in POSITIVE_ACTIONS])
 
@@ -121,6 +133,9 @@ class CorpusBatches:
         pick = np.random.default_rng([self.seed, step]).choice(self.rows, size=self.batch_size, replace=False)
         batch = self.seqs.tensors(np.sort(pick), self.content)
         batch["positive"] = torch.isin(batch["action_ids"], self.positive_ids) & batch["pad_mask"]
+        ts = batch.pop("ts", None)
+        if ts is not None and self.time_gap_buckets:
+            batch["time_gaps"] = bucketize_time_gaps(ts, self.time_gap_buckets, batch["pad_mask"])  # (B, L)
         if batch["content"] is None:
             del batch["content"]
         return batch
@@ -142,7 +157,7 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     ds = ds or latest_day(layout, layout.pretrain_corpus)
     model_cfg = PinFMConfig.preset(cfg.model)
 
-    corpus = read_partition(layout.pretrain_corpus, ds, columns=["user_id", "item_ids", "actions", "surfaces"])
+    corpus = read_partition(layout.pretrain_corpus, ds, columns=["user_id", "item_ids", "actions", "surfaces", "ts"])
     seqs = encode_sequence_frame(corpus, model_cfg.max_len)
     seqs_keep = np.flatnonzero(seqs.lengths >= 2)
     if len(seqs_keep) == 0:
@@ -161,7 +176,9 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     trainer = Trainer(
         model,
         objective,
-        CorpusBatches(seqs, seqs_keep, cfg.batch_size, content, cfg.seed),
+        CorpusBatches(
+            seqs, seqs_keep, cfg.batch_size, content, cfg.seed, model_cfg.time_gap_buckets if cfg.time_gaps else None
+        ),
         TrainerConfig(
             steps=cfg.steps,
             lr=cfg.lr,

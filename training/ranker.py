@@ -1,9 +1,23 @@
-"""Ranker: PinFM backbone as user-sequence module + candidate embedding → DCNv2 crossing → per-action logits.
+"""Ranker: a user-sequence module + candidate features → parallel MaskNet → DCNv2 → one logit per action.
 
-Late fusion for now: the user embedding is the backbone's hidden state at the last real
-position of the sequence, so it can be precomputed once per user (or per request) and
-reused for every candidate. Shapes: B = batch (users/requests), C = candidates per row,
-D = d_model, A = number of actions (``LABEL_ACTIONS``), S = surface embedding dim.
+The sequence module is one of (``RankerConfig.sequence``):
+
+* ``none``: no sequence; candidate and surface features only (the ablation's floor).
+* ``transact``: TransAct's realtime-sequence encoder (candidate early-fused into every token,
+  bidirectional transformer, first-K + max-pool summary), trained from scratch.
+* ``pinfm_late``: the pretrained PinFM backbone's hidden state at the last real position —
+  one vector per user that can be precomputed and published ("PinFM-lite", late fusion).
+* ``pinfm_early``: the candidate is a token appended to the user's sequence (early fusion),
+  computed with DCAT: one context pass per unique sequence caches K/V, every candidate
+  cross-attends to it (:mod:`training.dcat`). The late user vector is added too.
+
+New-item handling during fine-tuning (:class:`NewItemConfig`): candidate-ID randomization
+(an id is swapped for a random, never-seen one, so the model learns to score from content
+and context) and item-age-dependent dropout of the candidate's ID embedding (the younger the
+item, the likelier its ID part is dropped; its content part stays).
+
+Shapes: U = unique user sequences (requests), L = sequence length, C = candidates per
+request, D = d_model, S = surface dim, A = actions, Cd = content dim.
 """
 
 from __future__ import annotations
@@ -14,25 +28,90 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from features.contract import LABEL_ACTIONS
-from training.model import PinFM, PinFMConfig, last_hidden
+from training.config_fields import replace_fields
+from training.dcat import context_pass, crossing_pass, naive_candidate_hidden
+from training.interaction import InteractionArch, InteractionConfig
+from training.model import PinFM, PinFMConfig, bucketize_time_gaps, last_hidden
+from training.transact import TransActEncoder, random_time_window_mask
+
+SEQUENCE_MODES: tuple[str, ...] = ("none", "transact", "pinfm_late", "pinfm_early")
+#: ids drawn by candidate-ID randomization come from [RANDOM_ID_BASE, 2·RANDOM_ID_BASE): far above real ids
+RANDOM_ID_BASE = 1 << 40
+DAY_S = 86_400
+
+
+@dataclass(frozen=True)
+class NewItemConfig:
+    """Fine-tuning techniques for items the backbone never saw (all off in eval).
+
+    Attributes:
+        id_randomization: probability that a training candidate's id is replaced by a random id.
+        age_dropout_max: probability of dropping the ID embedding of an item created at the request time.
+        age_horizon_days: the drop probability falls linearly to 0 at this item age.
+    """
+
+    id_randomization: float = 0.1
+    age_dropout_max: float = 0.5
+    age_horizon_days: float = 7.0
+
+    def __post_init__(self) -> None:
+        for name in ("id_randomization", "age_dropout_max"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.age_horizon_days <= 0:
+            raise ValueError(f"age_horizon_days must be > 0, got {self.age_horizon_days}")
+
+    @classmethod
+    def off(cls) -> NewItemConfig:
+        return cls(id_randomization=0.0, age_dropout_max=0.0)
 
 
 @dataclass(frozen=True)
 class RankerConfig:
-    """Ranker shape: the backbone config plus the crossing/MLP head."""
+    """Ranker shape.
+
+    Attributes:
+        backbone: the PinFM backbone's config (a pretrained backbone brings its own).
+        sequence: one of :data:`SEQUENCE_MODES`.
+        surface_dim: width of the request-surface embedding.
+        interaction: the MaskNet → DCNv2 → heads stack (its ``actions`` are the heads).
+        new_items: candidate-ID randomization and age-dependent ID dropout.
+        time_gaps: feed log-time-gap buckets of the sequence to the backbone (needs ``ts``).
+            Off by default: the online ``user_sequence`` has no event times yet, so serving
+            could not feed them; pretraining has the matching ``PretrainConfig.time_gaps``.
+        transact_layers, transact_heads, transact_first_k: the TransAct encoder.
+        transact_window_s, transact_window_p: TransAct's random time-window mask in training
+            (drop actions within a random window of up to this many seconds before the
+            request, in this share of rows).
+    """
 
     backbone: PinFMConfig = field(default_factory=lambda: PinFMConfig.preset("small"))
+    sequence: str = "pinfm_early"
     surface_dim: int = 16
-    n_cross_layers: int = 2
-    mlp_hidden: tuple[int, ...] = (128, 64)
-    dropout: float = 0.0
-    actions: tuple[str, ...] = LABEL_ACTIONS
+    interaction: InteractionConfig = field(default_factory=InteractionConfig)
+    new_items: NewItemConfig = field(default_factory=NewItemConfig)
+    time_gaps: bool = False
+    transact_layers: int = 1
+    transact_heads: int = 2
+    transact_first_k: int = 3
+    transact_window_s: int = 6 * 3600
+    transact_window_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.sequence not in SEQUENCE_MODES:
+            raise ValueError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        return self.interaction.actions
+
+    def replace(self, **kw) -> RankerConfig:
+        return replace_fields(self, **kw)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["mlp_hidden"] = list(self.mlp_hidden)
-        d["actions"] = list(self.actions)
+        d["interaction"] = self.interaction.to_dict()
         return d
 
     @classmethod
@@ -44,49 +123,92 @@ class RankerConfig:
             raise ValueError(f"unknown RankerConfig fields {unknown}")
         if "backbone" in d:
             d["backbone"] = PinFMConfig.from_dict(d["backbone"])
-        if "mlp_hidden" in d:
-            d["mlp_hidden"] = tuple(d["mlp_hidden"])
-        if "actions" in d:
-            d["actions"] = tuple(d["actions"])
+        if "interaction" in d:
+            d["interaction"] = InteractionConfig.from_dict(d["interaction"])
+        if "new_items" in d:
+            d["new_items"] = NewItemConfig(**d["new_items"])
         return cls(**d)
 
 
-class CrossLayer(nn.Module):
-    """DCNv2 full-rank cross layer: x_{l+1} = x_0 ⊙ (W x_l + b) + x_l."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(dim, dim)
-        nn.init.normal_(self.lin.weight, std=0.01)
-        nn.init.zeros_(self.lin.bias)
-
-    def forward(self, x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x0 * self.lin(x) + x  # (..., F)
-
-
 class Ranker(nn.Module):
-    """Scores (user sequence, candidate, surface) with one logit per action."""
+    """Scores (user sequence, candidates, surface) with one logit per action.
+
+    Args:
+        cfg: the shape; ``cfg.sequence`` picks the sequence module.
+
+    Example:
+        >>> ranker = Ranker(RankerConfig(backbone=PinFMConfig.preset("tiny")))
+        >>> seq = {"item_ids": torch.tensor([[3, 4, 0]]), "action_ids": torch.tensor([[2, 2, 0]]),
+        ...        "surface_ids": torch.tensor([[1, 1, 0]]), "pad_mask": torch.tensor([[True, True, False]])}
+        >>> ranker(seq, torch.tensor([[7, 8]]), torch.tensor([[1, 1]])).shape  # (U, C, A)
+        torch.Size([1, 2, 3])
+    """
 
     def __init__(self, cfg: RankerConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.backbone.d_model
-        self.backbone = PinFM(cfg.backbone)
+        self.backbone = PinFM(cfg.backbone)  # its item embedding serves every mode
         self.surface_emb = nn.Embedding(cfg.backbone.n_surfaces, cfg.surface_dim, padding_idx=0)
-        in_dim = 3 * d + cfg.surface_dim + 1  # user, candidate, user ⊙ candidate, surface, cosine
+        self.transact: TransActEncoder | None = None
+        seq_dim = {"none": 0, "pinfm_late": 2 * d + 1, "pinfm_early": 3 * d + 1}.get(cfg.sequence, 0)
+        if cfg.sequence == "transact":
+            self.transact = TransActEncoder(
+                item_dim=d,
+                d_model=d,
+                n_heads=cfg.transact_heads,
+                n_layers=cfg.transact_layers,
+                first_k=cfg.transact_first_k,
+                n_actions=cfg.backbone.n_actions,
+            )
+            seq_dim = self.transact.out_dim
+        in_dim = d + cfg.surface_dim + seq_dim  # candidate, surface, sequence features
         self.in_norm = nn.LayerNorm(in_dim)
-        self.cross = nn.ModuleList(CrossLayer(in_dim) for _ in range(cfg.n_cross_layers))
-        layers: list[nn.Module] = []
-        prev = in_dim
-        for h in cfg.mlp_hidden:
-            layers += [nn.Linear(prev, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
-            prev = h
-        layers.append(nn.Linear(prev, len(cfg.actions)))
-        self.mlp = nn.Sequential(*layers)
+        self.interaction = InteractionArch.from_config(cfg.interaction, in_dim)
 
     @property
     def actions(self) -> tuple[str, ...]:
         return self.cfg.actions
+
+    @property
+    def uses_sequence_per_candidate(self) -> bool:
+        """True when scoring needs the sequence itself, not only a precomputed user vector."""
+        return self.cfg.sequence in ("transact", "pinfm_early")
+
+    # ------------------------------------------------------------------ pieces
+    def _time_gaps(self, seq: dict) -> torch.Tensor | None:
+        if not self.cfg.time_gaps or seq.get("ts") is None:
+            return None
+        return bucketize_time_gaps(seq["ts"], self.cfg.backbone.time_gap_buckets, seq["pad_mask"])
+
+    def candidate_embedding(
+        self,
+        cand_ids: torch.Tensor,
+        cand_content: torch.Tensor | None = None,
+        cand_age_s: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(U, C) ids [+ content, + item age] → (U, C, D), with the new-item techniques in training.
+
+        ``cand_age_s`` (U, C) is the item's age at the request in seconds (< 0 = unknown).
+        """
+        nic = self.cfg.new_items
+        ids = cand_ids
+        keep_id = torch.ones(cand_ids.shape, dtype=torch.bool, device=cand_ids.device)  # (U, C)
+        if self.training and nic.id_randomization > 0:
+            swap = torch.rand(cand_ids.shape, device=cand_ids.device) < nic.id_randomization
+            random_ids = RANDOM_ID_BASE + torch.randint(0, RANDOM_ID_BASE, cand_ids.shape, device=cand_ids.device)
+            ids = torch.where(swap & (cand_ids != 0), random_ids, cand_ids)
+        if self.training and nic.age_dropout_max > 0 and cand_age_s is not None:
+            age_days = cand_age_s.float() / DAY_S
+            p = nic.age_dropout_max * (1.0 - age_days / nic.age_horizon_days).clamp(0.0, 1.0)  # (U, C)
+            p = torch.where(cand_age_s < 0, torch.zeros_like(p), p)  # unknown age: no drop
+            keep_id = torch.rand(p.shape, device=p.device) >= p
+        items = self.backbone.items
+        emb = items(ids) * keep_id.unsqueeze(-1).to(torch.float32)  # (U, C, D) ID part
+        if cand_content is not None:
+            has = cand_content.abs().sum(-1, keepdim=True) > 0  # (U, C, 1)
+            emb = emb + items.content_proj(cand_content.to(emb.dtype)) * has.to(emb.dtype)  # + content part
+        return emb * (cand_ids != 0).unsqueeze(-1).to(emb.dtype)  # zeros at padding candidates
 
     def user_embedding(
         self,
@@ -95,12 +217,104 @@ class Ranker(nn.Module):
         surface_ids: torch.Tensor,
         content: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
+        ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Backbone hidden state at the last real position: (B, L) sequence tensors → (B, D)."""
+        """Late-fusion user vector: backbone hidden state at the last real position, (U, L) → (U, D)."""
         if pad_mask is None:
-            pad_mask = item_ids != 0  # (B, L)
-        hidden = self.backbone(item_ids, action_ids, surface_ids, content, pad_mask)  # (B, L, D)
-        return last_hidden(hidden, pad_mask)  # (B, D)
+            pad_mask = item_ids != 0  # (U, L)
+        seq = {"ts": ts, "pad_mask": pad_mask}
+        hidden = self.backbone(item_ids, action_ids, surface_ids, content, pad_mask, time_gaps=self._time_gaps(seq))
+        return last_hidden(hidden, pad_mask)  # (U, D)
+
+    def _late_features(self, user: torch.Tensor, cand: torch.Tensor) -> list[torch.Tensor]:
+        u = user.unsqueeze(1).expand_as(cand)  # (U, C, D)
+        cos = nn.functional.cosine_similarity(u, cand, dim=-1, eps=1e-6).unsqueeze(-1)  # (U, C, 1)
+        return [u, u * cand, cos]
+
+    def _head(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.interaction(self.in_norm(torch.cat(feats, dim=-1)))  # (U, C, A)
+
+    # ------------------------------------------------------------------ scoring
+    def forward(
+        self,
+        seq: dict,
+        cand_ids: torch.Tensor,
+        cand_surface_ids: torch.Tensor,
+        cand_content: torch.Tensor | None = None,
+        cand_mask: torch.Tensor | None = None,
+        cand_age_s: torch.Tensor | None = None,
+        request_ts: torch.Tensor | None = None,
+        return_user: bool = False,
+        naive: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of every candidate of every request.
+
+        Args:
+            seq: the U unique sequences: ``item_ids``, ``action_ids``, ``surface_ids`` (U, L)
+                int64, ``pad_mask`` (U, L) bool, optional ``content`` (U, L, Cd) and ``ts``
+                (U, L) int64 seconds.
+            cand_ids: (U, C) candidate ids grouped by request (0 = padding slot).
+            cand_surface_ids: (U, C) or (U,) surface ids.
+            cand_content: (U, C, Cd) or None.
+            cand_mask: (U, C) bool, True at real candidates (default: ``cand_ids != 0``).
+            cand_age_s: (U, C) item age at the request in seconds (< 0 unknown), for age dropout.
+            request_ts: (U,) request time in seconds, for TransAct's time-window mask.
+            return_user: also return the late user vector (U, D) (None without a backbone pass).
+            naive: ``pinfm_early`` only: compute the early fusion the slow, obvious way (one full
+                backbone pass per candidate, :func:`training.dcat.naive_candidate_hidden`), the
+                reference DCAT must match (eval mode; no new-item dropout on that path).
+
+        Returns:
+            (U, C, A) logits (and the user vector when ``return_user``).
+        """
+        U, C = cand_ids.shape
+        if seq["item_ids"].shape[0] != U:
+            raise ValueError(f"{seq['item_ids'].shape[0]} sequences for {U} candidate rows")
+        if cand_surface_ids.dim() == 1:
+            cand_surface_ids = cand_surface_ids.unsqueeze(1).expand(U, C)  # (U, C)
+        if cand_mask is None:
+            cand_mask = cand_ids != 0
+        pad_mask = seq["pad_mask"].bool()
+        cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s)  # (U, C, D)
+        feats = [cand, self.surface_emb(cand_surface_ids)]
+        user = None
+        mode = self.cfg.sequence
+        if mode in ("pinfm_late", "pinfm_early"):
+            bb = self.backbone
+            args = (seq["item_ids"], seq["action_ids"], seq["surface_ids"], seq.get("content"), pad_mask)
+            gaps = self._time_gaps(seq)
+            if mode == "pinfm_late":
+                hidden = bb(*args, time_gaps=gaps)  # (U, L, D)
+            else:
+                hidden, cache = context_pass(bb, *args, gaps)  # (U, L, D) + every layer's K/V
+            user = last_hidden(hidden, pad_mask)  # (U, D)
+            if mode == "pinfm_early":
+                lengths = cache.lengths
+                if lengths.numel() and int(lengths.max()) >= bb.cfg.max_len:
+                    raise ValueError(
+                        f"early fusion appends the candidate after the sequence: sequences must be shorter than "
+                        f"the backbone's max_len={bb.cfg.max_len}; truncate them to {bb.cfg.max_len - 1}"
+                    )
+                if naive:
+                    crossed = naive_candidate_hidden(
+                        bb, *args[:3], cand_ids, cand_surface_ids, args[3], pad_mask, cand_content, cand_mask, gaps
+                    )  # (U, C, D)
+                else:
+                    tokens = cand + bb.surface_emb(cand_surface_ids) + bb.pos_emb(lengths).unsqueeze(1)  # (U, C, D)
+                    crossed = crossing_pass(bb, cache, tokens, cand_mask)  # (U, C, D)
+                feats.append(crossed)
+            feats += self._late_features(user, cand)
+        elif mode == "transact":
+            keep = pad_mask
+            if self.training and seq.get("ts") is not None and request_ts is not None:
+                keep = random_time_window_mask(
+                    seq["ts"], pad_mask, request_ts, self.cfg.transact_window_s, self.cfg.transact_window_p
+                )  # (U, L)
+            seq_emb = self.backbone.items(seq["item_ids"], seq.get("content"))  # (U, L, D)
+            feats.append(self.transact(seq_emb, seq["action_ids"] * keep, keep, cand))  # (U, C, (K+1)·D)
+        logits = self._head(feats)  # (U, C, A)
+        logits = logits.masked_fill(~cand_mask.unsqueeze(-1), 0.0)
+        return (logits, user) if return_user else logits
 
     def score_from_user_embedding(
         self,
@@ -109,41 +323,36 @@ class Ranker(nn.Module):
         cand_content: torch.Tensor | None,
         surface_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits for candidates given precomputed user embeddings.
+        """Late-fusion scoring from precomputed user vectors (modes ``none`` and ``pinfm_late``).
 
         Args:
-            user_emb: (B, D), or (1, D) broadcast over the B rows of ``cand_ids``.
-            cand_ids: (B, C) int64 candidate item ids.
-            cand_content: (B, C, Cd) content vectors or None.
-            surface_ids: (B,) or (B, C) int64 surface ids.
+            user_emb: (U, D), or (1, D) broadcast over the U rows of ``cand_ids``.
+            cand_ids: (U, C) int64.
+            cand_content: (U, C, Cd) or None.
+            surface_ids: (U,) or (U, C) int64.
 
         Returns:
-            (B, C, A) logits.
+            (U, C, A) logits.
         """
-        B, C = cand_ids.shape
-        cand = self.backbone.item_embedding(cand_ids, cand_content)  # (B, C, D)
-        user = user_emb.unsqueeze(1).expand(B, C, -1)  # (B, C, D)
+        if self.uses_sequence_per_candidate:
+            raise ValueError(f"a {self.cfg.sequence!r} ranker scores from the sequence: call forward(seq, …)")
+        U, C = cand_ids.shape
         if surface_ids.dim() == 1:
-            surface_ids = surface_ids.unsqueeze(1).expand(B, C)  # (B, C)
-        surf = self.surface_emb(surface_ids)  # (B, C, S)
-        cos = nn.functional.cosine_similarity(user, cand, dim=-1, eps=1e-6).unsqueeze(-1)  # (B, C, 1)
-        x0 = self.in_norm(torch.cat([user, cand, user * cand, surf, cos], dim=-1))  # (B, C, F)
-        x = x0
-        for layer in self.cross:
-            x = layer(x0, x)  # (B, C, F)
-        return self.mlp(x)  # (B, C, A)
+            surface_ids = surface_ids.unsqueeze(1).expand(U, C)  # (U, C)
+        cand = self.candidate_embedding(cand_ids, cand_content)  # (U, C, D)
+        feats = [cand, self.surface_emb(surface_ids)]
+        if self.cfg.sequence == "pinfm_late":
+            feats += self._late_features(user_emb.expand(U, -1), cand)
+        return self._head(feats)  # (U, C, A)
 
-    def forward(
-        self,
-        item_ids: torch.Tensor,
-        action_ids: torch.Tensor,
-        surface_ids: torch.Tensor,
-        content: torch.Tensor | None,
-        pad_mask: torch.Tensor | None,
-        cand_ids: torch.Tensor,
-        cand_content: torch.Tensor | None,
-        cand_surface_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        """Sequence (B, L) + candidates (B, C) → (B, C, A) logits."""
-        user = self.user_embedding(item_ids, action_ids, surface_ids, content, pad_mask)  # (B, D)
-        return self.score_from_user_embedding(user, cand_ids, cand_content, cand_surface_ids)  # (B, C, A)
+
+def init_from_backbone(ranker: Ranker, state_dict: dict) -> None:
+    """Load pretrained PinFM weights into ``ranker.backbone`` (shapes must match)."""
+    missing, unexpected = ranker.backbone.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("gap_emb")]:
+        raise ValueError(f"backbone weights do not fit: missing {missing}, unexpected {unexpected}")
+
+
+def backbone_param_names(ranker: Ranker) -> set[str]:
+    """Names of the pretrained part (trained at a lower learning rate)."""
+    return {f"backbone.{n}" for n, _ in ranker.backbone.named_parameters()}

@@ -290,6 +290,8 @@ class SeqRecConfig:
         max_len: history length (the published protocol uses 50).
         d_model, n_layers, n_heads, dropout: backbone size.
         n_hash_tables, hash_buckets: the hashed item embedding (buckets per sub-table).
+        sparse_item_grads: update only the looked-up hash rows (SparseAdam); a step then costs
+            the same whatever the table size.
         objective: losses and negatives.
         batch_size, lr, weight_decay, warmup: optimisation.
         epochs: passes over the training users.
@@ -306,6 +308,7 @@ class SeqRecConfig:
     dropout: float = 0.5
     n_hash_tables: int = 2
     hash_buckets: int = 262144
+    sparse_item_grads: bool = True
     objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
     batch_size: int = 256
     lr: float = 3e-3
@@ -327,6 +330,7 @@ class SeqRecConfig:
             n_hash_tables=self.n_hash_tables,
             hash_buckets=self.hash_buckets,
             dropout=self.dropout,
+            sparse_item_grads=self.sparse_item_grads,
         )
 
     def to_dict(self) -> dict:

@@ -1,8 +1,9 @@
 """What the scoring service holds: one ranker version on CPU, eval mode, no autograd.
 
-Two calls, matching the late-fusion split of the ranker: :meth:`ServingModel.user_embeddings`
-(once per user, can be precomputed and published) and :meth:`ServingModel.score` (per
-request, for any number of candidates).
+Two calls: :meth:`ServingModel.user_embeddings` (once per user, can be precomputed and
+published) and :meth:`ServingModel.score` (per request, for any number of candidates). An
+early-fusion ranker (``pinfm_early``, DCAT) or a TransAct ranker also reads the request's
+sequence in :meth:`score`: one context pass, then every candidate cross-attends to it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class ServingModel:
         self.version = version
         self.actions: tuple[str, ...] = tuple(ranker.cfg.actions)
         self.embedding_dim: int = ranker.cfg.backbone.d_model
-        self.max_len: int = ranker.cfg.backbone.max_len
+        # early fusion appends the candidate after the sequence: one position stays free (as in training)
+        self.max_len: int = ranker.cfg.backbone.max_len - (1 if ranker.cfg.sequence == "pinfm_early" else 0)
         self.content = content if content is not None else ContentTable.empty(ranker.cfg.backbone.content_dim)
         self.chunk = 1024  # users per backbone pass in user_embeddings
 
@@ -87,6 +89,7 @@ class ServingModel:
         candidates: Sequence[int],
         surface: str,
         content: dict[int, Sequence[float]] | None = None,
+        sequence: dict | None = None,
     ) -> np.ndarray:
         """Per-action probabilities of each candidate.
 
@@ -95,6 +98,8 @@ class ServingModel:
             candidates: C item ids.
             surface: one of features.contract.SURFACES.
             content: optional item_id → content vector, overriding the catalogue's.
+            sequence: the user's sequence ("item_ids", "actions", "surfaces"), read by
+                early-fusion and TransAct rankers (None = an unknown user's empty sequence).
 
         Returns:
             (C, A) float32 probabilities, columns in ``self.actions`` order.
@@ -117,11 +122,25 @@ class ServingModel:
                 if vec.shape != (self.content.dim,):
                     raise ContractError(f"content of item {item} has {vec.size} values, expected {self.content.dim}")
                 cand_content[j] = vec
+        surf = torch.full((1, len(ids)), SURFACE_IDS[surface], dtype=torch.long)  # (1, C)
         with torch.no_grad():
-            logits = self.ranker.score_from_user_embedding(
-                torch.from_numpy(user)[None, :],  # (1, D)
-                torch.from_numpy(ids)[None, :],  # (1, C)
-                torch.from_numpy(cand_content)[None],  # (1, C, Cd)
-                torch.tensor([SURFACE_IDS[surface]]),  # (1,)
-            )  # (1, C, A)
+            if self.ranker.uses_sequence_per_candidate:
+                seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
+                missing = [k for k in ("item_ids", "actions", "surfaces") if k not in seq]
+                if missing:
+                    raise ContractError(f"the sequence lacks keys {missing}")
+                arrays = encode_sequences([seq["item_ids"]], [seq["actions"]], [seq["surfaces"]], self.max_len)
+                logits = self.ranker(
+                    arrays.tensors(np.arange(1), self.content),
+                    torch.from_numpy(ids)[None, :],  # (1, C)
+                    surf,
+                    torch.from_numpy(cand_content)[None],  # (1, C, Cd)
+                )  # (1, C, A)
+            else:
+                logits = self.ranker.score_from_user_embedding(
+                    torch.from_numpy(user)[None, :],  # (1, D)
+                    torch.from_numpy(ids)[None, :],  # (1, C)
+                    torch.from_numpy(cand_content)[None],  # (1, C, Cd)
+                    surf,
+                )  # (1, C, A)
         return torch.sigmoid(logits[0]).numpy().astype(np.float32)

@@ -133,15 +133,37 @@ def distributed_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Weights of the embedding tables that produce sparse gradients (``nn.Embedding(sparse=True)``)."""
+    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on Linear weights only."""
+    """AdamW groups: decay on Linear weights only; sparse-gradient tables are left out (SparseAdam's)."""
+    sparse = {id(p) for p in sparse_parameters(module)}
     decay, no_decay = [], []
     for mod in module.modules():
         for name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in sparse:
                 continue
             (decay if isinstance(mod, nn.Linear) and name == "weight" else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale gradients (dense and sparse) so that their global L2 norm is ≤ ``max_norm``; returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    for i, g in enumerate(grads):
+        if g.is_sparse and not g.is_coalesced():  # repeated rows must be summed before the norm
+            grads[i] = g.coalesce()
+    norms = [(g._values() if g.is_sparse else g).detach().float().norm() for g in grads]
+    total = torch.stack(norms).norm()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p, g in zip([p for p in params if p.grad is not None], grads, strict=True):
+        p.grad = g.mul_(coef) if not g.is_sparse else g * coef
+    return float(total)
 
 
 class Trainer:
@@ -202,9 +224,18 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             param_groups(self.module, cfg.weight_decay), lr=cfg.lr, fused=self.device.type in ("cpu", "cuda")
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-        )
+        # tables with sparse gradients: lazy Adam, which updates only the rows a step touched
+        sparse = sparse_parameters(self.module)
+        if sparse and self.world > 1 and self.device.type == "cuda":
+            raise ValueError("sparse_item_grads is not supported by DDP on NCCL: set it to False for multi-GPU runs")
+        self.sparse_opt = torch.optim.SparseAdam(sparse, lr=cfg.lr) if sparse else None
+        self.opts = [self.opt] + ([self.sparse_opt] if self.sparse_opt is not None else [])
+
+        def lr_factor(s: int) -> float:
+            return warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor) for o in self.opts]
+        self.sched = self.scheds[0]
 
     # ------------------------------------------------------------------ files
     @property
@@ -243,8 +274,8 @@ class Trainer:
         state = {
             "step": step,
             "module": self.module.state_dict(),
-            "opt": self.opt.state_dict(),
-            "sched": self.sched.state_dict(),
+            "opt": [o.state_dict() for o in self.opts],
+            "sched": [s.state_dict() for s in self.scheds],
             "rng": torch.get_rng_state(),
             "result": dataclasses.asdict(result),
             "since_best": since_best,
@@ -265,8 +296,18 @@ class Trainer:
                 "resume with the same settings, or use a new run directory"
             )
         self.module.load_state_dict(state["module"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
+        opts, scheds = state["opt"], state["sched"]
+        if isinstance(opts, dict):  # checkpoints written before sparse tables had their own optimizer
+            opts, scheds = [opts], [scheds]
+        if len(opts) != len(self.opts):
+            raise ValueError(
+                f"{path} holds {len(opts)} optimizer states, this run has {len(self.opts)} "
+                "(sparse_item_grads changed?): resume with the same settings, or use a new run directory"
+            )
+        for o, st in zip(self.opts, opts, strict=True):
+            o.load_state_dict(st)
+        for sc, st in zip(self.scheds, scheds, strict=True):
+            sc.load_state_dict(st)
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -326,12 +367,15 @@ class Trainer:
             batch = self._shard(self.batch_fn(step))
             with self._autocast():
                 loss, stats = self.train_module(batch)
-            self.opt.zero_grad(set_to_none=True)
+            for o in self.opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
-            self.opt.step()
-            self.sched.step()
+                clip_grad_norm(list(self.module.parameters()), cfg.grad_clip)
+            for o in self.opts:
+                o.step()
+            for sc in self.scheds:
+                sc.step()
             done = step + 1
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):

@@ -52,7 +52,7 @@ class SeqModel:
     def user_embeddings(self, sequences):
         return np.array([[len(s["item_ids"]), sum(s["item_ids"])] for s in sequences], np.float32)  # (U, 2)
 
-    def score(self, user_embedding, candidates, surface, content=None):
+    def score(self, user_embedding, candidates, surface, content=None, sequence=None):
         self.last_embedding, self.last_content = np.asarray(user_embedding), content
         p = np.asarray(candidates, np.float32) / 100.0  # (C,)
         return np.stack([p, p, 1 - p], axis=1)  # (C, 3)
@@ -151,13 +151,14 @@ def test_real_serving_model_through_the_service(layout):
     try:
         import torch
 
+        from training.interaction import InteractionConfig
         from training.model import PinFMConfig
         from training.ranker import Ranker, RankerConfig
         from training.serving_model import ServingModel
     except ImportError as exc:  # the training package is developed in parallel
         pytest.skip(f"training package not importable: {exc}")
     torch.manual_seed(0)
-    ranker = Ranker(RankerConfig(backbone=PinFMConfig.preset("tiny"), mlp_hidden=(16,)))
+    ranker = Ranker(RankerConfig(backbone=PinFMConfig.preset("tiny"), interaction=InteractionConfig(mlp_hidden=(16,))))
     model = ServingModel(ranker, "tiny-0")
     client = TestClient(create_app(layout, model_loader=lambda: model))
     r = client.post("/v1/rank", json={"user_id": 1, "candidates": [10, 11, 12, 77], "surface": "home"})

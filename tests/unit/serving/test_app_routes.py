@@ -25,7 +25,7 @@ class TinyModel:
         self.embedded.append(sequences)
         return np.array([[len(s["item_ids"]), sum(s["item_ids"])] for s in sequences], dtype=np.float32)  # (U, 2)
 
-    def score(self, user_embedding, candidates, surface, content=None) -> np.ndarray:
+    def score(self, user_embedding, candidates, surface, content=None, sequence=None) -> np.ndarray:
         self.scored_with.append(np.asarray(user_embedding))
         ids = np.asarray(candidates, dtype=np.float64)  # (C,)
         click = 1.0 / (1.0 + np.exp(-(ids % 7 - 3)))  # (C,)

@@ -47,3 +47,18 @@ def test_single_class_is_nan_and_bad_input_raises():
         roc_auc([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match="finite"):
         roc_auc([0, 1], [0.1, float("nan")])
+
+
+def test_hit_at_3_hand_computed():
+    from training.metrics import hit_at_k
+
+    groups = [0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+    labels = [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.1, 0.2, 0.3, 0.4, 0.9, 0.1]
+    # request 0: positives at ranks 1 and 5 → 1 of min(3, 2) = 0.5; request 1: its positive is last → 0;
+    # request 2: no positive (skipped); request 3: only 2 candidates ≤ k (skipped)
+    assert hit_at_k(labels, scores, groups, k=3) == pytest.approx(0.25)
+    assert hit_at_k(labels, np.asarray(labels, float), groups, k=3) == pytest.approx(1.0)
+    assert math.isnan(hit_at_k([0, 0, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="values"):
+        hit_at_k([1, 0], [0.1], [0, 0])

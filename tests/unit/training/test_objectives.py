@@ -171,3 +171,14 @@ def test_objective_learns_a_deterministic_cycle(cfg: ObjectiveConfig) -> None:
         opt.step()
     assert float(loss.detach()) < 0.5 * first, (first, stats)
     assert stats["pairs_next"] == 20 * 11 if cfg.next_token else True
+
+
+def test_sampled_softmax_all_candidates_masked_has_finite_gradients() -> None:
+    """Every candidate of a row is an accidental hit: loss 0 for that row, no NaN gradient."""
+    q = torch.randn(2, 4, requires_grad=True)
+    pos_ids = torch.tensor([7, 7])
+    pos_emb = torch.randn(2, 4, requires_grad=True)
+    loss = sampled_softmax_loss(q, pos_ids, pos_emb, None, None, 0.1, in_batch=True, similarity="dot")
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(q.grad).all() and torch.isfinite(pos_emb.grad).all()

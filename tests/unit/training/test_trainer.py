@@ -14,28 +14,34 @@ import torch
 from training.model import PinFM, PinFMConfig
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.seqrec import SeqRecBatches, SeqRecData
-from training.trainer import Trainer, TrainerConfig, warmup_cosine
+from training.trainer import Trainer, TrainerConfig, clip_grad_norm, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _trainer(run_dir: Path, data: SeqRecData, steps: int = 12) -> Trainer:
+def _trainer(run_dir: Path, data: SeqRecData, steps: int = 12, sparse: bool = False) -> Trainer:
     torch.manual_seed(123)
     train = data.train_sequences()
-    model = PinFM(PinFMConfig(d_model=32, n_layers=1, n_heads=2, max_len=11, hash_buckets=1024, dropout=0.2))
+    model = PinFM(
+        PinFMConfig(
+            d_model=32, n_layers=1, n_heads=2, max_len=11, hash_buckets=1024, dropout=0.2, sparse_item_grads=sparse
+        )
+    )
     objective = PinFMObjective(ObjectiveConfig(negatives=32, multi_token=0.5), ItemCatalog.from_sequences(train))
     cfg = TrainerConfig(steps=steps, lr=3e-3, warmup=3, device="cpu", seed=7, log_every=1, ckpt_every=4)
     return Trainer(model, objective, SeqRecBatches(train, 16, 10, seed=1), cfg, run_dir=run_dir)
 
 
-def test_resumed_run_continues_exactly(tmp_path: Path, chain_file) -> None:
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-item-grads"])
+def test_resumed_run_continues_exactly(tmp_path: Path, chain_file, sparse: bool) -> None:
     data = SeqRecData.load(chain_file(n_users=60))
-    full = _trainer(tmp_path / "full", data).fit()
+    full = _trainer(tmp_path / "full", data, sparse=sparse).fit()
 
-    crashed = _trainer(tmp_path / "crash", data)
+    crashed = _trainer(tmp_path / "crash", data, sparse=sparse)
+    assert (crashed.sparse_opt is not None) == sparse  # hash tables go to SparseAdam
     partial = crashed.fit(stop_after=6)  # checkpoint at 4, steps 5-6 are lost with the "crash"
     assert partial.steps == 6
-    resumed_trainer = _trainer(tmp_path / "crash", data)
+    resumed_trainer = _trainer(tmp_path / "crash", data, sparse=sparse)
     resumed = resumed_trainer.fit()
 
     assert resumed.resumed_from == 4
@@ -54,6 +60,33 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, chain_fil
     _trainer(tmp_path / "run", data, steps=4).fit()
     with pytest.raises(ValueError, match="was written by a run of 4 steps, this run has 8"):
         _trainer(tmp_path / "run", data, steps=8).fit()
+
+
+def test_sparse_item_grads_touch_only_looked_up_rows(tmp_path: Path, chain_file) -> None:
+    """Lazy Adam: a hash row no step looked up keeps its initial value; looked-up rows move."""
+    data = SeqRecData.load(chain_file(n_users=40))
+    trainer = _trainer(tmp_path / "run", data, steps=3, sparse=True)
+    before = [t.weight.detach().clone() for t in trainer.model.items.tables]
+    trainer.fit()
+    items = torch.arange(1, data.n_items + 1)
+    for t, (table, w0) in enumerate(zip(trainer.model.items.tables, before, strict=True)):
+        used = torch.zeros(table.num_embeddings, dtype=torch.bool)
+        used[trainer.model.items.buckets(items)[:, t]] = True
+        changed = (table.weight.detach() != w0).any(1)
+        assert changed[used].any() and not changed[~used].any()
+
+
+def test_clip_grad_norm_matches_torch_on_dense_and_counts_sparse() -> None:
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 3)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    (a(torch.randn(5, 4)).sum() * 10 + emb(torch.tensor([1, 1, 2])).sum() * 10).backward()
+    dense_norm = torch.cat([a.weight.grad.flatten(), a.bias.grad]).norm()
+    sparse_norm = emb.weight.grad.coalesce().values().norm()
+    total = clip_grad_norm([a.weight, a.bias, emb.weight], 1.0)
+    assert total == pytest.approx(float(torch.hypot(dense_norm, sparse_norm)), rel=1e-5)
+    after = torch.cat([a.weight.grad.flatten(), a.bias.grad, emb.weight.grad.coalesce().values().flatten()]).norm()
+    assert float(after) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_warmup_cosine_shape() -> None:

@@ -40,12 +40,18 @@ def test_finetune_beats_chance_and_is_promoted(world: Layout, trained: dict) -> 
     ft = trained["ft"]
     assert ft["metrics"]["auc_click"] > 0.6
     assert ft["metrics"]["n_train"] > 0 and ft["metrics"]["n_eval"] > 0
+    assert 0.0 <= ft["metrics"]["hit3_click"] <= 1.0
+    # sliced by items created after the backbone's pretraining data: here the corpus day is the eval
+    # day itself, so no item is new (the demo pretrains on the day before and has new items)
+    assert ft["metrics"]["n_eval_new"] == 0
+    assert {"auc_click_new", "auc_click_old", "hit3_save_new", "hit3_save_old"} <= set(ft["metrics"])
     assert ft["backbone_version"] == trained["pre"]["version"]
     assert ft["promoted"] and current_version(world) == ft["version"]
     art = load_artifact(world, "ranker", ft["version"])
     assert art["data_version"]["train_days"] == ["2026-01-01", "2026-01-02"]
     assert art["data_version"]["eval_day"] == "2026-01-03"
     assert art["data_version"]["backbone_version"] == trained["pre"]["version"]
+    assert art["data_version"]["new_item_cutoff"].startswith("2026-01-04")  # end of the corpus day 2026-01-03
     assert (art["path"] / "gate.json").is_file()
 
 
@@ -61,34 +67,40 @@ def test_serving_model_matches_ranker_forward(world: Layout, trained: dict) -> N
     emb = sm.user_embeddings(sequences)
     assert emb.shape == (4, sm.embedding_dim) and np.isfinite(emb).all()
     cands = [int(x) for x in read_partition(world.ranking_examples, "2026-01-03")["item_id"].iloc[:5]] + [424242]
-    probs = sm.score(emb[0], cands, "search")
+    probs = sm.score(emb[0], cands, "search", sequence=sequences[0])
     assert probs.shape == (6, len(LABEL_ACTIONS)) and ((probs > 0) & (probs < 1)).all()
+    assert sm.ranker.cfg.sequence == "pinfm_early"  # the default: DCAT early fusion reads the sequence
+    assert not np.allclose(sm.score(emb[0], cands, "search", sequence=sequences[-1]), probs)  # a new user
 
     # the same numbers from the plain Ranker forward on hand-built tensors
     art = load_artifact(world, "ranker", sm.version)
     ranker = Ranker(RankerConfig.from_dict(art["config"]["ranker"]))
     ranker.load_state_dict(art["state_dict"])
     ranker.eval()
-    max_len = ranker.cfg.backbone.max_len
+    max_len = ranker.cfg.backbone.max_len - 1  # early fusion keeps the last position for the candidate
     s = sequences[0]
     items = torch.tensor([s["item_ids"][-max_len:]])
     content = ContentTable.from_layout(world)
+    seq = {
+        "item_ids": items,
+        "action_ids": torch.tensor([[ACTION_IDS[a] for a in s["actions"][-max_len:]]]),
+        "surface_ids": torch.tensor([[SURFACE_IDS[x] for x in s["surfaces"][-max_len:]]]),
+        "content": torch.from_numpy(content.lookup(items.numpy())),
+        "pad_mask": torch.ones_like(items, dtype=torch.bool),
+    }
     with torch.no_grad():
         logits = ranker(
-            items,
-            torch.tensor([[ACTION_IDS[a] for a in s["actions"][-max_len:]]]),
-            torch.tensor([[SURFACE_IDS[x] for x in s["surfaces"][-max_len:]]]),
-            torch.from_numpy(content.lookup(items.numpy())),
-            None,
+            seq,
             torch.tensor([cands]),
+            torch.full((1, len(cands)), SURFACE_IDS["search"]),
             torch.from_numpy(content.lookup(np.array([cands]))),
-            torch.tensor([SURFACE_IDS["search"]]),
         )  # (1, C, A)
     np.testing.assert_allclose(torch.sigmoid(logits[0]).numpy(), probs, rtol=1e-5, atol=1e-6)
 
     # content passed at request time is used for the candidate
     new_vec = [3.0] * content.dim
-    assert not np.allclose(sm.score(emb[0], [424242], "search", {424242: new_vec}), probs[-1:])
+    new_probs = sm.score(emb[0], [424242], "search", {424242: new_vec}, sequence=sequences[0])
+    assert not np.allclose(new_probs, probs[-1:])
     with pytest.raises(ContractError, match="unknown surface 'tv'"):
         sm.score(emb[0], cands, "tv")
     with pytest.raises(ContractError, match="unknown action 'like'"):

@@ -1,0 +1,25 @@
+"""``bench_dcat`` (training/bench_dcat.py): the JSON line at a tiny size on CPU."""
+
+from __future__ import annotations
+
+import json
+
+from training.bench_dcat import bench_dcat
+
+
+def test_bench_line_at_a_tiny_size() -> None:
+    line = bench_dcat(
+        seq_len=16, candidates=8, requests=2, d_model=32, n_layers=1, n_heads=4, device="cpu", reps=1, naive_max=5
+    )
+    for key in ("bench", "seq_len", "candidates", "requests", "d_model", "n_layers", "n_heads", "device", "dtype"):
+        assert key in line, key
+    assert line["bench"] == "dcat" and line["seq_len"] == 16 and line["candidates"] == 8 and line["requests"] == 2
+    assert line["device"].startswith("cpu") and line["dtype"] == "fp32"
+    seq = line["seq_module"]
+    assert seq["dcat_cands_per_s"] > 0 and seq["naive_cands_per_s"] > 0 and seq["ratio"] > 0
+    assert seq["naive_candidates"] == 2 * 5
+    assert seq["max_abs_diff"] < 1e-4
+    ranker = line["ranker"]  # the whole early-fusion ranker, DCAT vs naive, same weights
+    assert ranker["ratio"] > 0 and ranker["dcat_cands_per_s"] > 0 and ranker["max_abs_diff"] < 1e-4
+    assert line["ratio"] == ranker["ratio"]
+    json.dumps(line)  # one JSON line
