@@ -335,6 +335,7 @@ def finetune(
     opt = torch.optim.AdamW(
         [{"params": head_params, "lr": cfg.lr}, {"params": bb_params, "lr": cfg.lr * cfg.backbone_lr_scale}],
         weight_decay=cfg.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
     )
     steps_per_epoch = len(train.request_batches(cfg.batch_size, rng=None))
     total = max(1, cfg.epochs * steps_per_epoch)

@@ -307,15 +307,15 @@ class SeqRecConfig:
     n_heads: int = 2
     dropout: float = 0.5
     n_hash_tables: int = 2
-    hash_buckets: int = 262144
+    hash_buckets: int = 1 << 20
     sparse_item_grads: bool = True
     objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: int = 200
-    epochs: int = 12
-    eval_every_epochs: int = 4
+    epochs: int = 30
+    eval_every_epochs: int = 3
     eval_users: int = 8000
     patience: int = 3
     device: str = "auto"
