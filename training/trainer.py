@@ -360,6 +360,8 @@ class Trainer:
         as a crash would (after the checkpoint of that step, if one is due)."""
         cfg = self.cfg
         start, result, since_best = self._restore()
+        if start == 0:
+            self._trim_log(0)  # a fresh run (or --fresh) starts its metrics log empty
         t0 = time.perf_counter() - result.seconds
         self.model.train()
         bar = tqdm(range(start, cfg.steps), desc=cfg.desc, unit="step", disable=None if self.is_main else True)

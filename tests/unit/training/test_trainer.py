@@ -55,6 +55,16 @@ def test_resumed_run_continues_exactly(tmp_path: Path, chain_file, sparse: bool)
     assert (tmp_path / "crash" / "training_curve.png").stat().st_size > 0
 
 
+def test_fresh_run_starts_an_empty_metrics_log(tmp_path: Path, chain_file) -> None:
+    data = SeqRecData.load(chain_file(n_users=30))
+    _trainer(tmp_path / "run", data, steps=4).fit()
+    t = _trainer(tmp_path / "run", data, steps=4)
+    t.resume = False  # what `afm bench seqrec --fresh` does
+    t.fit()
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path: Path, chain_file) -> None:
     data = SeqRecData.load(chain_file(n_users=30))
     _trainer(tmp_path / "run", data, steps=4).fit()
