@@ -102,6 +102,7 @@ def candidate_tokens(
     cand_surface_ids: torch.Tensor,
     lengths: torch.Tensor,
     cand_content: torch.Tensor | None = None,
+    item_emb: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Input embeddings of the candidate tokens (before the embedding dropout).
 
@@ -111,13 +112,17 @@ def candidate_tokens(
         cand_surface_ids: (U, C) int64 surface ids of the request.
         lengths: (U,) real tokens of every user row: the candidate's position.
         cand_content: (U, C, Cd) float content vectors, or None.
+        item_emb: (U, C, D) item embeddings already computed (e.g. with the ranker's new-item
+            techniques applied); None = ``model.items(cand_ids, cand_content)``.
 
     Returns:
         (U, C, D) item (+ content) + surface + position embeddings; action and time gap are
         the zero padding rows.
     """
     _check_fits(model, lengths)
-    x = model.items(cand_ids, cand_content) + model.surface_emb(cand_surface_ids)  # (U, C, D)
+    if item_emb is None:
+        item_emb = model.items(cand_ids, cand_content)  # (U, C, D)
+    x = item_emb + model.surface_emb(cand_surface_ids)  # (U, C, D)
     return x + model.pos_emb(lengths).unsqueeze(1)  # (U, C, D)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.contract import LABEL_ACTIONS
-from training.config_fields import replace_fields
+from training.config_fields import reject_unknown_fields, replace_fields
 
 
 # -------------------------------------------------------------------------- config
@@ -72,10 +72,7 @@ class InteractionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> InteractionConfig:
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown InteractionConfig fields {unknown}")
+        reject_unknown_fields(cls, d)
         for name in ("mlp_hidden", "actions"):
             if name in d:
                 d[name] = tuple(d[name])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.contract import ACTIONS, CONTENT_DIM, SURFACES
+from training.config_fields import reject_unknown_fields
 
 # ------------------------------------------------------------------------- hashing
 #: Mersenne prime 2^31 - 1: every product below stays < 2^62, so int64 never overflows.
@@ -114,10 +115,7 @@ class PinFMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PinFMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown PinFMConfig fields {unknown}")
+        reject_unknown_fields(cls, d)
         return cls(**d)
 
 
@@ -151,6 +149,7 @@ class HashedItemEmbedding(nn.Module):
         item_ids: torch.Tensor,
         content: torch.Tensor | None = None,
         content_mask: torch.Tensor | None = None,
+        id_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Embed ids.
 
@@ -158,12 +157,15 @@ class HashedItemEmbedding(nn.Module):
             item_ids: (...,) int64, 0 = padding.
             content: (..., C) float content vectors, or None.
             content_mask: (...,) bool, True where ``content`` is real; default: rows not all zero.
+            id_keep: (...,) bool, False where the ID part is dropped (the content part stays), or None.
 
         Returns:
             (..., D) embeddings; zeros at padding.
         """
         b = self.buckets(item_ids)  # (..., k)
         emb = torch.cat([tab(b[..., t]) for t, tab in enumerate(self.tables)], dim=-1)  # (..., D)
+        if id_keep is not None:
+            emb = emb * id_keep.unsqueeze(-1).to(emb.dtype)
         if content is not None:
             if content.shape[-1] != self.cfg.content_dim:
                 raise ValueError(f"content has dim {content.shape[-1]}, the model expects {self.cfg.content_dim}")

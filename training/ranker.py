@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from training.config_fields import replace_fields
-from training.dcat import context_pass, crossing_pass, naive_candidate_hidden
+from training.config_fields import reject_unknown_fields, replace_fields
+from training.dcat import candidate_tokens, context_pass, crossing_pass, naive_candidate_hidden
 from training.interaction import InteractionArch, InteractionConfig
 from training.model import PinFM, PinFMConfig, bucketize_time_gaps, last_hidden
 from training.transact import TransActEncoder, random_time_window_mask
@@ -117,10 +117,7 @@ class RankerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> RankerConfig:
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RankerConfig fields {unknown}")
+        reject_unknown_fields(cls, d)
         if "backbone" in d:
             d["backbone"] = PinFMConfig.from_dict(d["backbone"])
         if "interaction" in d:
@@ -193,7 +190,7 @@ class Ranker(nn.Module):
         """
         nic = self.cfg.new_items
         ids = cand_ids
-        keep_id = torch.ones(cand_ids.shape, dtype=torch.bool, device=cand_ids.device)  # (U, C)
+        keep_id = None  # (U, C) bool where the ID part is kept; None = all
         if self.training and nic.id_randomization > 0:
             swap = torch.rand(cand_ids.shape, device=cand_ids.device) < nic.id_randomization
             random_ids = RANDOM_ID_BASE + torch.randint(0, RANDOM_ID_BASE, cand_ids.shape, device=cand_ids.device)
@@ -203,12 +200,8 @@ class Ranker(nn.Module):
             p = nic.age_dropout_max * (1.0 - age_days / nic.age_horizon_days).clamp(0.0, 1.0)  # (U, C)
             p = torch.where(cand_age_s < 0, torch.zeros_like(p), p)  # unknown age: no drop
             keep_id = torch.rand(p.shape, device=p.device) >= p
-        items = self.backbone.items
-        emb = items(ids) * keep_id.unsqueeze(-1).to(torch.float32)  # (U, C, D) ID part
-        if cand_content is not None:
-            has = cand_content.abs().sum(-1, keepdim=True) > 0  # (U, C, 1)
-            emb = emb + items.content_proj(cand_content.to(emb.dtype)) * has.to(emb.dtype)  # + content part
-        return emb * (cand_ids != 0).unsqueeze(-1).to(emb.dtype)  # zeros at padding candidates
+        # padding slots keep id 0 through the swap, so they embed to zeros
+        return self.backbone.items(ids, cand_content, id_keep=keep_id)  # (U, C, D)
 
     def user_embedding(
         self,
@@ -300,7 +293,7 @@ class Ranker(nn.Module):
                         bb, *args[:3], cand_ids, cand_surface_ids, args[3], pad_mask, cand_content, cand_mask, gaps
                     )  # (U, C, D)
                 else:
-                    tokens = cand + bb.surface_emb(cand_surface_ids) + bb.pos_emb(lengths).unsqueeze(1)  # (U, C, D)
+                    tokens = candidate_tokens(bb, cand_ids, cand_surface_ids, lengths, item_emb=cand)  # (U, C, D)
                     crossed = crossing_pass(bb, cache, tokens, cand_mask)  # (U, C, D)
                 feats.append(crossed)
             feats += self._late_features(user, cand)

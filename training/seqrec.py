@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
+from training.config_fields import reject_unknown_fields
 from training.model import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.retrieval import DEFAULT_KS, ranks_full, ranks_sampled, retrieval_metrics
@@ -354,10 +355,7 @@ class SeqRecConfig:
     def from_dict(cls, d: dict) -> SeqRecConfig:
         d = dict(d)
         obj = ObjectiveConfig(**d.pop("objective", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SeqRecConfig fields {unknown}")
+        reject_unknown_fields(cls, d)
         return cls(objective=obj, **d)
 
     def digest(self) -> str:
