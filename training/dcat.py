@@ -180,6 +180,7 @@ def crossing_pass(
     cache: KVCache,
     cand_tokens: torch.Tensor,
     cand_mask: torch.Tensor | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Final hidden state of every candidate token, each attending to its user's cache and itself.
 
@@ -188,6 +189,9 @@ def crossing_pass(
         cache: from :func:`context_pass`.
         cand_tokens: (U, C, D) from :func:`candidate_tokens`.
         cand_mask: (U, C) bool, True at real candidates; None = all real.
+        fused: attend with :func:`_cross_attention_fused` (True) or the plain PyTorch
+            reference :func:`_cross_attention_reference` (False); None = fused where it gives
+            the same numbers (CPU, no gradients, no attention dropout).
 
     Returns:
         (U, C, D) hidden states after ``ln_f``; zeros at padding candidates.
@@ -202,21 +206,18 @@ def crossing_pass(
     H = model.cfg.n_heads
     scale = 1.0 / math.sqrt(D // H)  # as scaled_dot_product_attention
     p_drop = model.cfg.dropout if model.training else 0.0
-    hidden = None if cache.pad_mask is None else ~cache.pad_mask[:, None, None, :]  # (U, 1, 1, L) True = padding
+    padding = cache.pad_mask is not None and not bool(cache.pad_mask.all())
+    hidden = ~cache.pad_mask[:, None, None, :] if padding else None  # (U, 1, 1, L) True = padding
+    if fused is None:
+        fused = _use_fused(cand_tokens.device, model)
+    elif fused and not fused_cross_attention_available(cand_tokens.device):
+        raise ValueError(f"the fused crossing attention runs on CPU only, not on {cand_tokens.device}")
+    attend = _cross_attention_fused if fused else _cross_attention_reference
 
     x = model.drop(cand_tokens)  # (U, C, D)
     for block, (K, V) in zip(model.blocks, cache.layers, strict=True):
-        L = K.shape[2]
         q, k, v = block.attn.qkv_heads(block.ln1(x))  # (U, H, C, Dh) each
-        q = q * scale
-        s_ctx = torch.matmul(q, K.transpose(-1, -2))  # (U, H, C, L) candidate · cached keys
-        if hidden is not None:
-            s_ctx = s_ctx.masked_fill(hidden, float("-inf"))
-        s_self = (q * k).sum(-1, keepdim=True)  # (U, H, C, 1) candidate · own key
-        probs = torch.cat([s_ctx, s_self], dim=-1).softmax(-1)  # (U, H, C, L + 1) one softmax over both
-        if p_drop > 0:
-            probs = F.dropout(probs, p_drop)
-        y = torch.matmul(probs[..., :L], V) + probs[..., L:] * v  # (U, H, C, Dh)
+        y = attend(q, k, v, K, V, hidden, scale, p_drop)  # (U, H, C, Dh)
         y = block.attn.proj(y.transpose(1, 2).reshape(U, C, D))  # (U, C, D)
         x = x + block.drop(y)  # (U, C, D), as Block.forward
         x = x + block.mlp(block.ln2(x))  # (U, C, D)
@@ -224,6 +225,88 @@ def crossing_pass(
     if cand_mask is not None:
         out = out.masked_fill(~cand_mask.bool().unsqueeze(-1), 0.0)
     return out
+
+
+# ------------------------------------------------------------- crossing attention
+def fused_cross_attention_available(device: torch.device) -> bool:
+    """The fused path uses PyTorch's CPU flash-attention kernel (it also returns the log-sum-exp)."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _use_fused(device: torch.device, model: PinFM) -> bool:
+    """Fused kernels where they give the same numbers: CPU, no gradients, no dropout."""
+    return (
+        fused_cross_attention_available(device)
+        and not torch.is_grad_enabled()
+        and not (model.training and model.cfg.dropout)
+    )
+
+
+def _cross_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    hidden: torch.Tensor | None,
+    scale: float,
+    p_drop: float,
+) -> torch.Tensor:
+    """Candidates attend to the cached K/V plus their own k/v, one softmax over both (plain PyTorch).
+
+    Args:
+        q, k, v: (U, H, C, Dh) the candidates' queries, keys, values.
+        K, V: (U, H, L, Dh) the cached keys and values of the user sequences.
+        hidden: (U, 1, 1, L) bool, True at padding keys, or None.
+        scale: the attention scale (1/√Dh).
+        p_drop: attention dropout.
+
+    Returns:
+        (U, H, C, Dh) attention outputs (before the output projection).
+    """
+    L = K.shape[2]
+    q = q * scale
+    s_ctx = torch.matmul(q, K.transpose(-1, -2))  # (U, H, C, L) candidate · cached keys
+    if hidden is not None:
+        s_ctx = s_ctx.masked_fill(hidden, float("-inf"))
+    s_self = (q * k).sum(-1, keepdim=True)  # (U, H, C, 1) candidate · own key
+    probs = torch.cat([s_ctx, s_self], dim=-1).softmax(-1)  # (U, H, C, L + 1) one softmax over both
+    if p_drop > 0:
+        probs = F.dropout(probs, p_drop)
+    return torch.matmul(probs[..., :L], V) + probs[..., L:] * v  # (U, H, C, Dh)
+
+
+def _cross_attention_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    K: torch.Tensor,
+    V: torch.Tensor,
+    hidden: torch.Tensor | None,
+    scale: float,
+    p_drop: float,
+) -> torch.Tensor:
+    """:func:`_cross_attention_reference` through the flash-attention kernel (no gradients, no dropout).
+
+    The kernel attends the candidates to the cached keys alone and also returns the
+    log-sum-exp ``lse`` of those scores; the candidate's own key joins the same softmax by
+    the exact merge ``y = (1 − w)·y_ctx + w·v`` with ``w = σ(q·k·scale − lse)``, because
+    ``exp(s_self) / (exp(lse) + exp(s_self)) = σ(s_self − lse)``. No (U, H, C, L) score
+    matrix is written out. Arguments and result as :func:`_cross_attention_reference`.
+    """
+    if p_drop > 0:
+        raise ValueError("the fused crossing attention has no dropout; use the reference path in training")
+    mask = None
+    if hidden is not None:
+        mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    y_ctx, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, K, V, attn_mask=mask, scale=scale
+    )  # (U, H, C, Dh), (U, H, C)
+    if hidden is not None:  # the kernel gives y = 0, lse = 0 where every key is masked: make that lse = -inf
+        lse = lse.masked_fill(hidden.all(-1), float("-inf"))  # (U, H, C); such a candidate sees only itself
+    s_self = (q * k).sum(-1) * scale  # (U, H, C)
+    w = torch.sigmoid(s_self - lse).unsqueeze(-1)  # (U, H, C, 1) share of the candidate's own value
+    return torch.lerp(y_ctx, v, w)  # (U, H, C, Dh)
 
 
 def dcat_scores(

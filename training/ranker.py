@@ -48,11 +48,16 @@ class NewItemConfig:
         id_randomization: probability that a training candidate's id is replaced by a random id.
         age_dropout_max: probability of dropping the ID embedding of an item created at the request time.
         age_horizon_days: the drop probability falls linearly to 0 at this item age.
+        content_only_unseen: at inference, items created after the ranker's training data
+            (``RankerConfig.id_cutoff_s``) are scored from content alone: their ID rows were
+            never trained (a hashed id only shares rows with other items), and age dropout
+            taught the model to score ID-less candidates.
     """
 
     id_randomization: float = 0.1
     age_dropout_max: float = 0.5
     age_horizon_days: float = 7.0
+    content_only_unseen: bool = True
 
     def __post_init__(self) -> None:
         for name in ("id_randomization", "age_dropout_max"):
@@ -64,7 +69,7 @@ class NewItemConfig:
 
     @classmethod
     def off(cls) -> NewItemConfig:
-        return cls(id_randomization=0.0, age_dropout_max=0.0)
+        return cls(id_randomization=0.0, age_dropout_max=0.0, content_only_unseen=False)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class RankerConfig:
         transact_window_s, transact_window_p: TransAct's random time-window mask in training
             (drop actions within a random window of up to this many seconds before the
             request, in this share of rows).
+        id_cutoff_s: unix seconds of the end of the fine-tuning data (set by fine-tuning): an
+            item created later cannot have a trained ID (see ``NewItemConfig.content_only_unseen``).
     """
 
     backbone: PinFMConfig = field(default_factory=lambda: PinFMConfig.preset("small"))
@@ -97,6 +104,7 @@ class RankerConfig:
     transact_first_k: int = 3
     transact_window_s: int = 6 * 3600
     transact_window_p: float = 0.5
+    id_cutoff_s: int | None = None
 
     def __post_init__(self) -> None:
         if self.sequence not in SEQUENCE_MODES:
@@ -183,10 +191,14 @@ class Ranker(nn.Module):
         cand_ids: torch.Tensor,
         cand_content: torch.Tensor | None = None,
         cand_age_s: torch.Tensor | None = None,
+        request_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(U, C) ids [+ content, + item age] → (U, C, D), with the new-item techniques in training.
+        """(U, C) ids [+ content, + item age] → (U, C, D), with the new-item techniques.
 
-        ``cand_age_s`` (U, C) is the item's age at the request in seconds (< 0 = unknown).
+        ``cand_age_s`` (U, C) is the item's age at the request in seconds (< 0 = unknown);
+        ``request_ts`` (U,) the request time in unix seconds. In training: ID randomization
+        and age dropout; at inference: items created after ``cfg.id_cutoff_s`` lose their
+        (never trained) ID part when ``content_only_unseen``.
         """
         nic = self.cfg.new_items
         ids = cand_ids
@@ -200,6 +212,15 @@ class Ranker(nn.Module):
             p = nic.age_dropout_max * (1.0 - age_days / nic.age_horizon_days).clamp(0.0, 1.0)  # (U, C)
             p = torch.where(cand_age_s < 0, torch.zeros_like(p), p)  # unknown age: no drop
             keep_id = torch.rand(p.shape, device=p.device) >= p
+        if (
+            not self.training
+            and nic.content_only_unseen
+            and self.cfg.id_cutoff_s is not None
+            and cand_age_s is not None
+            and request_ts is not None
+        ):
+            created = request_ts.unsqueeze(1) - cand_age_s  # (U, C) unix seconds
+            keep_id = (cand_age_s < 0) | (created <= self.cfg.id_cutoff_s)  # (U, C)
         # padding slots keep id 0 through the swap, so they embed to zeros
         return self.backbone.items(ids, cand_content, id_keep=keep_id)  # (U, C, D)
 
@@ -268,7 +289,7 @@ class Ranker(nn.Module):
         if cand_mask is None:
             cand_mask = cand_ids != 0
         pad_mask = seq["pad_mask"].bool()
-        cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s)  # (U, C, D)
+        cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts)  # (U, C, D)
         feats = [cand, self.surface_emb(cand_surface_ids)]
         user = None
         mode = self.cfg.sequence

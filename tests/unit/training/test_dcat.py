@@ -168,3 +168,22 @@ def test_gradients_flow_through_the_crossing_pass() -> None:
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_crossing_attention_equals_the_plain_reference() -> None:
+    """The CPU flash-attention path (log-sum-exp merge of the candidate's own key) = one plain softmax."""
+    model = _model(4)
+    b = _batch(LENGTHS, N_CANDS, L=CFG.max_len, C=6, seed=4)  # ragged, incl. a user with no history
+    with torch.no_grad():
+        _, cache = context_pass(model, **{k: b[k] for k in SEQ_KEYS})
+        tokens = candidate_tokens(model, b["cand_ids"], b["cand_surface_ids"], cache.lengths, b["cand_content"])
+        fused = crossing_pass(model, cache, tokens, b["cand_mask"], fused=True)
+        plain = crossing_pass(model, cache, tokens, b["cand_mask"], fused=False)
+        auto = crossing_pass(model, cache, tokens, b["cand_mask"])  # no gradients on CPU: the fused path
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    assert torch.equal(auto, fused)
+    model.train()  # attention dropout: only the reference path has it
+    noisy = PinFM(PinFMConfig(**{**CFG.to_dict(), "dropout": 0.5})).train()
+    with torch.no_grad(), pytest.raises(ValueError, match="no dropout"):
+        crossing_pass(noisy, cache, tokens, b["cand_mask"], fused=True)

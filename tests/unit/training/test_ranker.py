@@ -122,6 +122,24 @@ def test_age_dependent_dropout_drops_only_young_ids() -> None:
     torch.testing.assert_close(got[0, 1:], full[0, 1:])  # old and unknown-age items keep their ids
 
 
+def test_items_created_after_the_training_data_are_scored_from_content_at_inference() -> None:
+    cutoff = 1_700_000_000
+    ids = torch.tensor([[11, 22, 33]])
+    content = torch.randn(1, 3, BACKBONE.content_dim)
+    request_ts = torch.tensor([cutoff + 3_600])
+    age = torch.tensor([[60, 7_200, -1]])  # created after the cutoff, before it, unknown
+    torch.manual_seed(0)
+    ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence="none", id_cutoff_s=cutoff)).eval()
+    full = ranker.candidate_embedding(ids, content)
+    got = ranker.candidate_embedding(ids, content, age, request_ts)
+    torch.testing.assert_close(got[0, 0], ranker.backbone.items.content_proj(content)[0, 0])  # unseen: content only
+    torch.testing.assert_close(got[0, 1:], full[0, 1:])  # trained ids and unknown creation times keep their ids
+    # without the techniques (or without a cutoff) every id is used
+    torch.manual_seed(0)
+    off = Ranker(RankerConfig(backbone=BACKBONE, sequence="none", new_items=NewItemConfig.off(), id_cutoff_s=cutoff))
+    torch.testing.assert_close(off.eval().candidate_embedding(ids, content, age, request_ts), full)
+
+
 def test_config_round_trip_and_errors() -> None:
     cfg = RankerConfig(backbone=BACKBONE, sequence="transact", new_items=NewItemConfig(0.2, 0.3, 5.0))
     assert RankerConfig.from_dict(cfg.to_dict()) == cfg
