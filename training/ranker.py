@@ -32,7 +32,7 @@ from training.config_fields import reject_unknown_fields, replace_fields
 from training.dcat import candidate_tokens, context_pass, crossing_pass, naive_candidate_hidden
 from training.interaction import InteractionArch, InteractionConfig
 from training.model import PinFM, PinFMConfig, bucketize_time_gaps, last_hidden
-from training.transact import TransActEncoder, random_time_window_mask
+from training.transact import TransActEncoder, gather_selected, random_time_window_mask, select_lifelong
 
 SEQUENCE_MODES: tuple[str, ...] = ("none", "transact", "pinfm_late", "pinfm_early")
 #: ids drawn by candidate-ID randomization come from [RANDOM_ID_BASE, 2·RANDOM_ID_BASE): far above real ids
@@ -89,6 +89,10 @@ class RankerConfig:
         transact_window_s, transact_window_p: TransAct's random time-window mask in training
             (drop actions within a random window of up to this many seconds before the
             request, in this share of rows).
+        lifelong_top_k, lifelong_recent_r: TransAct V2's candidate-anchored selection for
+            ``transact``: each candidate reads its own subsequence of the user's history, the
+            ``lifelong_recent_r`` most recent actions plus the ``lifelong_top_k`` actions whose
+            content is most similar to the candidate's (needs content); 0 = the whole sequence.
         id_cutoff_s: unix seconds of the end of the fine-tuning data (set by fine-tuning): an
             item created later cannot have a trained ID (see ``NewItemConfig.content_only_unseen``).
     """
@@ -104,11 +108,17 @@ class RankerConfig:
     transact_first_k: int = 3
     transact_window_s: int = 6 * 3600
     transact_window_p: float = 0.5
+    lifelong_top_k: int = 0
+    lifelong_recent_r: int = 8
     id_cutoff_s: int | None = None
 
     def __post_init__(self) -> None:
         if self.sequence not in SEQUENCE_MODES:
             raise ValueError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
+        if self.lifelong_top_k < 0 or self.lifelong_recent_r < 0:
+            raise ValueError(
+                f"lifelong_top_k and lifelong_recent_r must be >= 0, got {self.lifelong_top_k}, {self.lifelong_recent_r}"
+            )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -325,10 +335,38 @@ class Ranker(nn.Module):
                     seq["ts"], pad_mask, request_ts, self.cfg.transact_window_s, self.cfg.transact_window_p
                 )  # (U, L)
             seq_emb = self.backbone.items(seq["item_ids"], seq.get("content"))  # (U, L, D)
-            feats.append(self.transact(seq_emb, seq["action_ids"] * keep, keep, cand))  # (U, C, (K+1)·D)
+            actions = seq["action_ids"] * keep  # (U, L)
+            if self.cfg.lifelong_top_k > 0:
+                feats.append(self._lifelong_transact(seq, seq_emb, actions, keep, cand, cand_content))
+            else:
+                feats.append(self.transact(seq_emb, actions, keep, cand))  # (U, C, (K+1)·D)
         logits = self._head(feats)  # (U, C, A)
         logits = logits.masked_fill(~cand_mask.unsqueeze(-1), 0.0)
         return (logits, user) if return_user else logits
+
+    def _lifelong_transact(
+        self,
+        seq: dict,
+        seq_emb: torch.Tensor,
+        actions: torch.Tensor,
+        keep: torch.Tensor,
+        cand: torch.Tensor,
+        cand_content: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """TransAct over each candidate's own selection from the history (TransAct V2) → (U, C, (K+1)·D)."""
+        if seq.get("content") is None or cand_content is None:
+            raise ValueError(
+                "lifelong_top_k > 0 selects actions by content similarity: sequences and candidates need content"
+            )
+        U, C, _ = cand.shape
+        idx, valid = select_lifelong(
+            seq["item_ids"], seq["content"], keep, cand_content, self.cfg.lifelong_top_k, self.cfg.lifelong_recent_r
+        )  # (U, C, S) positions, validity
+        S = idx.shape[-1]
+        sel_emb = gather_selected(seq_emb, idx).reshape(U * C, S, -1)  # (U·C, S, D)
+        sel_actions = (gather_selected(actions, idx) * valid).reshape(U * C, S)  # (U·C, S)
+        out = self.transact(sel_emb, sel_actions, valid.reshape(U * C, S), cand.reshape(U * C, 1, -1))
+        return out.view(U, C, -1)  # (U, C, (K+1)·D)
 
     def score_from_user_embedding(
         self,

@@ -10,6 +10,7 @@ from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArra
 from training.finetune import ItemFacts, batch_tensors, evaluate, new_item_mask, next_action_term
 from training.model import PinFMConfig
 from training.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig
+from training.transact import select_lifelong
 
 BACKBONE = PinFMConfig(d_model=32, n_layers=2, n_heads=4, max_len=12, hash_buckets=1 << 16)
 
@@ -217,3 +218,35 @@ def test_evaluate_slices_new_and_old_items() -> None:
     for key in ("auc_click", "hit3_click", "auc_click_new", "auc_click_old", "hit3_hide_new", "hit3_hide_old"):
         assert key in m, key
     assert m["auc_click_old"] in (0.0, 0.5, 1.0)  # old slice: one clicked, one silent impression
+
+
+def test_transact_with_lifelong_selection_reads_only_the_selected_actions() -> None:
+    """TransAct V2: each candidate sees its r most recent + top-K similar actions, nothing else."""
+    torch.manual_seed(0)
+    ranker = Ranker(
+        RankerConfig(
+            backbone=BACKBONE, sequence="transact", new_items=NewItemConfig.off(), lifelong_top_k=1, lifelong_recent_r=1
+        )
+    ).eval()
+    seq, cands = _inputs()
+    with torch.no_grad():
+        base = ranker(seq, **cands)
+    assert base.shape == (3, 4, len(ranker.actions)) and torch.isfinite(base).all()
+    idx, valid = select_lifelong(seq["item_ids"], seq["content"], seq["pad_mask"], cands["cand_content"], 1, 1)
+    picked = set(idx[0, 0][valid[0, 0]].tolist())
+    assert len(picked) == 2  # user 0 has 6 actions: the latest and the most similar other one
+    # an action candidate 0 did not pick but another candidate of user 0 did
+    other = next(p for p in range(6) if p not in picked and bool(((idx[0, 1:] == p) & valid[0, 1:]).any()))
+    changed = {k: (v.clone() if v is not None else None) for k, v in seq.items()}
+    changed["item_ids"][0, other] += 7  # same content, so the same selection; a different id embedding
+    with torch.no_grad():
+        moved = ranker(changed, **cands)
+    torch.testing.assert_close(moved[0, 0], base[0, 0])  # candidate 0 never read that action
+    some_reader = (idx[0] == other) & valid[0]  # (C, S)
+    readers = some_reader.any(-1)  # candidates of user 0 that did select it
+    assert (moved[0][readers] - base[0][readers]).abs().max() > 0  # those that read it moved
+    ranker.train()
+    ranker(seq, **cands).sum().backward()
+    assert ranker.transact is not None and all(p.grad is not None for p in ranker.transact.parameters())
+    with pytest.raises(ValueError, match="need content"):
+        ranker.eval()(seq, **{**cands, "cand_content": None})
