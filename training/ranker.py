@@ -374,6 +374,8 @@ class Ranker(nn.Module):
         cand_ids: torch.Tensor,
         cand_content: torch.Tensor | None,
         surface_ids: torch.Tensor,
+        cand_age_s: torch.Tensor | None = None,
+        request_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Late-fusion scoring from precomputed user vectors (modes ``none`` and ``pinfm_late``).
 
@@ -382,6 +384,8 @@ class Ranker(nn.Module):
             cand_ids: (U, C) int64.
             cand_content: (U, C, Cd) or None.
             surface_ids: (U,) or (U, C) int64.
+            cand_age_s, request_ts: as in :meth:`forward` (items created after
+                ``cfg.id_cutoff_s`` are scored from content).
 
         Returns:
             (U, C, A) logits.
@@ -391,7 +395,7 @@ class Ranker(nn.Module):
         U, C = cand_ids.shape
         if surface_ids.dim() == 1:
             surface_ids = surface_ids.unsqueeze(1).expand(U, C)  # (U, C)
-        cand = self.candidate_embedding(cand_ids, cand_content)  # (U, C, D)
+        cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts)  # (U, C, D)
         feats = [cand, self.surface_emb(surface_ids)]
         if self.cfg.sequence == "pinfm_late":
             feats += self._late_features(user_emb.expand(U, -1), cand)

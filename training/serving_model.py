@@ -8,6 +8,7 @@ sequence in :meth:`score`: one context pass, then every candidate cross-attends 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from features.config import Layout
 from features.contract import SURFACE_IDS, ContractError
-from training.data import ContentTable, encode_sequences
+from training.data import ContentTable, ItemCreatedAt, encode_sequences
 from training.ranker import Ranker, RankerConfig
 
 
@@ -29,7 +30,13 @@ class ServingModel:
         max_len: sequences are truncated to their newest ``max_len`` events.
     """
 
-    def __init__(self, ranker: Ranker, version: str, content: ContentTable | None = None) -> None:
+    def __init__(
+        self,
+        ranker: Ranker,
+        version: str,
+        content: ContentTable | None = None,
+        created: ItemCreatedAt | None = None,
+    ) -> None:
         self.ranker = ranker.cpu().eval()
         self.version = version
         self.actions: tuple[str, ...] = tuple(ranker.cfg.actions)
@@ -37,6 +44,8 @@ class ServingModel:
         # early fusion appends the candidate after the sequence: one position stays free (as in training)
         self.max_len: int = ranker.cfg.backbone.max_len - (1 if ranker.cfg.sequence == "pinfm_early" else 0)
         self.content = content if content is not None else ContentTable.empty(ranker.cfg.backbone.content_dim)
+        # creation times: items created after the ranker's training data are scored from content
+        self.created = created if created is not None else ItemCreatedAt(np.zeros(0, np.int64), np.zeros(0, np.int64))
         self.chunk = 1024  # users per backbone pass in user_embeddings
 
     @classmethod
@@ -48,7 +57,7 @@ class ServingModel:
         ranker = Ranker(RankerConfig.from_dict(cfg_dict))
         ranker.load_state_dict(artifact["state_dict"])
         content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
-        return cls(ranker, artifact["version"], content)
+        return cls(ranker, artifact["version"], content, ItemCreatedAt.from_layout(layout))
 
     def user_embeddings(self, sequences: Sequence[dict]) -> np.ndarray:
         """User embeddings of a batch of sequences.
@@ -90,6 +99,7 @@ class ServingModel:
         surface: str,
         content: dict[int, Sequence[float]] | None = None,
         sequence: dict | None = None,
+        request_ts: int | None = None,
     ) -> np.ndarray:
         """Per-action probabilities of each candidate.
 
@@ -100,6 +110,8 @@ class ServingModel:
             content: optional item_id → content vector, overriding the catalogue's.
             sequence: the user's sequence ("item_ids", "actions", "surfaces"), read by
                 early-fusion and TransAct rankers (None = an unknown user's empty sequence).
+            request_ts: the request time in unix seconds (default: now); with the catalogue's
+                creation times it tells which candidates are newer than the ranker's training data.
 
         Returns:
             (C, A) float32 probabilities, columns in ``self.actions`` order.
@@ -123,6 +135,10 @@ class ServingModel:
                     raise ContractError(f"content of item {item} has {vec.size} values, expected {self.content.dim}")
                 cand_content[j] = vec
         surf = torch.full((1, len(ids)), SURFACE_IDS[surface], dtype=torch.long)  # (1, C)
+        now = int(time.time()) if request_ts is None else int(request_ts)
+        created = self.created.lookup(ids)  # (C,) -1 = unknown
+        age = torch.from_numpy(np.where(created >= 0, now - created, -1))[None]  # (1, C) seconds
+        ts = torch.tensor([now], dtype=torch.long)  # (1,)
         with torch.no_grad():
             if self.ranker.uses_sequence_per_candidate:
                 seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
@@ -135,6 +151,8 @@ class ServingModel:
                     torch.from_numpy(ids)[None, :],  # (1, C)
                     surf,
                     torch.from_numpy(cand_content)[None],  # (1, C, Cd)
+                    cand_age_s=age,
+                    request_ts=ts,
                 )  # (1, C, A)
             else:
                 logits = self.ranker.score_from_user_embedding(
@@ -142,5 +160,7 @@ class ServingModel:
                     torch.from_numpy(ids)[None, :],  # (1, C)
                     torch.from_numpy(cand_content)[None],  # (1, C, Cd)
                     surf,
+                    cand_age_s=age,
+                    request_ts=ts,
                 )  # (1, C, A)
         return torch.sigmoid(logits[0]).numpy().astype(np.float32)

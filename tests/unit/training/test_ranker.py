@@ -10,6 +10,7 @@ from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArra
 from training.finetune import ItemFacts, batch_tensors, evaluate, new_item_mask, next_action_term
 from training.model import PinFMConfig
 from training.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig
+from training.serving_model import ServingModel
 from training.transact import select_lifelong
 
 BACKBONE = PinFMConfig(d_model=32, n_layers=2, n_heads=4, max_len=12, hash_buckets=1 << 16)
@@ -250,3 +251,21 @@ def test_transact_with_lifelong_selection_reads_only_the_selected_actions() -> N
     assert ranker.transact is not None and all(p.grad is not None for p in ranker.transact.parameters())
     with pytest.raises(ValueError, match="need content"):
         ranker.eval()(seq, **{**cands, "cand_content": None})
+
+
+@pytest.mark.parametrize("mode", ["none", "pinfm_early"])
+def test_serving_scores_items_newer_than_the_training_data_from_content(mode: str) -> None:
+    cutoff = 1_700_000_000
+    torch.manual_seed(0)
+    ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence=mode, id_cutoff_s=cutoff))
+    vec = np.ones(BACKBONE.content_dim, np.float32)
+    content = ContentTable(np.array([5, 6, 7, 8]), np.tile(vec, (4, 1)))  # four items, same content
+    created = ItemCreatedAt(np.array([5, 6, 7, 8]), np.array([cutoff - 10, cutoff - 20, cutoff + 10, cutoff + 20]))
+    model = ServingModel(ranker, "v-test", content, created)
+    user = np.zeros(BACKBONE.d_model, np.float32)
+    seq = {"item_ids": [5], "actions": ["click"], "surfaces": ["home"]}
+    p = model.score(user, [5, 6, 7, 8], "home", sequence=seq, request_ts=cutoff + 100)
+    assert np.abs(p[0] - p[1]).max() > 1e-6  # trained ids: their id embeddings differ
+    np.testing.assert_allclose(p[2], p[3], atol=1e-6)  # newer than the training data: content alone
+    before = model.score(user, [5, 6, 7, 8], "home", sequence=seq, request_ts=cutoff - 5)  # none is new yet
+    assert np.abs(before[2] - before[3]).max() > 1e-6
