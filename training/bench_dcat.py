@@ -5,7 +5,9 @@ A PinFM of the given size (``max_len = seq_len + 1``, dropout 0, eval mode) scor
 ``candidates`` candidates:
 
 * **DCAT** (:func:`training.dcat.dcat_scores`): one context pass per request, then the
-  crossing pass of all candidates at once;
+  crossing pass of all candidates at once (on CPU through the fused flash-attention
+  kernel, ``crossing_attention: "fused"``; the plain-matmul reference agrees with it, see
+  ``tests/unit/training/test_dcat.py``);
 * **naive** (:func:`training.dcat.naive_candidate_hidden`): every candidate appended to its
   sequence and the full backbone run, ``naive_max`` candidates per request (the first ones;
   all of them on CUDA by default, 50 on CPU, where the full set takes minutes).
@@ -30,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from training.dcat import dcat_scores, naive_candidate_hidden
+from training.dcat import dcat_scores, fused_cross_attention_available, naive_candidate_hidden
 from training.model import PinFMConfig, device_name, resolve_device
 from training.ranker import NewItemConfig, Ranker, RankerConfig
 
@@ -146,6 +148,8 @@ def bench_dcat(
             "n_heads": n_heads,
             "device": device_name(dev),
             "dtype": "bf16 autocast" if cuda else "fp32",
+            # crossing attention: the CPU flash-attention kernel with the log-sum-exp merge, or plain matmuls
+            "crossing_attention": "fused" if fused_cross_attention_available(dev) else "plain",
             "reps": {"dcat": dcat_reps, "naive": naive_reps},
             "seq_module": seq_module,
             "ratio": seq_module["ratio"],

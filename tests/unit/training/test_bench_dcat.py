@@ -14,7 +14,7 @@ def test_bench_line_at_a_tiny_size() -> None:
     for key in ("bench", "seq_len", "candidates", "requests", "d_model", "n_layers", "n_heads", "device", "dtype"):
         assert key in line, key
     assert line["bench"] == "dcat" and line["seq_len"] == 16 and line["candidates"] == 8 and line["requests"] == 2
-    assert line["device"].startswith("cpu") and line["dtype"] == "fp32"
+    assert line["device"].startswith("cpu") and line["dtype"] == "fp32" and line["crossing_attention"] == "fused"
     seq = line["seq_module"]
     assert seq["dcat_cands_per_s"] > 0 and seq["naive_cands_per_s"] > 0 and seq["ratio"] > 0
     assert seq["naive_candidates"] == 2 * 5
