@@ -296,9 +296,16 @@ def train_pretrain(home, ds, size, steps, device, seed, losses) -> None:
 )
 @click.option("--next-action-weight", default=0.01, show_default=True, help="TransAct V2 Next Action Loss weight.")
 @click.option("--aux-next-token", default=0.0, show_default=True, help="Auxiliary next-token loss weight (0 = off).")
+@click.option(
+    "--lifelong-top-k",
+    default=0,
+    show_default=True,
+    help="--sequence transact: TransAct V2 selection, per candidate the 8 latest + K most similar actions (0 = all).",
+)
 def train_finetune(
-    home, ds, backbone, epochs, device, seed, promote, sequence, new_item_techniques, next_action_weight, aux_next_token
-) -> None:
+    home, ds, backbone, epochs, device, seed, promote, sequence, new_item_techniques, next_action_weight, aux_next_token,
+    lifelong_top_k,
+) -> None:  # fmt: skip
     """Fine-tune the ranker on ranking examples; per-action AUC and HIT@3 (new/old items) on the last day."""
     from training.finetune import FinetuneConfig, finetune
     from training.ranker import NewItemConfig
@@ -309,6 +316,7 @@ def train_finetune(
         sequence=sequence,
         next_action_weight=next_action_weight,
         aux_next_token_weight=aux_next_token,
+        lifelong_top_k=lifelong_top_k,
         **({"epochs": epochs} if epochs else {}),
         **({} if new_item_techniques else {"new_items": NewItemConfig.off()}),
     )
@@ -479,6 +487,75 @@ def eval_ranker_ablation(home, ds, backbone, epochs, device, seed, md_path) -> N
         Path(md_path).parent.mkdir(parents=True, exist_ok=True)
         Path(md_path).write_text(markdown_table(out["rows"]) + "\n", encoding="utf-8")
     _echo_json(out)
+
+
+@eval_.command("new-items")
+@click.option(
+    "--data", "data_dir", required=True, type=click.Path(), help="MovieLens folder with ratings.csv and movies.csv."
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--seeds", default=3, show_default=True, type=int, help="Fine-tuning seeds (both variants each).")
+@click.option("--seed", default=0, show_default=True, type=int, help="First seed (negatives, backbone, fine-tuning).")
+@click.option("--pretrain-steps", default=None, type=int, help="Backbone pretraining steps (default 300).")
+@click.option("--epochs", default=None, type=int, help="Fine-tuning epochs (default 2).")
+@click.option("--age-horizon-days", default=None, type=float, help="Age dropout horizon of the 'with' variant (365).")
+@click.option("--age-dropout-max", default=None, type=float, help="Age dropout at age 0 of the 'with' variant (0.5).")
+@click.option("--id-randomization", default=None, type=float, help="Candidate-ID randomization rate (0.1).")
+@click.option("--recent-share", default=None, type=float, help="Share of negatives among recent movies (0.5).")
+@click.option("--recent-days", default=None, type=float, help="How recent a 'recent' negative is, days (365).")
+@click.option("--max-eval-requests", default=None, type=int, help="Subsample the evaluation requests (default all).")
+@click.option(
+    "--split",
+    "quantiles",
+    default=None,
+    help="Quantiles of the rating times 'PRE,FT[,END]' ending pretraining, fine-tuning, evaluation "
+    "(default 0.70,0.85,1.0); e.g. 0.55,0.70,0.85 to choose settings without touching the last 15 %.",
+)
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also write the JSON line here.")
+@click.option("--markdown", "md_path", default=None, type=click.Path(dir_okay=False), help="Also write a table here.")
+def eval_new_items(
+    data_dir, device, seeds, seed, pretrain_steps, epochs, age_horizon_days, age_dropout_max, id_randomization,
+    recent_share, recent_days, max_eval_requests, quantiles, out_path, md_path,
+) -> None:  # fmt: skip
+    """MovieLens new-item experiment: ranker with vs without the new-item techniques, time split, per seed."""
+    import dataclasses
+
+    from training.movielens_newitems import NewItemsExperimentConfig, markdown_table, run_new_items
+
+    def given(**kw) -> dict:
+        return {k: v for k, v in kw.items() if v is not None}
+
+    split = {}
+    if quantiles:
+        try:
+            qs = [float(q) for q in quantiles.split(",")]
+        except ValueError:
+            qs = []
+        if len(qs) not in (2, 3):
+            raise click.BadParameter(
+                f"expected 'PRE,FT' or 'PRE,FT,END' quantiles, got {quantiles!r}", param_hint="--split"
+            )
+        split = dict(zip(("pretrain_quantile", "finetune_quantile", "eval_quantile"), qs, strict=False))
+
+    cfg = NewItemsExperimentConfig()
+    cfg = cfg.replace(
+        device=device, seeds=seeds, seed=seed,
+        pretrain=cfg.pretrain.replace(**given(steps=pretrain_steps)),
+        finetune=cfg.finetune.replace(**given(epochs=epochs)),
+        new_items=dataclasses.replace(cfg.new_items, **given(
+            age_horizon_days=age_horizon_days, age_dropout_max=age_dropout_max, id_randomization=id_randomization,
+        )),
+        **given(recent_share=recent_share, recent_days=recent_days, max_eval_requests=max_eval_requests),
+        **split,
+    )  # fmt: skip
+    out = run_new_items(Path(data_dir), cfg)
+    _echo_json(out)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(out, default=str, sort_keys=True) + "\n", encoding="utf-8")
+    if md_path:
+        Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(md_path).write_text(markdown_table(out) + "\n", encoding="utf-8")
 
 
 @eval_.command("retrieval")

@@ -4,7 +4,8 @@
 same backbone on the same days (nothing is registered), evaluates each on the same held-out
 day and returns one row per variant plus the new-item comparison:
 
-* ``sequence``: none / transact / pinfm_late / pinfm_early (all with the new-item techniques);
+* ``sequence``: none / transact / transact with TransAct V2's lifelong selection /
+  pinfm_late / pinfm_early (all with the new-item techniques);
 * ``new_items``: pinfm_early with vs without candidate-ID randomization + age-dependent ID
   dropout; the figure of merit is the relative change of click AUC − 0.5 on new items (items
   created after the backbone's pretraining data) and the relative change of overall click AUC.
@@ -20,6 +21,9 @@ from training.ranker import SEQUENCE_MODES, NewItemConfig
 
 log = logging.getLogger(__name__)
 
+#: TransAct V2 row: the 8 most recent + this many most content-similar actions per candidate
+LIFELONG_TOP_K = 16
+
 REPORTED = ("auc_click", "auc_save", "auc_hide", "hit3_click", "hit3_save", "auc_click_new", "auc_click_old")
 
 
@@ -29,7 +33,7 @@ def _row(name: str, result: dict) -> dict:
             "seconds": result["seconds"]}  # fmt: skip
 
 
-def _lift(new: float | None, base: float | None) -> float | None:
+def auc_lift(new: float | None, base: float | None) -> float | None:
     """Relative change of (AUC − 0.5): how much more than chance the variant ranks."""
     if new is None or base is None or base == 0.5:
         return None
@@ -50,6 +54,12 @@ def run_ablation(
         res = finetune(layout, cfg.replace(sequence=mode), ds=ds, backbone=backbone, register=False)
         rows.append(_row(mode, res))
         by_mode[mode] = res["metrics"]
+    if "transact" in modes:  # TransAct V2: each candidate reads its own selection from the history
+        res = finetune(
+            layout, cfg.replace(sequence="transact", lifelong_top_k=LIFELONG_TOP_K), ds=ds, backbone=backbone,
+            register=False,
+        )  # fmt: skip
+        rows.insert(modes.index("transact") + 1, _row(f"transact + lifelong selection (top {LIFELONG_TOP_K})", res))
     base_mode = "pinfm_early"
     with_tech = by_mode.get(base_mode)
     if with_tech is None:
@@ -64,7 +74,7 @@ def run_ablation(
     new_items = {
         "auc_click_new": {"with": with_tech.get("auc_click_new"), "without": m0.get("auc_click_new")},
         "auc_click": {"with": with_tech.get("auc_click"), "without": m0.get("auc_click")},
-        "new_items_lift": _lift(with_tech.get("auc_click_new"), m0.get("auc_click_new")),
+        "new_items_lift": auc_lift(with_tech.get("auc_click_new"), m0.get("auc_click_new")),
         "overall_change": None
         if with_tech.get("auc_click") is None or m0.get("auc_click") is None
         else round(with_tech["auc_click"] / m0["auc_click"] - 1.0, 4),

@@ -52,6 +52,9 @@ class FinetuneConfig:
         next_action_weight: TransAct V2's Next Action Loss (impression negatives) weight; 0 = off.
         aux_next_token_weight: the backbone's next-token loss on the request sequences; 0 = off.
         new_items: candidate-ID randomization and age-dependent ID dropout (NewItemConfig.off() = none).
+        lifelong_top_k: ``transact`` only: TransAct V2's per-candidate selection of the
+            ``lifelong_recent_r`` most recent + ``lifelong_top_k`` most content-similar actions
+            (0 = TransAct over the whole sequence).
         model: backbone preset when starting from random weights (a pretrained backbone brings its own shape).
         device: 'auto', 'cpu' or 'cuda'.
         seed: RNG seed.
@@ -69,6 +72,8 @@ class FinetuneConfig:
     next_action_weight: float = 0.01
     aux_next_token_weight: float = 0.0
     new_items: NewItemConfig = dataclasses.field(default_factory=NewItemConfig)
+    lifelong_top_k: int = 0
+    lifelong_recent_r: int = 8
     model: str = "small"
     device: str = "auto"
     seed: int = 0
@@ -264,65 +269,42 @@ def _gate(layout: Layout, new_auc: float | None) -> dict:
     return {**out, "pass": ok, "reason": f"auc_click {new_auc:.4f} {rel} {cur_auc:.4f} - {PROMOTION_TOLERANCE}"}
 
 
-def finetune(
-    layout: Layout,
+def train_ranker(
+    train: RankingData,
+    test: RankingData,
+    items: ItemFacts,
     cfg: FinetuneConfig,
-    ds: str | None = None,
-    backbone: str = "latest",
-    promote: bool = True,
-    register: bool = True,
-) -> dict:
-    """Fine-tune, evaluate, save a "ranker" artifact and promote it when it passes the gate.
+    rcfg: RankerConfig,
+    backbone_state: dict | None,
+    cutoff_s: int | None,
+    device: torch.device,
+) -> tuple[Ranker, dict, list[float]]:
+    """Fine-tune a ranker on in-memory ranking data and evaluate it (the loop behind :func:`finetune`).
 
     Args:
-        layout: data root.
-        cfg: run settings.
-        ds: evaluation day (default: the latest ranking_examples partition); all earlier days train.
-        backbone: "latest" (newest pinfm, random weights when there is none), "none", or a pinfm version.
-        promote: make the new version CURRENT when the gate passes.
-        register: save the artifact (False: only measure, e.g. for an ablation; nothing is written).
+        train: training impressions grouped by request (sequences of ``max_len - 1`` events
+            for ``pinfm_early``: early fusion appends the candidate).
+        test: evaluation impressions.
+        items: content vectors and creation times of the items.
+        cfg: optimisation settings (``cfg.seed`` seeds the weights' init and the batch order).
+        rcfg: the ranker's shape (``rcfg.id_cutoff_s``: end of the fine-tuning data).
+        backbone_state: pretrained PinFM weights for ``ranker.backbone``, or None (random).
+        cutoff_s: new items = created after this (unix seconds; the backbone's pretraining
+            cutoff), for the ``_new``/``_old`` slices of :func:`evaluate`; None = no slices.
+        device: where to train.
 
     Returns:
-        {version, metrics, promoted, backbone_version, gate, seconds}.
+        (the trained ranker, metrics = :func:`evaluate`'s keys (NaN → None) + ``n_train`` and
+        ``final_train_loss``, the loss of every step).
     """
-    t0 = time.perf_counter()
-    days = layout.available_days(layout.ranking_examples)
-    if not days:
-        raise FileNotFoundError(f"no ranking examples under {layout.ranking_examples}: run the feature pipeline first")
-    eval_day = ds or days[-1]
-    if eval_day not in days:
-        raise FileNotFoundError(f"no ranking examples for ds={eval_day} under {layout.ranking_examples} (have {days})")
-    train_days = [d for d in days if d < eval_day]
-    if not train_days:
-        raise ValueError(f"fine-tuning needs at least one day before the eval day {eval_day}; have {days}")
-
-    device = resolve_device(cfg.device)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"empty ranking data: {len(train)} train impressions, {len(test)} eval impressions")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    bb_cfg, bb_art = _resolve_backbone(layout, backbone, cfg.model)
-    bb_version = bb_art["version"] if bb_art else None
-    rcfg = RankerConfig(backbone=bb_cfg, sequence=cfg.sequence, new_items=cfg.new_items)
     model = Ranker(rcfg)
-    if bb_art is not None:
-        init_from_backbone(model, bb_art["state_dict"])
+    if backbone_state is not None:
+        init_from_backbone(model, backbone_state)
     model.to(device)
-    # new items = created after the backbone's pretraining data (or before any fine-tuning day without one)
-    corpus_ds = bb_art["data_version"].get("corpus_ds") if bb_art else None
-    cutoff = day_window(corpus_ds)[1] if corpus_ds else day_window(train_days[0])[0]
-    cutoff_s = int(cutoff.timestamp())
-
-    items = ItemFacts.from_layout(layout, bb_cfg.content_dim)
-    # early fusion appends the candidate after the sequence: keep one position free for it
-    seq_len = bb_cfg.max_len - 1 if cfg.sequence == "pinfm_early" else bb_cfg.max_len
-    train = load_ranking_data(layout, train_days, seq_len)
-    test = load_ranking_data(layout, [eval_day], seq_len)
-    if len(train) == 0 or len(test) == 0:
-        raise ValueError(f"empty ranking examples: {len(train)} train ({train_days}), {len(test)} eval ({eval_day})")
-    log.info(
-        "finetune: train %s (%d impressions, %d requests), eval %s (%d), backbone %s, sequence %s, device %s",
-        train_days, len(train), len(train.sequences), eval_day, len(test), bb_version or "random", cfg.sequence,
-        device,
-    )  # fmt: skip
 
     bb_params = list(model.backbone.parameters())
     bb_ids = {id(p) for p in bb_params}
@@ -374,6 +356,75 @@ def finetune(
     ev = evaluate(model, test, items, device, cutoff_s)
     metrics = {k: _json_number(v) for k, v in ev.items()}
     metrics.update(n_train=len(train), final_train_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])))
+    return model, metrics, losses
+
+
+def finetune(
+    layout: Layout,
+    cfg: FinetuneConfig,
+    ds: str | None = None,
+    backbone: str = "latest",
+    promote: bool = True,
+    register: bool = True,
+) -> dict:
+    """Fine-tune, evaluate, save a "ranker" artifact and promote it when it passes the gate.
+
+    Args:
+        layout: data root.
+        cfg: run settings.
+        ds: evaluation day (default: the latest ranking_examples partition); all earlier days train.
+        backbone: "latest" (newest pinfm, random weights when there is none), "none", or a pinfm version.
+        promote: make the new version CURRENT when the gate passes.
+        register: save the artifact (False: only measure, e.g. for an ablation; nothing is written).
+
+    Returns:
+        {version, metrics, promoted, backbone_version, gate, seconds}.
+    """
+    t0 = time.perf_counter()
+    days = layout.available_days(layout.ranking_examples)
+    if not days:
+        raise FileNotFoundError(f"no ranking examples under {layout.ranking_examples}: run the feature pipeline first")
+    eval_day = ds or days[-1]
+    if eval_day not in days:
+        raise FileNotFoundError(f"no ranking examples for ds={eval_day} under {layout.ranking_examples} (have {days})")
+    train_days = [d for d in days if d < eval_day]
+    if not train_days:
+        raise ValueError(f"fine-tuning needs at least one day before the eval day {eval_day}; have {days}")
+
+    device = resolve_device(cfg.device)
+    bb_cfg, bb_art = _resolve_backbone(layout, backbone, cfg.model)
+    bb_version = bb_art["version"] if bb_art else None
+    # items created after the last fine-tuning day never had a trained ID (content carries them)
+    id_cutoff_s = int(day_window(train_days[-1])[1].timestamp())
+    rcfg = RankerConfig(
+        backbone=bb_cfg,
+        sequence=cfg.sequence,
+        new_items=cfg.new_items,
+        id_cutoff_s=id_cutoff_s,
+        lifelong_top_k=cfg.lifelong_top_k,
+        lifelong_recent_r=cfg.lifelong_recent_r,
+    )
+    # new items = created after the backbone's pretraining data (or before any fine-tuning day without one)
+    corpus_ds = bb_art["data_version"].get("corpus_ds") if bb_art else None
+    cutoff = day_window(corpus_ds)[1] if corpus_ds else day_window(train_days[0])[0]
+    cutoff_s = int(cutoff.timestamp())
+
+    items = ItemFacts.from_layout(layout, bb_cfg.content_dim)
+    # early fusion appends the candidate after the sequence: keep one position free for it
+    seq_len = bb_cfg.max_len - 1 if cfg.sequence == "pinfm_early" else bb_cfg.max_len
+    train = load_ranking_data(layout, train_days, seq_len)
+    test = load_ranking_data(layout, [eval_day], seq_len)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"empty ranking examples: {len(train)} train ({train_days}), {len(test)} eval ({eval_day})")
+    log.info(
+        "finetune: train %s (%d impressions, %d requests), eval %s (%d), backbone %s, sequence %s, device %s",
+        train_days, len(train), len(train.sequences), eval_day, len(test), bb_version or "random", cfg.sequence,
+        device,
+    )  # fmt: skip
+
+    model, metrics, _ = train_ranker(
+        train, test, items, cfg, rcfg, bb_art["state_dict"] if bb_art else None, cutoff_s, device
+    )
     corpus_version = bb_art["data_version"].get("corpus_ds") if bb_art else None
     data_version = {
         "train_days": train_days,
