@@ -170,6 +170,7 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
 
     counts = seqs.item_ids[seqs_keep]
     catalog = ItemCatalog.from_sequences([counts[counts != 0]])
+    torch.manual_seed(cfg.seed)  # the initial weights are part of the run: same seed, same run
     model = PinFM(model_cfg)
     objective = PinFMObjective(cfg.objective(), catalog)
     run_dir = layout.runs / f"pretrain-ds={ds}-{cfg.digest()}"
