@@ -63,7 +63,7 @@ from training.model import PinFM, PinFMConfig, resolve_device
 from training.objectives import ItemCatalog, PinFMObjective
 from training.pretrain import CorpusBatches, PretrainConfig
 from training.ranker import NewItemConfig, RankerConfig
-from training.trainer import Trainer, TrainerConfig
+from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -456,18 +456,7 @@ def pretrain_backbone(
         model,
         objective,
         CorpusBatches(seqs, rows, cfg.batch_size, content, cfg.seed),
-        TrainerConfig(
-            steps=cfg.steps,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup=cfg.warmup,
-            min_lr_ratio=0.1,
-            grad_clip=cfg.grad_clip,
-            device=device,
-            seed=cfg.seed,
-            log_every=cfg.log_every,
-            desc="pretrain",
-        ),  # fmt: skip
+        cfg.trainer_config(device),  # no run dir: nothing is checkpointed
         run_dir=None,
     )
     losses = trainer.fit().losses

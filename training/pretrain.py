@@ -98,6 +98,22 @@ class PretrainConfig:
             init_temperature=0.1,
         )
 
+    def trainer_config(self, device: str | None = None) -> TrainerConfig:
+        """The Trainer settings of this pretraining (``device`` overrides ``self.device``)."""
+        return TrainerConfig(
+            steps=self.steps,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup=self.warmup,
+            min_lr_ratio=0.1,
+            grad_clip=self.grad_clip,
+            device=self.device if device is None else device,
+            seed=self.seed,
+            log_every=self.log_every,
+            ckpt_every=self.ckpt_every,
+            desc="pretrain",
+        )
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
@@ -180,19 +196,7 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
         CorpusBatches(
             seqs, seqs_keep, cfg.batch_size, content, cfg.seed, model_cfg.time_gap_buckets if cfg.time_gaps else None
         ),
-        TrainerConfig(
-            steps=cfg.steps,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup=cfg.warmup,
-            min_lr_ratio=0.1,
-            grad_clip=cfg.grad_clip,
-            device=cfg.device,
-            seed=cfg.seed,
-            log_every=cfg.log_every,
-            ckpt_every=cfg.ckpt_every,
-            desc="pretrain",
-        ),
+        cfg.trainer_config(),
         run_dir=run_dir,
     )
     result = trainer.fit()
