@@ -52,12 +52,16 @@ class NewItemConfig:
             (``RankerConfig.id_cutoff_s``) are scored from content alone: their ID rows were
             never trained (a hashed id only shares rows with other items), and age dropout
             taught the model to score ID-less candidates.
+        expected_keep_young: at inference, the ID part of a young item that was trained is
+            scaled by its expected keep probability under age dropout, 1 − p(age) (the model
+            saw it with the ID half of the time at age 0, without it otherwise).
     """
 
     id_randomization: float = 0.1
     age_dropout_max: float = 0.5
     age_horizon_days: float = 7.0
     content_only_unseen: bool = True
+    expected_keep_young: bool = True
 
     def __post_init__(self) -> None:
         for name in ("id_randomization", "age_dropout_max"):
@@ -69,7 +73,7 @@ class NewItemConfig:
 
     @classmethod
     def off(cls) -> NewItemConfig:
-        return cls(id_randomization=0.0, age_dropout_max=0.0, content_only_unseen=False)
+        return cls(id_randomization=0.0, age_dropout_max=0.0, content_only_unseen=False, expected_keep_young=False)
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,13 @@ class Ranker(nn.Module):
             return None
         return bucketize_time_gaps(seq["ts"], self.cfg.backbone.time_gap_buckets, seq["pad_mask"])
 
+    def _age_drop_probability(self, cand_age_s: torch.Tensor) -> torch.Tensor:
+        """(U, C) ages in seconds → probability that age dropout removes the ID part (0 for unknown ages)."""
+        nic = self.cfg.new_items
+        age_days = cand_age_s.float() / DAY_S
+        p = nic.age_dropout_max * (1.0 - age_days / nic.age_horizon_days).clamp(0.0, 1.0)  # (U, C)
+        return torch.where(cand_age_s < 0, torch.zeros_like(p), p)
+
     def candidate_embedding(
         self,
         cand_ids: torch.Tensor,
@@ -208,7 +219,8 @@ class Ranker(nn.Module):
         ``cand_age_s`` (U, C) is the item's age at the request in seconds (< 0 = unknown);
         ``request_ts`` (U,) the request time in unix seconds. In training: ID randomization
         and age dropout; at inference: items created after ``cfg.id_cutoff_s`` lose their
-        (never trained) ID part when ``content_only_unseen``.
+        (never trained) ID part when ``content_only_unseen``, and younger trained items keep
+        ``1 − p(age)`` of it when ``expected_keep_young``.
         """
         nic = self.cfg.new_items
         ids = cand_ids
@@ -218,9 +230,7 @@ class Ranker(nn.Module):
             random_ids = RANDOM_ID_BASE + torch.randint(0, RANDOM_ID_BASE, cand_ids.shape, device=cand_ids.device)
             ids = torch.where(swap & (cand_ids != 0), random_ids, cand_ids)
         if self.training and nic.age_dropout_max > 0 and cand_age_s is not None:
-            age_days = cand_age_s.float() / DAY_S
-            p = nic.age_dropout_max * (1.0 - age_days / nic.age_horizon_days).clamp(0.0, 1.0)  # (U, C)
-            p = torch.where(cand_age_s < 0, torch.zeros_like(p), p)  # unknown age: no drop
+            p = self._age_drop_probability(cand_age_s)  # (U, C)
             keep_id = torch.rand(p.shape, device=p.device) >= p
         if (
             not self.training
@@ -231,6 +241,8 @@ class Ranker(nn.Module):
         ):
             created = request_ts.unsqueeze(1) - cand_age_s  # (U, C) unix seconds
             keep_id = (cand_age_s < 0) | (created <= self.cfg.id_cutoff_s)  # (U, C)
+            if nic.expected_keep_young and nic.age_dropout_max > 0:
+                keep_id = keep_id.float() * (1.0 - self._age_drop_probability(cand_age_s))  # (U, C) expected keep
         # padding slots keep id 0 through the swap, so they embed to zeros
         return self.backbone.items(ids, cand_content, id_keep=keep_id)  # (U, C, D)
 

@@ -134,8 +134,14 @@ def test_items_created_after_the_training_data_are_scored_from_content_at_infere
     ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence="none", id_cutoff_s=cutoff)).eval()
     full = ranker.candidate_embedding(ids, content)
     got = ranker.candidate_embedding(ids, content, age, request_ts)
-    torch.testing.assert_close(got[0, 0], ranker.backbone.items.content_proj(content)[0, 0])  # unseen: content only
-    torch.testing.assert_close(got[0, 1:], full[0, 1:])  # trained ids and unknown creation times keep their ids
+    content_part = ranker.backbone.items.content_proj(content)  # (1, 3, D)
+    torch.testing.assert_close(got[0, 0], content_part[0, 0])  # unseen: content only
+    torch.testing.assert_close(got[0, 2], full[0, 2])  # unknown creation time: the id as it is
+    # trained but 2 hours old: the id part at its expected keep under age dropout, 1 − 0.5·(1 − age/7 days)
+    keep = 1.0 - 0.5 * (1.0 - (7_200 / 86_400) / 7.0)
+    torch.testing.assert_close(got[0, 1], content_part[0, 1] + keep * (full[0, 1] - content_part[0, 1]))
+    month_old = ranker.candidate_embedding(ids, content, torch.tensor([[30 * 86_400] * 3]), request_ts)
+    torch.testing.assert_close(month_old, full)  # past the age horizon: whole ids
     # without the techniques (or without a cutoff) every id is used
     torch.manual_seed(0)
     off = Ranker(RankerConfig(backbone=BACKBONE, sequence="none", new_items=NewItemConfig.off(), id_cutoff_s=cutoff))
