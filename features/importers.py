@@ -331,6 +331,30 @@ def genre_vector(genres: list[str], dim: int = CONTENT_DIM) -> list[float] | Non
     return (vec / norm).astype(np.float32).tolist()
 
 
+def genre_list(genres: str) -> list[str]:
+    """movies.csv ``genres`` ("Action|Comedy", or "(no genres listed)") → genre names."""
+    if genres.strip() == "(no genres listed)":
+        return []
+    return [g for g in genres.split("|") if g.strip()]
+
+
+def read_movielens_ratings_and_movies(src_dir: Path) -> tuple[dict[str, list], dict[str, list]]:
+    """The columns of ``ratings.csv`` and ``movies.csv`` in a MovieLens folder.
+
+    Raises:
+        FileNotFoundError: a file is missing (named).
+        ContractError: a file lacks a column or has a bad value (line named).
+    """
+    ratings = _read_csv_columns(
+        _require_file(src_dir / "ratings.csv", "movielens ratings"),
+        {"userId": int, "movieId": int, "rating": float, "timestamp": int},
+    )
+    movies = _read_csv_columns(
+        _require_file(src_dir / "movies.csv", "movielens movies"), {"movieId": int, "title": str, "genres": str}
+    )
+    return ratings, movies
+
+
 def _movie_year(title: str) -> int | None:
     m = _YEAR.search(title.strip())
     return int(m.group(1)) if m else None
@@ -355,19 +379,13 @@ def import_movielens(src_dir: Path, layout: Layout) -> dict:
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise FileNotFoundError(f"movielens: source folder not found: {src_dir}")
-    ratings = _read_csv_columns(
-        _require_file(src_dir / "ratings.csv", "movielens ratings"),
-        {"userId": int, "movieId": int, "rating": float, "timestamp": int},
-    )
+    ratings, movies = read_movielens_ratings_and_movies(src_dir)
     tags_path = src_dir / "tags.csv"
     if tags_path.exists():
         tags = _read_csv_columns(tags_path, {"userId": int, "movieId": int, "timestamp": int})
     else:
         log.warning("movielens: %s not found, importing ratings only", tags_path)
         tags = {"userId": [], "movieId": [], "timestamp": []}
-    movies = _read_csv_columns(
-        _require_file(src_dir / "movies.csv", "movielens movies"), {"movieId": int, "title": str, "genres": str}
-    )
 
     n_r, n_t = len(ratings["userId"]), len(tags["userId"])
     event_ids = [f"ml-r-{i}" for i in range(n_r)] + [f"ml-t-{i}" for i in range(n_t)]
@@ -381,7 +399,7 @@ def import_movielens(src_dir: Path, layout: Layout) -> dict:
     fallback = int(ts.min()) if len(ts) else 0
     rows: dict[int, tuple[int, str | None, list[float] | None]] = {}
     for mid, title, genres in zip(movies["movieId"], movies["title"], movies["genres"], strict=True):
-        glist = [] if genres.strip() == "(no genres listed)" else [g for g in genres.split("|") if g.strip()]
+        glist = genre_list(genres)
         year = _movie_year(title)
         seen = first.get(mid)
         created = int(dt.datetime(year, 1, 1, tzinfo=dt.UTC).timestamp()) if year else (seen or fallback)

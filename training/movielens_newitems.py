@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from features.contract import ACTION_IDS, CONTENT_DIM, LABEL_ACTIONS, SURFACE_IDS
-from features.importers import _movie_year, _read_csv_columns, _require_file, genre_vector, rating_action
+from features.importers import _movie_year, genre_list, genre_vector, rating_action, read_movielens_ratings_and_movies
 from training.ablation import auc_lift
 from training.config_fields import replace_fields
 from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays
@@ -190,8 +190,7 @@ def content_vector(genres: str, title: str, dim: int = CONTENT_DIM) -> np.ndarra
         dim: output size.
     """
     out = np.zeros(dim, np.float32)
-    glist = [] if genres.strip() == "(no genres listed)" else [g for g in genres.split("|") if g.strip()]
-    g = genre_vector(glist, dim - 2)
+    g = genre_vector(genre_list(genres), dim - 2)
     if g is not None:
         out[: dim - 2] = g
     year = _movie_year(title)
@@ -211,13 +210,7 @@ def load_movielens(src: Path | str, content_dim: int = CONTENT_DIM) -> MovieLens
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"movielens: data folder not found: {src}")
-    r = _read_csv_columns(
-        _require_file(src / "ratings.csv", "movielens ratings"),
-        {"userId": int, "movieId": int, "rating": float, "timestamp": int},
-    )
-    m = _read_csv_columns(
-        _require_file(src / "movies.csv", "movielens movies"), {"movieId": int, "title": str, "genres": str}
-    )
+    r, m = read_movielens_ratings_and_movies(src)
     users = np.asarray(r["userId"], np.int64)
     items = np.asarray(r["movieId"], np.int64)
     ts = np.asarray(r["timestamp"], np.int64)
