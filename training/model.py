@@ -11,6 +11,7 @@ accepts left padding when ``pad_mask`` is given: positions count real tokens onl
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class PinFMConfig:
     n_surfaces: int = len(SURFACES) + 1
     time_gap_buckets: int = 24  # log2-second buckets of the gap to the previous event; 0 = unknown/padding
     sparse_item_grads: bool = False  # hash tables get sparse gradients (the Trainer then uses SparseAdam for them)
+    scale_item_input: bool = False  # multiply the item part of the input by √d_model (SASRec); targets are not scaled
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -304,12 +306,10 @@ class PinFM(nn.Module):
             eye = torch.eye(L, dtype=torch.bool, device=item_ids.device)
             # a query sees earlier real keys, and always itself (so all-pad rows stay finite)
             attn_mask = (causal & (pad_mask[:, None, :] | eye)).unsqueeze(1)  # (B, 1, L, L)
-        x = (
-            self.items(item_ids, content)
-            + self.action_emb(action_ids)
-            + self.surface_emb(surface_ids)
-            + self.pos_emb(pos)
-        )  # (B, L, D)
+        item_x = self.items(item_ids, content)  # (B, L, D)
+        if self.cfg.scale_item_input:
+            item_x = item_x * math.sqrt(self.cfg.d_model)
+        x = item_x + self.action_emb(action_ids) + self.surface_emb(surface_ids) + self.pos_emb(pos)  # (B, L, D)
         if time_gaps is not None:
             x = x + self.gap_emb(time_gaps.clamp(0, self.cfg.time_gap_buckets - 1))
         return self.drop(x), attn_mask  # (B, L, D), (B, 1, L, L) or None

@@ -57,7 +57,7 @@ from features.importers import _movie_year, genre_list, genre_vector, rating_act
 from training.ablation import auc_lift
 from training.config_fields import replace_fields
 from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays
-from training.finetune import FinetuneConfig, ItemFacts, new_item_mask, predict, train_ranker
+from training.finetune import FinetuneConfig, ItemFacts, evaluate, new_item_mask, predict, train_ranker
 from training.metrics import roc_auc
 from training.model import PinFM, PinFMConfig, resolve_device
 from training.objectives import ItemCatalog, PinFMObjective
@@ -549,11 +549,32 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
             row[name] = {k: _round(metrics.get(k)) for k in REPORTED}
             row[name]["seconds"] = round(time.perf_counter() - t1, 1)
             log.info("new-items: seed %d %s %s", cfg.seed + s, name, row[name])
+            if name == "with" and nic.expected_keep_young:
+                # the same trained ranker under the other inference rule for young trained items
+                other = dataclasses.replace(nic, young_mix=not nic.young_mix)
+                model.cfg = model.cfg.replace(new_items=other)
+                alt = evaluate(model, test, data.items, device, split.t_pre)
+                alt.update(_new_item_parts(model, test, data.items, new, unseen, device))
+                alt_name = "with_young_mix" if other.young_mix else "with_young_scale"
+                row[alt_name] = {k: _round(alt.get(k)) for k in REPORTED}
+                log.info("new-items: seed %d %s %s", cfg.seed + s, alt_name, row[alt_name])
         row["new_items_lift"] = auc_lift(row["with"]["auc_click_new"], row["without"]["auc_click_new"])
         row["overall_change"] = _rel(row["with"]["auc_click"], row["without"]["auc_click"])
+        for alt_name in ("with_young_mix", "with_young_scale"):
+            if alt_name in row:
+                row[f"{alt_name}_lift"] = auc_lift(row[alt_name]["auc_click_new"], row["without"]["auc_click_new"])
         per_seed.append(row)
 
     mean = {v: {k: _mean([r[v][k] for r in per_seed]) for k in REPORTED} for v in variants}
+    alternative = {}  # the "with" rankers under the other young-item rule (not the figure of merit)
+    for alt_name in ("with_young_mix", "with_young_scale"):
+        if all(alt_name in r for r in per_seed):
+            m = {k: _mean([r[alt_name][k] for r in per_seed]) for k in REPORTED}
+            alternative[alt_name] = {
+                **m,
+                "new_items_lift": auc_lift(m["auc_click_new"], mean["without"]["auc_click_new"]),
+                "overall_change": _rel(m["auc_click"], mean["without"]["auc_click"]),
+            }
     lifts = {
         a: {
             "new_items_lift": auc_lift(mean["with"][f"auc_{a}_new"], mean["without"][f"auc_{a}_new"]),
@@ -571,6 +592,7 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
         "lifts": lifts,
         "target": TARGET,
         "target_met": bool(lift is not None and overall is not None and lift >= 0.15 and overall >= -0.01),
+        "alternative_young_rule": alternative,
         "per_seed": per_seed,
         **counts,
         "split": split.to_dict(),
@@ -596,10 +618,14 @@ def markdown_table(result: dict) -> str:
             lines.append(f"| {r['seed']} | {v} | " + " | ".join(cell(r[v].get(c)) for c in cols) + " |")
     for v in ("with", "without"):
         lines.append(f"| mean | {v} | " + " | ".join(cell(result[v].get(c)) for c in cols) + " |")
+    for alt, m in result.get("alternative_young_rule", {}).items():
+        lines.append(f"| mean | {alt} | " + " | ".join(cell(m.get(c)) for c in cols) + " |")
     lines.append("")
     lines.append(
         f"new-item lift of click AUC − 0.5: {result['new_items_lift']}; overall click AUC change: "
         f"{result['overall_change']} (target: {result['target']}; met: {result['target_met']}); "
         f"{result['n_eval_new']} new / {result['n_eval_old']} old eval impressions"
     )
+    for alt, m in result.get("alternative_young_rule", {}).items():
+        lines.append(f"{alt} (same trained rankers): lift {m['new_items_lift']}, overall {m['overall_change']}")
     return "\n".join(lines)

@@ -52,9 +52,14 @@ class NewItemConfig:
             (``RankerConfig.id_cutoff_s``) are scored from content alone: their ID rows were
             never trained (a hashed id only shares rows with other items), and age dropout
             taught the model to score ID-less candidates.
-        expected_keep_young: at inference, the ID part of a young item that was trained is
-            scaled by its expected keep probability under age dropout, 1 − p(age) (the model
-            saw it with the ID half of the time at age 0, without it otherwise).
+        expected_keep_young: at inference, a young item that was trained is scored with its
+            expected keep probability under age dropout, k = 1 − p(age) (the model saw it with
+            the ID a share k of the time, without it otherwise): by default its ID part is
+            scaled by k.
+        young_mix: with ``expected_keep_young``, mix the predictions instead: every action's
+            probability is k · σ(logit with the ID) + (1 − k) · σ(logit without it), the
+            expectation over the two inputs the model was trained on (the candidate is scored
+            twice; only the candidate side runs twice, the sequence side once).
     """
 
     id_randomization: float = 0.1
@@ -62,6 +67,7 @@ class NewItemConfig:
     age_horizon_days: float = 7.0
     content_only_unseen: bool = True
     expected_keep_young: bool = True
+    young_mix: bool = False
 
     def __post_init__(self) -> None:
         for name in ("id_randomization", "age_dropout_max"):
@@ -73,7 +79,10 @@ class NewItemConfig:
 
     @classmethod
     def off(cls) -> NewItemConfig:
-        return cls(id_randomization=0.0, age_dropout_max=0.0, content_only_unseen=False, expected_keep_young=False)
+        return cls(
+            id_randomization=0.0, age_dropout_max=0.0, content_only_unseen=False, expected_keep_young=False,
+            young_mix=False,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,7 @@ class Ranker(nn.Module):
         cand_content: torch.Tensor | None = None,
         cand_age_s: torch.Tensor | None = None,
         request_ts: torch.Tensor | None = None,
+        id_keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(U, C) ids [+ content, + item age] → (U, C, D), with the new-item techniques.
 
@@ -220,7 +230,8 @@ class Ranker(nn.Module):
         ``request_ts`` (U,) the request time in unix seconds. In training: ID randomization
         and age dropout; at inference: items created after ``cfg.id_cutoff_s`` lose their
         (never trained) ID part when ``content_only_unseen``, and younger trained items keep
-        ``1 − p(age)`` of it when ``expected_keep_young``.
+        ``1 − p(age)`` of it when ``expected_keep_young``. ``id_keep`` (U, C) overrides the
+        inference rule (the share of the ID part each candidate keeps).
         """
         nic = self.cfg.new_items
         ids = cand_ids
@@ -232,19 +243,45 @@ class Ranker(nn.Module):
         if self.training and nic.age_dropout_max > 0 and cand_age_s is not None:
             p = self._age_drop_probability(cand_age_s)  # (U, C)
             keep_id = torch.rand(p.shape, device=p.device) >= p
-        if (
-            not self.training
-            and nic.content_only_unseen
-            and self.cfg.id_cutoff_s is not None
-            and cand_age_s is not None
-            and request_ts is not None
-        ):
-            created = request_ts.unsqueeze(1) - cand_age_s  # (U, C) unix seconds
-            keep_id = (cand_age_s < 0) | (created <= self.cfg.id_cutoff_s)  # (U, C)
-            if nic.expected_keep_young and nic.age_dropout_max > 0:
-                keep_id = keep_id.float() * (1.0 - self._age_drop_probability(cand_age_s))  # (U, C) expected keep
+        if id_keep is not None:
+            keep_id = id_keep
+        elif not self.training:
+            keep_id = self._inference_keep(cand_age_s, request_ts)
         # padding slots keep id 0 through the swap, so they embed to zeros
         return self.backbone.items(ids, cand_content, id_keep=keep_id)  # (U, C, D)
+
+    def _inference_keep(self, cand_age_s: torch.Tensor | None, request_ts: torch.Tensor | None) -> torch.Tensor | None:
+        """(U, C) share of the ID part an inference candidate keeps (None = all of it).
+
+        0 for items created after ``cfg.id_cutoff_s`` (``content_only_unseen``); 1 − p(age) for
+        younger trained items (``expected_keep_young``); 1 otherwise.
+        """
+        nic = self.cfg.new_items
+        if not nic.content_only_unseen or self.cfg.id_cutoff_s is None or cand_age_s is None or request_ts is None:
+            return None
+        created = request_ts.unsqueeze(1) - cand_age_s  # (U, C) unix seconds
+        keep = ((cand_age_s < 0) | (created <= self.cfg.id_cutoff_s)).float()  # (U, C)
+        if nic.expected_keep_young and nic.age_dropout_max > 0:
+            keep = keep * (1.0 - self._age_drop_probability(cand_age_s))  # (U, C) expected keep
+        return keep
+
+    def _young_mix_keep(self, cand_age_s: torch.Tensor | None, request_ts: torch.Tensor | None) -> torch.Tensor | None:
+        """(U, C) expected keep when predictions are to be mixed (``young_mix``), else None."""
+        nic = self.cfg.new_items
+        if self.training or not (nic.young_mix and nic.expected_keep_young):
+            return None
+        keep = self._inference_keep(cand_age_s, request_ts)
+        if keep is None or not bool(((keep > 0) & (keep < 1)).any()):
+            return None  # every candidate is all-ID or content-only: one pass is exact
+        return keep
+
+    @staticmethod
+    def _mix_logits(logits2: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(U, 2C, A) logits with / without the ID → (U, C, A) logits of the keep-weighted mixture."""
+        with_id, without_id = logits2.chunk(2, dim=1)  # (U, C, A) each
+        k = keep.unsqueeze(-1).to(logits2.dtype)  # (U, C, 1)
+        p = k * torch.sigmoid(with_id) + (1.0 - k) * torch.sigmoid(without_id)  # (U, C, A)
+        return torch.logit(p, eps=1e-7)
 
     def user_embedding(
         self,
@@ -303,6 +340,40 @@ class Ranker(nn.Module):
         Returns:
             (U, C, A) logits (and the user vector when ``return_user``).
         """
+        keep = None if naive else self._young_mix_keep(cand_age_s, request_ts)
+        if keep is None:
+            return self._forward(
+                seq, cand_ids, cand_surface_ids, cand_content, cand_mask, cand_age_s, request_ts, return_user, naive
+            )
+        # young_mix: every candidate twice, with its ID and without it, in one crossing pass
+        twice = [
+            None if t is None else torch.cat([t, t], dim=1) for t in (cand_ids, cand_content, cand_mask, cand_age_s)
+        ]
+        surfaces = cand_surface_ids if cand_surface_ids.dim() == 1 else torch.cat([cand_surface_ids] * 2, dim=1)
+        id_keep = torch.cat([(keep > 0).float(), torch.zeros_like(keep)], dim=1)  # (U, 2C)
+        logits2, user = self._forward(
+            seq, twice[0], surfaces, twice[1], twice[2], twice[3], request_ts, True, False, id_keep
+        )  # (U, 2C, A)
+        logits = self._mix_logits(logits2, keep)  # (U, C, A)
+        if cand_mask is None:
+            cand_mask = cand_ids != 0
+        logits = logits.masked_fill(~cand_mask.bool().unsqueeze(-1), 0.0)
+        return (logits, user) if return_user else logits
+
+    def _forward(
+        self,
+        seq: dict,
+        cand_ids: torch.Tensor,
+        cand_surface_ids: torch.Tensor,
+        cand_content: torch.Tensor | None,
+        cand_mask: torch.Tensor | None,
+        cand_age_s: torch.Tensor | None,
+        request_ts: torch.Tensor | None,
+        return_user: bool,
+        naive: bool,
+        id_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` with one input per candidate; ``id_keep`` overrides the inference ID rule."""
         U, C = cand_ids.shape
         if seq["item_ids"].shape[0] != U:
             raise ValueError(f"{seq['item_ids'].shape[0]} sequences for {U} candidate rows")
@@ -311,7 +382,7 @@ class Ranker(nn.Module):
         if cand_mask is None:
             cand_mask = cand_ids != 0
         pad_mask = seq["pad_mask"].bool()
-        cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts)  # (U, C, D)
+        cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts, id_keep)  # (U, C, D)
         feats = [cand, self.surface_emb(cand_surface_ids)]
         user = None
         mode = self.cfg.sequence
@@ -407,11 +478,18 @@ class Ranker(nn.Module):
         U, C = cand_ids.shape
         if surface_ids.dim() == 1:
             surface_ids = surface_ids.unsqueeze(1).expand(U, C)  # (U, C)
-        cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts)  # (U, C, D)
-        feats = [cand, self.surface_emb(surface_ids)]
-        if self.cfg.sequence == "pinfm_late":
-            feats += self._late_features(user_emb.expand(U, -1), cand)
-        return self._head(feats)  # (U, C, A)
+
+        def head(id_keep: torch.Tensor | None) -> torch.Tensor:
+            cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts, id_keep)  # (U, C, D)
+            feats = [cand, self.surface_emb(surface_ids)]
+            if self.cfg.sequence == "pinfm_late":
+                feats += self._late_features(user_emb.expand(U, -1), cand)
+            return self._head(feats)  # (U, C, A)
+
+        keep = self._young_mix_keep(cand_age_s, request_ts)
+        if keep is None:
+            return head(None)
+        return self._mix_logits(torch.cat([head((keep > 0).float()), head(torch.zeros_like(keep))], dim=1), keep)
 
 
 def init_from_backbone(ranker: Ranker, state_dict: dict) -> None:

@@ -293,6 +293,7 @@ class SeqRecConfig:
         n_hash_tables, hash_buckets: the hashed item embedding (buckets per sub-table).
         sparse_item_grads: update only the looked-up hash rows (SparseAdam); a step then costs
             the same whatever the table size.
+        scale_item_input: multiply the item part of the input tokens by √d_model (as SASRec does).
         objective: losses and negatives.
         batch_size, lr, weight_decay, warmup: optimisation.
         epochs: passes over the training users.
@@ -310,6 +311,7 @@ class SeqRecConfig:
     n_hash_tables: int = 2
     hash_buckets: int = 1 << 20
     sparse_item_grads: bool = True
+    scale_item_input: bool = False
     objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
     batch_size: int = 256
     lr: float = 3e-3
@@ -332,6 +334,7 @@ class SeqRecConfig:
             hash_buckets=self.hash_buckets,
             dropout=self.dropout,
             sparse_item_grads=self.sparse_item_grads,
+            scale_item_input=self.scale_item_input,
         )
 
     def to_dict(self) -> dict:

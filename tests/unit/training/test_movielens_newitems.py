@@ -248,8 +248,12 @@ def test_end_to_end_on_tiny_data_returns_the_figures(ml_dir: Path) -> None:
     assert out["n_eval_new"] > 0 and out["n_eval_old"] > 0
     assert out["n_eval_new"] + out["n_eval_old"] == out["n_eval_impressions"]
     assert out["pretrain"]["steps"] == CFG.pretrain.steps
+    # the "with" rankers are also scored under the other young-item rule (mixed predictions)
+    alt = out["alternative_young_rule"]["with_young_mix"]
+    assert alt["auc_click_new"] is not None and alt["new_items_lift"] is not None
+    assert "with_young_mix_lift" in out["per_seed"][0]
     table = markdown_table(out)
-    assert "| mean | with |" in table and "| mean | without |" in table
+    assert "| mean | with |" in table and "| mean | without |" in table and "| mean | with_young_mix |" in table
 
 
 def test_missing_data_names_the_problem(tmp_path: Path) -> None:

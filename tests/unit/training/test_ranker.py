@@ -148,6 +148,43 @@ def test_items_created_after_the_training_data_are_scored_from_content_at_infere
     torch.testing.assert_close(off.eval().candidate_embedding(ids, content, age, request_ts), full)
 
 
+@pytest.mark.parametrize("mode", ["pinfm_early", "pinfm_late"])
+def test_young_mix_averages_the_predictions_with_and_without_the_id(mode: str) -> None:
+    cutoff = 1_700_000_000
+    seq, cands = _inputs()
+    U, C = cands["cand_ids"].shape
+    request_ts = torch.full((U,), cutoff + 3_600)
+    # per row: 2 hours old (trained, young), created after the cutoff, a month old, unknown age
+    age = torch.tensor([[7_200, 60, 30 * 86_400, -1]]).expand(U, C)
+    nic = NewItemConfig(0.0, 0.5, age_horizon_days=7.0, young_mix=True)
+    torch.manual_seed(0)
+    ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence=mode, new_items=nic, id_cutoff_s=cutoff)).eval()
+    with torch.no_grad():
+        got = ranker(seq, **cands, cand_age_s=age, request_ts=request_ts)  # (U, C, A)
+        keep = ranker._inference_keep(age, request_ts)  # (U, C)
+        with_id = ranker._forward(seq, **cands, cand_age_s=age, request_ts=request_ts,
+                                  return_user=False, naive=False, id_keep=(keep > 0).float())  # fmt: skip
+        without_id = ranker._forward(seq, **cands, cand_age_s=age, request_ts=request_ts,
+                                     return_user=False, naive=False, id_keep=torch.zeros_like(keep))  # fmt: skip
+    k = 1.0 - 0.5 * (1.0 - (7_200 / 86_400) / 7.0)
+    assert keep[0].tolist() == pytest.approx([k, 0.0, 1.0, 1.0])
+    want = torch.logit(keep[..., None] * with_id.sigmoid() + (1 - keep[..., None]) * without_id.sigmoid(), eps=1e-7)
+    real = cands["cand_ids"] != 0
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    # only the young trained item differs from one pass with the id or without it
+    torch.testing.assert_close(got[:, 1][real[:, 1]], without_id[:, 1][real[:, 1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, 2:][real[:, 2:]], with_id[:, 2:][real[:, 2:]], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0, 0], with_id[0, 0]) and not torch.allclose(got[0, 0], without_id[0, 0])
+    assert (got[~real] == 0).all()  # padding candidates stay zero
+    if mode == "pinfm_late":  # the precomputed-user-vector path mixes the same way
+        user = ranker.user_embedding(seq["item_ids"], seq["action_ids"], seq["surface_ids"], seq["content"],
+                                     seq["pad_mask"])  # fmt: skip
+        late = ranker.score_from_user_embedding(
+            user, cands["cand_ids"], cands["cand_content"], cands["cand_surface_ids"], age, request_ts
+        )
+        torch.testing.assert_close(late[real], got[real], atol=1e-5, rtol=1e-5)
+
+
 def test_config_round_trip_and_errors() -> None:
     cfg = RankerConfig(backbone=BACKBONE, sequence="transact", new_items=NewItemConfig(0.2, 0.3, 5.0))
     assert RankerConfig.from_dict(cfg.to_dict()) == cfg
