@@ -15,9 +15,12 @@ Feature consumers::
 
     fs = feature_store(Layout.default())
     row = fs.get_online_features(
-        features=["user_sequence:item_ids", "user_sequence:actions", "user_embedding:embedding"],
+        features=["user_sequence:item_ids", "user_sequence:event_ts_s", "user_embedding:embedding"],
         entity_rows=[{"user_id": 42}],
     ).to_dict()
+
+``user_sequence:event_ts_s`` holds each event's time in unix seconds, aligned with ``item_ids``
+(``None`` for rows materialized before the field existed).
 
 The online store is SQLite unless ``AFM_FEAST_ONLINE=redis``; then ``AFM_REDIS_URL``
 (``host:port`` or ``redis://host:port``, default ``localhost:6379``) names the server.
@@ -60,7 +63,8 @@ CONFIG_FILE = REPO_DIR / "feature_store.yaml"
 #: The earliest time materialization looks at for views without a daily snapshot.
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
-USER_SEQUENCE_COLUMNS = ("user_id", "item_ids", "actions", "surfaces", "n_events")
+#: Input columns of a user_sequences snapshot that the Feast export reads.
+USER_SEQUENCE_COLUMNS = ("user_id", "item_ids", "actions", "surfaces", "ts", "n_events")
 ITEM_FEATURE_COLUMNS = ("item_id", "category", "content", "created_at_s")
 USER_EMBEDDING_COLUMNS = ("user_id", "embedding", "model_version", "event_timestamp")
 
@@ -177,8 +181,9 @@ def export_feast_sources(spark: SparkSession, layout: Layout, ds: str) -> dict:
 
     Reads ``layout.user_sequences/ds=<ds>`` (``features.tables.USER_SEQUENCES_SCHEMA``) and
     ``layout.items`` (``features.contract.ITEM_SCHEMA``), writes parquet part files under
-    ``layout.feast/sources``. Rerunning a day replaces that day's sequence rows; the item
-    source is the whole catalogue and is replaced each time.
+    ``layout.feast/sources``. The sequence's ``ts`` list becomes ``event_ts_s``: unix seconds
+    of every event, oldest first, aligned with ``item_ids``. Rerunning a day replaces that
+    day's sequence rows; the item source is the whole catalogue and is replaced each time.
 
     Args:
         spark: An active Spark session.
@@ -211,6 +216,8 @@ def export_feast_sources(spark: SparkSession, layout: Layout, ds: str) -> dict:
         F.col("item_ids").cast("array<bigint>").alias("item_ids"),
         F.col("actions").cast("array<string>").alias("actions"),
         F.col("surfaces").cast("array<string>").alias("surfaces"),
+        # per-event times as unix seconds (what the ranker's time gaps read), aligned with item_ids
+        F.transform("ts", lambda t: F.unix_seconds(t)).cast("array<bigint>").alias(defs.EVENT_TS_FIELD),
         F.col("n_events").cast("bigint").alias("n_events"),
         # Spark timestamps are instants; a microsecond literal avoids any session-timezone shift.
         F.timestamp_micros(F.lit(int(snap_ts.timestamp()) * 1_000_000 + snap_ts.microsecond)).alias(
@@ -317,6 +324,36 @@ def _latest_sequence_day(layout: Layout, end: dt.datetime) -> str | None:
     return max(days) if days else None
 
 
+def _check_sequence_sources(layout: Layout) -> None:
+    """Raise when a ``user_sequence`` source day lacks a column of the feature view.
+
+    Feast reads every day directory of the source at once, so a day exported before a field
+    was added (e.g. ``event_ts_s``) breaks materialization and point-in-time reads of all days.
+    """
+    from features.feature_repo import definitions as defs
+
+    root = _source_dir(layout, defs.USER_SEQUENCE_DIR)
+    if not root.exists():
+        return
+    need = [f.name for f in defs.user_sequence.schema]
+    stale: dict[str, list[str]] = {}
+    for day in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        part = next(iter(sorted(day.rglob("*.parquet"))), None)
+        if part is None:
+            continue
+        have = set(pq.read_schema(part).names)
+        missing = [c for c in need if c not in have]
+        if missing:
+            stale[day.name] = missing
+    if stale:
+        days = sorted(stale)
+        raise FeatureStoreError(
+            f"user_sequence sources of days {days} lack columns {sorted({c for m in stale.values() for c in m})} "
+            f"(exported before those fields existed); re-export them with `afm features feast-export --ds <day>` "
+            f"or delete {root}/<day>"
+        )
+
+
 def materialize(layout: Layout, end_ds: str | None = None) -> dict:
     """Load the latest feature values up to the end of ``end_ds`` (or now) into the online store.
 
@@ -334,6 +371,7 @@ def materialize(layout: Layout, end_ds: str | None = None) -> dict:
     from features.feature_repo import definitions as defs
 
     _require_registered(layout)
+    _check_sequence_sources(layout)
     end = day_window(end_ds)[1] if end_ds is not None else dt.datetime.now(dt.UTC)
     fs = feature_store(layout)
     views: dict[str, dict] = {}
@@ -384,6 +422,8 @@ def historical_features(layout: Layout, entity_df: pd.DataFrame, features: list[
     if "event_timestamp" not in entity_df.columns:
         raise FeatureStoreError("entity_df needs an event_timestamp column (UTC) for the point-in-time join")
     _require_registered(layout)
+    if any(ref.startswith("user_sequence:") for ref in features):
+        _check_sequence_sources(layout)
     base = entity_df.reset_index(drop=True).copy()
     base["event_timestamp"] = pd.to_datetime(base["event_timestamp"], utc=True)
     base[ROW_ID] = range(len(base))

@@ -12,7 +12,9 @@ A ranking request reads the user's ``user_embedding`` and ``user_sequence`` rows
 candidates' ``item_features`` from the online store. The stored embedding is used only
 when its ``model_version`` is the loaded model's version (serving never mixes versions);
 otherwise the embedding is computed from the stored sequence (an unknown user has an
-empty sequence, reported as ``"user_known": false``).
+empty sequence, reported as ``"user_known": false``). The stored sequence carries each
+event's time (``user_sequence:event_ts_s``, unix seconds) as ``"ts"``, so a ranker trained
+with time gaps gets them at serving time too; rows without times are scored without gaps.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import values as prom_values
 from pydantic import BaseModel, ConfigDict, StrictInt, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -44,10 +47,13 @@ PRIMARY_ACTION = "click"
 ADMIN_TOKEN_ENV = "AFM_ADMIN_TOKEN"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+EVENT_TS = "event_ts_s"  # user_sequence's per-event unix seconds (features/feature_repo/definitions.py)
+EVENT_TS_FEATURE = f"user_sequence:{EVENT_TS}"
 USER_FEATURES = [
     "user_sequence:item_ids",
     "user_sequence:actions",
     "user_sequence:surfaces",
+    EVENT_TS_FEATURE,
     "user_embedding:embedding",
     "user_embedding:model_version",
 ]
@@ -61,7 +67,7 @@ class RankingModel(Protocol):
     actions: tuple[str, ...]
     embedding_dim: int
 
-    def user_embeddings(self, sequences: list[dict]) -> np.ndarray: ...  # (U, D)
+    def user_embeddings(self, sequences: list[dict]) -> np.ndarray: ...  # (U, D); sequences as UserRow.sequence
 
     def score(
         self,
@@ -77,7 +83,7 @@ class RankingModel(Protocol):
 class UserRow:
     """The online features of one user; ``None`` fields were not found."""
 
-    sequence: dict | None = None  # {"item_ids", "actions", "surfaces"}
+    sequence: dict | None = None  # {"item_ids", "actions", "surfaces"[, "ts"]}; ts: unix seconds per event
     embedding: list[float] | None = None
     model_version: str | None = None
 
@@ -102,6 +108,8 @@ class FeastOnlineFeatures:
         self.layout = layout
         self._store: Any = None
         self._lock = threading.Lock()
+        self._has_event_ts = False  # once the registry has user_sequence's event times, it keeps them
+        self._warned_no_event_ts = False
 
     def _fs(self) -> Any:
         from features.store import FeatureStoreError, feature_store, is_registered
@@ -122,9 +130,26 @@ class FeastOnlineFeatures:
 
         return "ok" if is_registered(self.layout) else "not registered (run `afm features register`)"
 
+    def _user_features(self, fs: Any) -> list[str]:
+        """USER_FEATURES, less the event times while the registry predates them (scored without gaps)."""
+        if self._has_event_ts:
+            return USER_FEATURES
+        if EVENT_TS in {f.name for f in fs.get_feature_view("user_sequence").features}:
+            self._has_event_ts = True
+            return USER_FEATURES
+        if not self._warned_no_event_ts:
+            self._warned_no_event_ts = True
+            log.warning(
+                "the Feast registry's user_sequence view has no %s field: sequences are scored without time "
+                "gaps; run `afm features register`, then re-export and materialize the sequences",
+                EVENT_TS,
+            )
+        return [f for f in USER_FEATURES if f != EVENT_TS_FEATURE]
+
     def user(self, user_id: int) -> UserRow:
-        """The user's sequence and stored embedding (``None`` where absent)."""
-        got = self._fs().get_online_features(features=USER_FEATURES, entity_rows=[{"user_id": user_id}]).to_dict()
+        """The user's sequence (with per-event times when stored) and stored embedding (``None`` where absent)."""
+        fs = self._fs()
+        got = fs.get_online_features(features=self._user_features(fs), entity_rows=[{"user_id": user_id}]).to_dict()
         row = UserRow()
         if got["item_ids"][0] is not None:
             row.sequence = {
@@ -132,6 +157,16 @@ class FeastOnlineFeatures:
                 "actions": list(got["actions"][0] or []),
                 "surfaces": list(got["surfaces"][0] or []),
             }
+            ts = (got.get(EVENT_TS) or [None])[0]
+            if ts is not None and len(ts) == len(row.sequence["item_ids"]):
+                row.sequence["ts"] = [int(t) for t in ts]  # unix seconds, aligned with item_ids
+            elif ts is not None:
+                log.warning(
+                    "user %d: %d event times for %d events in the online store; scoring without time gaps",
+                    user_id,
+                    len(ts),
+                    len(row.sequence["item_ids"]),
+                )
         if got["embedding"][0] is not None:
             row.embedding = list(got["embedding"][0])
             row.model_version = got["model_version"][0]
@@ -205,7 +240,17 @@ class _State:
 
 
 class _Metrics:
+    """The app's own Prometheus metrics, in memory.
+
+    Importing ``feast`` sets ``PROMETHEUS_MULTIPROC_DIR`` (for its own feature server); when
+    that happens before ``prometheus_client`` is first imported, every metric value becomes
+    file-backed and shared by all the metrics of that name in the process, so two apps (or
+    a reload in tests) would add up each other's counts. The service runs one process per
+    app and never aggregates across processes: its values stay in memory.
+    """
+
     def __init__(self) -> None:
+        prom_values.ValueClass = prom_values.MutexValue  # read when each (labelled) value is created
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "afm_http_requests",

@@ -255,7 +255,13 @@ def train() -> None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
 @click.option("--seed", default=0, type=int, show_default=True)
 @losses_option
-def train_pretrain(home, ds, size, steps, device, seed, losses) -> None:
+@click.option(
+    "--time-gaps/--no-time-gaps",
+    default=True,
+    show_default=True,
+    help="Feed log-time-gap buckets between consecutive events to the backbone (the ranker follows).",
+)
+def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> None:
     """Pretrain the backbone (next-, multi-, future-token losses); saves models/pinfm/<version>.
 
     A crashed run started again with the same options resumes from its last checkpoint.
@@ -265,7 +271,7 @@ def train_pretrain(home, ds, size, steps, device, seed, losses) -> None:
     over = {"steps": steps} if steps else {}
     if losses:
         over.update(zip(("next_token", "multi_token", "future_token"), LOSS_CHOICES[losses], strict=True))
-    cfg = PretrainConfig.preset(size).replace(device=device, seed=seed, **over)
+    cfg = PretrainConfig.preset(size).replace(device=device, seed=seed, time_gaps=time_gaps, **over)
     _echo_json(pretrain(_layout(home), cfg, ds=ds))
 
 
@@ -302,9 +308,14 @@ def train_pretrain(home, ds, size, steps, device, seed, losses) -> None:
     show_default=True,
     help="--sequence transact: TransAct V2 selection, per candidate the 8 latest + K most similar actions (0 = all).",
 )
+@click.option(
+    "--time-gaps/--no-time-gaps",
+    default=None,
+    help="Feed log-time-gap buckets of the sequence to the backbone (default: as the backbone was pretrained).",
+)
 def train_finetune(
     home, ds, backbone, epochs, device, seed, promote, sequence, new_item_techniques, next_action_weight, aux_next_token,
-    lifelong_top_k,
+    lifelong_top_k, time_gaps,
 ) -> None:  # fmt: skip
     """Fine-tune the ranker on ranking examples; per-action AUC and HIT@3 (new/old items) on the last day."""
     from training.finetune import FinetuneConfig, finetune
@@ -317,6 +328,7 @@ def train_finetune(
         next_action_weight=next_action_weight,
         aux_next_token_weight=aux_next_token,
         lifelong_top_k=lifelong_top_k,
+        time_gaps=time_gaps,
         **({"epochs": epochs} if epochs else {}),
         **({} if new_item_techniques else {"new_items": NewItemConfig.off()}),
     )
@@ -504,6 +516,7 @@ def eval_ranker_ablation(home, ds, backbone, epochs, device, seed, md_path) -> N
 @click.option("--recent-share", default=None, type=float, help="Share of negatives among recent movies (0.5).")
 @click.option("--recent-days", default=None, type=float, help="How recent a 'recent' negative is, days (365).")
 @click.option("--max-eval-requests", default=None, type=int, help="Subsample the evaluation requests (default all).")
+@click.option("--content-dim", default=None, type=int, help="Content vector size: hashed genres + year + flag (16).")
 @click.option(
     "--split",
     "quantiles",
@@ -515,7 +528,7 @@ def eval_ranker_ablation(home, ds, backbone, epochs, device, seed, md_path) -> N
 @click.option("--markdown", "md_path", default=None, type=click.Path(dir_okay=False), help="Also write a table here.")
 def eval_new_items(
     data_dir, device, seeds, seed, pretrain_steps, epochs, age_horizon_days, age_dropout_max, id_randomization,
-    recent_share, recent_days, max_eval_requests, quantiles, out_path, md_path,
+    recent_share, recent_days, max_eval_requests, content_dim, quantiles, out_path, md_path,
 ) -> None:  # fmt: skip
     """MovieLens new-item experiment: ranker with vs without the new-item techniques, time split, per seed."""
     import dataclasses
@@ -545,7 +558,8 @@ def eval_new_items(
         new_items=dataclasses.replace(cfg.new_items, **given(
             age_horizon_days=age_horizon_days, age_dropout_max=age_dropout_max, id_randomization=id_randomization,
         )),
-        **given(recent_share=recent_share, recent_days=recent_days, max_eval_requests=max_eval_requests),
+        **given(recent_share=recent_share, recent_days=recent_days, max_eval_requests=max_eval_requests,
+                content_dim=content_dim),
         **split,
     )  # fmt: skip
     out = run_new_items(Path(data_dir), cfg)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from features.config import Layout
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 512
 SEQUENCE_COLUMNS = ["user_id", "item_ids", "actions", "surfaces"]
+#: Per-event times of the snapshot (list of UTC timestamps); read when present.
+TS_COLUMN = "ts"
 
 
 def latest_snapshot_day(layout: Layout) -> str:
@@ -40,10 +44,23 @@ def latest_snapshot_day(layout: Layout) -> str:
     return days[-1]
 
 
+def _unix_seconds_lists(column: pa.Array | pa.ChunkedArray) -> list[list[int] | None]:
+    """A list<timestamp> column → per row, the times in unix seconds (None for a null row)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_list(column.type) or not pa.types.is_timestamp(column.type.value_type):
+        raise FeatureStoreError(f"user_sequences column {TS_COLUMN!r} must be a list of timestamps, got {column.type}")
+    secs = pc.cast(column, pa.list_(pa.timestamp("s", tz="UTC")), safe=False)  # drops sub-second parts
+    return secs.cast(pa.list_(pa.int64())).to_pylist()
+
+
 def iter_sequence_batches(
     layout: Layout, ds: str, batch_size: int = BATCH_SIZE
 ) -> Iterator[tuple[list[int], list[dict]]]:
     """Yield ``(user_ids, sequences)`` batches of the ``ds`` snapshot.
+
+    Each sequence has ``item_ids``, ``actions``, ``surfaces`` and, when the snapshot has
+    them, ``ts``: the events' times in unix seconds (what the online ``event_ts_s`` holds).
 
     Args:
         layout: The data root.
@@ -55,12 +72,18 @@ def iter_sequence_batches(
     missing = [c for c in SEQUENCE_COLUMNS if c not in data.schema.names]
     if missing:
         raise FeatureStoreError(f"user_sequences ds={ds} at {path} lacks columns {missing}")
-    for batch in data.to_batches(columns=SEQUENCE_COLUMNS, batch_size=batch_size):
-        cols = batch.to_pydict()
+    with_ts = TS_COLUMN in data.schema.names
+    columns = SEQUENCE_COLUMNS + ([TS_COLUMN] if with_ts else [])
+    for batch in data.to_batches(columns=columns, batch_size=batch_size):
+        cols = batch.select(SEQUENCE_COLUMNS).to_pydict()
         sequences = [
             {"item_ids": list(i or []), "actions": list(a or []), "surfaces": list(s or [])}
             for i, a, s in zip(cols["item_ids"], cols["actions"], cols["surfaces"], strict=True)
         ]
+        if with_ts:
+            for seq, ts in zip(sequences, _unix_seconds_lists(batch.column(TS_COLUMN)), strict=True):
+                if ts is not None and len(ts) == len(seq["item_ids"]):
+                    seq["ts"] = ts  # else unknown: scored without time gaps, as the service does
         yield [int(u) for u in cols["user_id"]], sequences
 
 

@@ -22,7 +22,7 @@ from training.config_fields import replace_fields
 from training.data import ContentTable, ItemCreatedAt, RankingData, candidate_slots, load_ranking_data
 from training.interaction import default_label_weights, weighted_bce
 from training.metrics import hit_at_k, roc_auc
-from training.model import PinFMConfig, resolve_device
+from training.model import PinFMConfig, bucketize_time_gaps, resolve_device
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig, init_from_backbone
 from training.trainer import warmup_cosine
@@ -55,6 +55,9 @@ class FinetuneConfig:
         lifelong_top_k: ``transact`` only: TransAct V2's per-candidate selection of the
             ``lifelong_recent_r`` most recent + ``lifelong_top_k`` most content-similar actions
             (0 = TransAct over the whole sequence).
+        time_gaps: the ranker's ``RankerConfig.time_gaps`` (log-time-gap buckets of the sequence
+            into the backbone); None = as the backbone was pretrained (``PretrainConfig.time_gaps``),
+            or the ``RankerConfig`` default without a pretrained backbone.
         model: backbone preset when starting from random weights (a pretrained backbone brings its own shape).
         device: 'auto', 'cpu' or 'cuda'.
         seed: RNG seed.
@@ -74,6 +77,7 @@ class FinetuneConfig:
     new_items: NewItemConfig = dataclasses.field(default_factory=NewItemConfig)
     lifelong_top_k: int = 0
     lifelong_recent_r: int = 8
+    time_gaps: bool | None = None
     model: str = "small"
     device: str = "auto"
     seed: int = 0
@@ -109,6 +113,25 @@ def _resolve_backbone(layout: Layout, backbone: str, preset: str) -> tuple[PinFM
         version = backbone
     art = artifacts.load_artifact(layout, "pinfm", version)
     return PinFMConfig.from_dict(art["config"]["model"]), art
+
+
+def _ranker_time_gaps(cfg: FinetuneConfig, backbone: dict | None) -> bool:
+    """Whether the ranker feeds time gaps: ``cfg.time_gaps``, else what the backbone was pretrained with."""
+    default = next(f.default for f in dataclasses.fields(RankerConfig) if f.name == "time_gaps")
+    pretrained = None
+    if backbone is not None:
+        # a pinfm artifact whose pretraining settings lack the field was pretrained without gaps
+        pretrained = bool((backbone["config"].get("pretrain") or {}).get("time_gaps", False))
+    if cfg.time_gaps is None:
+        return bool(default) if pretrained is None else pretrained
+    if pretrained is not None and cfg.time_gaps != pretrained:
+        log.warning(
+            "finetune: time_gaps=%s, but backbone %s was pretrained with time_gaps=%s",
+            cfg.time_gaps,
+            backbone["version"],
+            pretrained,
+        )
+    return cfg.time_gaps
 
 
 @dataclass
@@ -340,6 +363,10 @@ def train_ranker(
             if aux is not None:
                 seq = {k: v for k, v in b["seq"].items() if v is not None and k != "ts"}
                 seq["positive"] = torch.isin(seq["action_ids"], positive_ids) & seq["pad_mask"]
+                if model.cfg.time_gaps and b["seq"].get("ts") is not None:  # the backbone's input as in scoring
+                    seq["time_gaps"] = bucketize_time_gaps(
+                        b["seq"]["ts"], model.cfg.backbone.time_gap_buckets, seq["pad_mask"]
+                    )  # (U, L)
                 aux_loss, _ = aux(model.backbone, seq)
                 loss = loss + cfg.aux_next_token_weight * aux_loss
             opt.zero_grad(set_to_none=True)
@@ -403,6 +430,7 @@ def finetune(
         id_cutoff_s=id_cutoff_s,
         lifelong_top_k=cfg.lifelong_top_k,
         lifelong_recent_r=cfg.lifelong_recent_r,
+        time_gaps=_ranker_time_gaps(cfg, bb_art),
     )
     # new items = created after the backbone's pretraining data (or before any fine-tuning day without one)
     corpus_ds = bb_art["data_version"].get("corpus_ds") if bb_art else None

@@ -91,6 +91,7 @@ class NewItemsExperimentConfig:
         recent_days: how young a "recent" negative is (days before the request).
         save_rating: a rating ≥ this is a save too (besides a click).
         model: backbone preset (:meth:`training.model.PinFMConfig.preset`; ``small`` = d 64, 2 layers).
+        content_dim: size of a movie's content vector (genres hashed into ``content_dim − 2``).
         pretrain: backbone pretraining (steps, batch, lr, losses; its ``model``/``device`` are ignored).
         finetune: ranker fine-tuning (its ``new_items``, ``seed``, ``model`` and ``device`` are set per run).
         new_items: the techniques of the "with" variant ("without" = ``NewItemConfig.off()``).
@@ -109,6 +110,7 @@ class NewItemsExperimentConfig:
     recent_days: float = 365.0
     save_rating: float = 5.0
     model: str = "small"
+    content_dim: int = CONTENT_DIM
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=300, ckpt_every=0, log_every=50))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # chosen on the validation split 0.55/0.70/0.85 (README): MovieLens items age over years, not days
@@ -127,6 +129,8 @@ class NewItemsExperimentConfig:
                 "need 0 < pretrain_quantile < finetune_quantile < eval_quantile ≤ 1, got "
                 f"{self.pretrain_quantile}, {self.finetune_quantile}, {self.eval_quantile}"
             )
+        if self.content_dim < 3:
+            raise ValueError(f"content_dim must be ≥ 3 (genres, year, has-year), got {self.content_dim}")
         if self.negatives < 1:
             raise ValueError(f"negatives must be ≥ 1, got {self.negatives}")
         if not 0.0 <= self.recent_share <= 1.0:
@@ -507,7 +511,7 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
     """
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    model_cfg = PinFMConfig.preset(cfg.model)
+    model_cfg = dataclasses.replace(PinFMConfig.preset(cfg.model), content_dim=cfg.content_dim)
     data = load_movielens(src, model_cfg.content_dim)
     split = TimeSplit.from_quantiles(data.ts, cfg.pretrain_quantile, cfg.finetune_quantile, cfg.eval_quantile)
     rng = np.random.default_rng(cfg.seed)
@@ -543,7 +547,9 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
         for name, nic in variants.items():
             t1 = time.perf_counter()
             fcfg = cfg.finetune.replace(new_items=nic, seed=cfg.seed + s, device=cfg.device, model=cfg.model)
-            rcfg = RankerConfig(backbone=model_cfg, sequence=fcfg.sequence, new_items=nic, id_cutoff_s=split.t_ft)
+            rcfg = RankerConfig(
+                backbone=model_cfg, sequence=fcfg.sequence, new_items=nic, id_cutoff_s=split.t_ft, time_gaps=False
+            )  # the backbone is pretrained here without time gaps (pretrain_backbone)
             model, metrics, _ = train_ranker(train, test, data.items, fcfg, rcfg, state, split.t_pre, device)
             metrics.update(_new_item_parts(model, test, data.items, new, unseen, device))
             row[name] = {k: _round(metrics.get(k)) for k in REPORTED}

@@ -47,8 +47,10 @@ class PretrainConfig:
         negatives: sampled negatives per step (plus in-batch ones), log-Q corrected.
         max_pairs: at most this many (query, target) pairs per loss and step.
         ckpt_every: checkpoint every this many steps.
-        time_gaps: feed the corpus's log-time-gap buckets to the backbone (the ranker's
-            ``RankerConfig.time_gaps`` must match; off until serving has event times).
+        time_gaps: feed the corpus's log-time-gap buckets (between consecutive events) to the
+            backbone. On by default: the corpus has per-event ``ts`` and the online
+            ``user_sequence`` serves the same times (``event_ts_s``), so the ranker
+            (``RankerConfig.time_gaps``; fine-tuning follows the backbone) feeds them too.
         device: 'auto', 'cpu' or 'cuda'.
         seed: RNG seed.
         log_every: log the loss every this many steps.
@@ -67,7 +69,7 @@ class PretrainConfig:
     negatives: int = 256
     max_pairs: int = 1024
     ckpt_every: int = 50
-    time_gaps: bool = False
+    time_gaps: bool = True
     device: str = "auto"
     seed: int = 0
     log_every: int = 25
@@ -127,8 +129,12 @@ class CorpusBatches:
         batch_size: segments per step.
         content: item content lookup.
         seed: sampling seed.
-        time_gap_buckets: when the corpus has event times, feed the backbone their log-gap
-            buckets (the same input the ranker gives it in fine-tuning); None = no time gaps.
+        time_gap_buckets: feed the backbone the log-gap buckets of the corpus's event times
+            (``seqs.ts``; the same input the ranker gives it in fine-tuning and serving);
+            None = no time gaps.
+
+    Raises:
+        ValueError: when time gaps are asked for but ``seqs`` has no event times.
     """
 
     def __init__(
@@ -140,6 +146,8 @@ class CorpusBatches:
         seed: int,
         time_gap_buckets: int | None = None,
     ) -> None:
+        if time_gap_buckets and seqs.ts is None:
+            raise ValueError("time gaps need the corpus's event times, but the sequences have no 'ts'")
         self.seqs, self.rows, self.content, self.seed = seqs, rows, content, seed
         self.time_gap_buckets = time_gap_buckets
         self.batch_size = min(batch_size, len(rows))

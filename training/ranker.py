@@ -95,9 +95,11 @@ class RankerConfig:
         surface_dim: width of the request-surface embedding.
         interaction: the MaskNet → DCNv2 → heads stack (its ``actions`` are the heads).
         new_items: candidate-ID randomization and age-dependent ID dropout.
-        time_gaps: feed log-time-gap buckets of the sequence to the backbone (needs ``ts``).
-            Off by default: the online ``user_sequence`` has no event times yet, so serving
-            could not feed them; pretraining has the matching ``PretrainConfig.time_gaps``.
+        time_gaps: feed log-time-gap buckets of the sequence to the backbone, from the
+            sequence's ``ts`` (a sequence without ``ts`` is scored without gaps). On by default:
+            the offline tables and the online ``user_sequence`` (``event_ts_s``) both carry event
+            times, so training and serving feed the same buckets; pretraining has the matching
+            ``PretrainConfig.time_gaps`` (fine-tuning follows the backbone's setting).
         transact_layers, transact_heads, transact_first_k: the TransAct encoder.
         transact_window_s, transact_window_p: TransAct's random time-window mask in training
             (drop actions within a random window of up to this many seconds before the
@@ -115,7 +117,7 @@ class RankerConfig:
     surface_dim: int = 16
     interaction: InteractionConfig = field(default_factory=InteractionConfig)
     new_items: NewItemConfig = field(default_factory=NewItemConfig)
-    time_gaps: bool = False
+    time_gaps: bool = True
     transact_layers: int = 1
     transact_heads: int = 2
     transact_first_k: int = 3
@@ -149,6 +151,7 @@ class RankerConfig:
     def from_dict(cls, d: dict) -> RankerConfig:
         d = dict(d)
         reject_unknown_fields(cls, d)
+        d.setdefault("time_gaps", False)  # a config saved without the field was trained without time gaps
         if "backbone" in d:
             d["backbone"] = PinFMConfig.from_dict(d["backbone"])
         if "interaction" in d:

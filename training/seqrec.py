@@ -270,17 +270,28 @@ def evaluate_retrieval(
 
 
 def _sample_unseen(rng: np.random.Generator, n_items: int, seen: set[int], k: int) -> np.ndarray:
+    """k distinct items in 1 … n_items that are not in ``seen`` (uniform, without replacement).
+
+    Raises:
+        ValueError: fewer than k such items exist.
+    """
+    if n_items - len({i for i in seen if 1 <= i <= n_items}) < k:
+        raise ValueError(f"the sampled protocol needs {k} items the user never interacted with; {n_items} items in all")
     out: list[int] = []
+    taken = set(seen)
     while len(out) < k:
         for c in rng.integers(1, n_items + 1, size=2 * k).tolist():
-            if c not in seen and len(out) < k:
+            if c not in taken and len(out) < k:
                 out.append(c)
+                taken.add(c)
     return np.asarray(out, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- bench
-#: next- + multi-token losses, dot-product scores, in-batch (≤ 1,024) + 1,024 uniform negatives, log-Q
-BENCH_OBJECTIVE = ObjectiveConfig(similarity="dot", negatives=1024, in_batch_max=1024, multi_token=1.0)
+#: next- + multi-token losses, dot-product scores, in-batch (≤ 1,024) + 1,024 negatives drawn by popularity, log-Q
+BENCH_OBJECTIVE = ObjectiveConfig(
+    similarity="dot", negatives=1024, in_batch_max=1024, multi_token=1.0, sampler="popularity"
+)
 
 
 @dataclass(frozen=True)
@@ -311,7 +322,7 @@ class SeqRecConfig:
     n_hash_tables: int = 2
     hash_buckets: int = 1 << 20
     sparse_item_grads: bool = True
-    scale_item_input: bool = False
+    scale_item_input: bool = True
     objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
     batch_size: int = 256
     lr: float = 3e-3
@@ -319,7 +330,7 @@ class SeqRecConfig:
     warmup: int = 200
     epochs: int = 30
     eval_every_epochs: int = 3
-    eval_users: int = 8000
+    eval_users: int = 0
     patience: int = 3
     device: str = "auto"
     seed: int = 0
@@ -359,6 +370,7 @@ class SeqRecConfig:
         d = dict(d)
         obj = ObjectiveConfig(**d.pop("objective", {}))
         reject_unknown_fields(cls, d)
+        d.setdefault("scale_item_input", False)  # runs saved before the field existed did not scale
         return cls(objective=obj, **d)
 
     def digest(self) -> str:

@@ -4,6 +4,11 @@ Two calls: :meth:`ServingModel.user_embeddings` (once per user, can be precomput
 published) and :meth:`ServingModel.score` (per request, for any number of candidates). An
 early-fusion ranker (``pinfm_early``, DCAT) or a TransAct ranker also reads the request's
 sequence in :meth:`score`: one context pass, then every candidate cross-attends to it.
+
+A sequence may carry ``"ts"``, each event's time (unix seconds or datetimes, oldest first,
+aligned with ``item_ids``): a ranker trained with ``RankerConfig.time_gaps`` then gets the
+same log-time-gap buckets as in offline scoring (:func:`training.finetune.batch_tensors`).
+A sequence without ``"ts"`` (or ``None``) has unknown gaps: it is scored without them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from features.config import Layout
 from features.contract import SURFACE_IDS, ContractError
-from training.data import ContentTable, ItemCreatedAt, encode_sequences
+from training.data import ContentTable, ItemCreatedAt, SequenceArrays, encode_sequences
 from training.ranker import Ranker, RankerConfig
 
 
@@ -59,12 +64,40 @@ class ServingModel:
         content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
         return cls(ranker, artifact["version"], content, ItemCreatedAt.from_layout(layout))
 
+    def _event_times(self, seq: dict, where: str) -> list | None:
+        """The sequence's per-event times when the ranker reads them, else None (unknown or unused).
+
+        Raises:
+            ContractError: when ``seq["ts"]`` is given but not aligned with ``seq["item_ids"]``.
+        """
+        if not self.ranker.cfg.time_gaps:
+            return None  # a ranker without time gaps never reads them
+        ts = seq.get("ts")
+        if ts is None:
+            return None
+        ts = list(ts)
+        n = 0 if seq["item_ids"] is None else len(seq["item_ids"])
+        if len(ts) != n:
+            raise ContractError(f"{where} has {len(ts)} event times for {n} events; 'ts' must align with 'item_ids'")
+        return ts
+
+    def _encode(self, sequences: Sequence[dict], times: Sequence[list] | None) -> SequenceArrays:
+        """Right-padded arrays of the newest ``max_len`` events; ``ts`` (N, L) seconds when ``times`` is given."""
+        return encode_sequences(
+            [s["item_ids"] for s in sequences],
+            [s["actions"] for s in sequences],
+            [s["surfaces"] for s in sequences],
+            self.max_len,
+            times,
+        )
+
     def user_embeddings(self, sequences: Sequence[dict]) -> np.ndarray:
         """User embeddings of a batch of sequences.
 
         Args:
             sequences: dicts with "item_ids", "actions", "surfaces" lists (oldest first,
-                newest last; empty lists allowed).
+                newest last; empty lists allowed) and optionally "ts", the events' times
+                (unix seconds, aligned with "item_ids"; absent or None = unknown).
 
         Returns:
             (U, D) float32.
@@ -75,21 +108,22 @@ class ServingModel:
             missing = [k for k in ("item_ids", "actions", "surfaces") if k not in s]
             if missing:
                 raise ContractError(f"sequence {i} lacks keys {missing}")
-        arrays = encode_sequences(
-            [s["item_ids"] for s in sequences],
-            [s["actions"] for s in sequences],
-            [s["surfaces"] for s in sequences],
-            self.max_len,
-        )
-        out = np.zeros((len(arrays), self.embedding_dim), np.float32)
-        for start in range(0, len(arrays), self.chunk):
-            rows = np.arange(start, min(start + self.chunk, len(arrays)))
-            b = arrays.tensors(rows, self.content)
-            with torch.no_grad():
-                emb = self.ranker.user_embedding(
-                    b["item_ids"], b["action_ids"], b["surface_ids"], b["content"], b["pad_mask"]
-                )  # (chunk, D)
-            out[rows] = emb.numpy()
+        times = [self._event_times(s, f"sequence {i}") for i, s in enumerate(sequences)]
+        known = np.array([t is not None for t in times])  # (U,)
+        out = np.zeros((len(sequences), self.embedding_dim), np.float32)
+        # sequences with and without times in separate passes: unknown times mean no gaps, not zero gaps
+        for group in (np.flatnonzero(known), np.flatnonzero(~known)):
+            if not len(group):
+                continue
+            arrays = self._encode([sequences[i] for i in group], [times[i] for i in group] if known[group[0]] else None)
+            for start in range(0, len(arrays), self.chunk):
+                rows = np.arange(start, min(start + self.chunk, len(arrays)))
+                b = arrays.tensors(rows, self.content)
+                with torch.no_grad():
+                    emb = self.ranker.user_embedding(
+                        b["item_ids"], b["action_ids"], b["surface_ids"], b["content"], b["pad_mask"], b.get("ts")
+                    )  # (chunk, D)
+                out[group[rows]] = emb.numpy()
         return out
 
     def score(
@@ -108,8 +142,9 @@ class ServingModel:
             candidates: C item ids.
             surface: one of features.contract.SURFACES.
             content: optional item_id → content vector, overriding the catalogue's.
-            sequence: the user's sequence ("item_ids", "actions", "surfaces"), read by
-                early-fusion and TransAct rankers (None = an unknown user's empty sequence).
+            sequence: the user's sequence ("item_ids", "actions", "surfaces", optionally "ts"
+                as in :meth:`user_embeddings`), read by early-fusion and TransAct rankers
+                (None = an unknown user's empty sequence).
             request_ts: the request time in unix seconds (default: now); with the catalogue's
                 creation times it tells which candidates are newer than the ranker's training data.
 
@@ -145,9 +180,10 @@ class ServingModel:
                 missing = [k for k in ("item_ids", "actions", "surfaces") if k not in seq]
                 if missing:
                     raise ContractError(f"the sequence lacks keys {missing}")
-                arrays = encode_sequences([seq["item_ids"]], [seq["actions"]], [seq["surfaces"]], self.max_len)
+                times = self._event_times(seq, "the sequence")
+                arrays = self._encode([seq], None if times is None else [times])
                 logits = self.ranker(
-                    arrays.tensors(np.arange(1), self.content),
+                    arrays.tensors(np.arange(1), self.content),  # (1, L) each, "ts" (1, L) seconds when known
                     torch.from_numpy(ids)[None, :],  # (1, C)
                     surf,
                     torch.from_numpy(cand_content)[None],  # (1, C, Cd)

@@ -8,7 +8,8 @@ the registry never holds a machine-specific path and one registry works for any
 
 Source layout (written by :mod:`features.store`)::
 
-    sources/user_sequence/<ds>/part-*.parquet     one snapshot per day, event_timestamp = end of ds
+    sources/user_sequence/<ds>/part-*.parquet     one snapshot per day, event_timestamp = end of ds;
+                                                  event_ts_s = each event's unix seconds
     sources/item_features/part-*.parquet          the item catalogue, event_timestamp = created_at
     sources/user_embedding/<model_version>/*.parquet  embeddings per model version
 
@@ -24,6 +25,10 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.types import Array, Float32, Int64, String
 
 TIMESTAMP_FIELD = "event_timestamp"
+#: Per-event times of ``user_sequence``: unix seconds, oldest first, one per item id. Plain
+#: Array(Int64) (not Array(UnixTimestamp)): the ranker reads int seconds, and integers round-trip
+#: every online store and the offline source without timezone or unit conversions.
+EVENT_TS_FIELD = "event_ts_s"
 
 #: Source directories, relative to ``Layout.feast``.
 USER_SEQUENCE_DIR = "sources/user_sequence"
@@ -77,11 +82,15 @@ user_sequence = FeatureView(
         Field(name="item_ids", dtype=Array(Int64)),
         Field(name="actions", dtype=Array(String)),
         Field(name="surfaces", dtype=Array(String)),
+        Field(name=EVENT_TS_FIELD, dtype=Array(Int64)),
         Field(name="n_events", dtype=Int64),
     ],
     source=user_sequence_source,
     online=True,
-    description="The user's explicit-action sequence (oldest first) as of the end of the snapshot day.",
+    description=(
+        "The user's explicit-action sequence (oldest first) as of the end of the snapshot day; "
+        f"{EVENT_TS_FIELD} holds each event's time in unix seconds, aligned with item_ids."
+    ),
 )
 
 item_features = FeatureView(

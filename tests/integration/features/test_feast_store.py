@@ -51,6 +51,10 @@ def _ts(day: str, hour: int) -> dt.datetime:
     return dt.datetime.fromisoformat(day).replace(hour=hour, tzinfo=UTC)
 
 
+def _seconds(times: list[dt.datetime]) -> list[int]:
+    return [int(t.timestamp()) for t in times]
+
+
 def _sequences(day: str) -> list[dict]:
     """Users 1 and 2 on DS1; on DS2 user 1 has one more event and user 3 appears."""
     rows = [
@@ -79,8 +83,8 @@ def _sequences(day: str) -> list[dict]:
             "item_ids": [10, 11, 13],
             "actions": ["click", "save", "share"],
             "surfaces": ["home", "search", "home"],
-            "ts": [*rows[0]["ts"], _ts(DS2, 7)],
-            "last_ts": _ts(DS2, 7),
+            "ts": [*rows[0]["ts"], _ts(DS2, 7) + dt.timedelta(microseconds=250_000)],
+            "last_ts": _ts(DS2, 7) + dt.timedelta(microseconds=250_000),
             "n_events": 3,
         }
         rows.append(
@@ -137,6 +141,7 @@ def _online_users(layout: Layout, user_ids: list[int]) -> dict:
             "user_sequence:item_ids",
             "user_sequence:actions",
             "user_sequence:surfaces",
+            "user_sequence:event_ts_s",
             "user_sequence:n_events",
         ],
         entity_rows=[{"user_id": u} for u in user_ids],
@@ -176,6 +181,8 @@ def test_round_trip_spark_to_online_and_point_in_time(spark, layout):
     assert got["item_ids"] == [[10, 11], [12], None]
     assert got["actions"] == [["click", "save"], ["hide"], None]
     assert got["surfaces"] == [["home", "search"], ["related"], None]
+    # per-event unix seconds, oldest first, aligned with item_ids
+    assert got["event_ts_s"] == [_seconds([_ts(DS1, 8), _ts(DS1, 9)]), _seconds([_ts(DS1, 10)]), None]
     assert got["n_events"] == [2, 1, None]
 
     items = (
@@ -199,6 +206,8 @@ def test_round_trip_spark_to_online_and_point_in_time(spark, layout):
     for i, user in enumerate(got["user_id"]):
         for col in ("item_ids", "actions", "surfaces", "n_events"):
             assert got[col][i] == want[user][col], (user, col)
+        assert got["event_ts_s"][i] == _seconds(want[user]["ts"]), user  # sub-second parts truncated
+        assert len(got["event_ts_s"][i]) == len(got["item_ids"][i])
 
     # ---- offline point-in-time: the snapshot valid at each entity timestamp
     entity_df = pd.DataFrame(
@@ -209,12 +218,15 @@ def test_round_trip_spark_to_online_and_point_in_time(spark, layout):
             ),
         }
     )
-    hist = historical_features(layout, entity_df, ["user_sequence:item_ids", "user_sequence:n_events"])
+    hist = historical_features(
+        layout, entity_df, ["user_sequence:item_ids", "user_sequence:event_ts_s", "user_sequence:n_events"]
+    )
     assert list(hist["event_timestamp"]) == list(entity_df["event_timestamp"])  # one row per input, in order
     # mid-DS1: DS1's snapshot is stamped at the END of DS1, so nothing yet (no leakage)
     assert pd.isna(hist.loc[0, "n_events"])
     assert list(hist.loc[1, "item_ids"]) == [10, 11] and hist.loc[1, "n_events"] == 2
     assert list(hist.loc[2, "item_ids"]) == [10, 11, 13] and hist.loc[2, "n_events"] == 3
+    assert list(hist.loc[2, "event_ts_s"]) == _seconds(_sequences(DS2)[0]["ts"])
 
 
 def test_user_embeddings_round_trip_and_newest_version_wins(spark, layout):

@@ -12,20 +12,41 @@ from fastapi.testclient import TestClient
 
 from features.config import Layout
 from features.contract import CONTENT_DIM, ITEM_SCHEMA
-from features.store import feature_store, materialize, register, snapshot_timestamp
+from features.feature_repo import definitions as defs
+from features.store import FeatureStoreError, feature_store, materialize, register, snapshot_timestamp
 from features.tables import USER_SEQUENCES_SCHEMA
-from serving.app import create_app
-from serving.embeddings import publish_user_embeddings
+from serving.app import FeastOnlineFeatures, create_app
+from serving.embeddings import iter_sequence_batches, publish_user_embeddings
 
 DS = "2026-01-05"
 UTC = dt.UTC
 T = dt.datetime(2026, 1, 5, 8, tzinfo=UTC)
 
+
+def _at(*offsets_s: int) -> list[dt.datetime]:
+    """Event times ``T + offset`` (seconds), oldest first."""
+    return [T + dt.timedelta(seconds=s) for s in offsets_s]
+
+
+USER_1 = {"item_ids": [10, 11], "actions": ["click", "save"], "surfaces": ["home", "search"]}
 SEQUENCES = [
-    {"user_id": 1, "item_ids": [10, 11], "actions": ["click", "save"], "surfaces": ["home", "search"]},
-    {"user_id": 2, "item_ids": [12], "actions": ["hide"], "surfaces": ["related"]},
-    {"user_id": 3, "item_ids": [10, 12, 13], "actions": ["click", "click", "share"], "surfaces": ["home"] * 3},
+    {"user_id": 1, **USER_1, "ts": _at(-3600, 0)},
+    {"user_id": 2, "item_ids": [12], "actions": ["hide"], "surfaces": ["related"], "ts": _at(0)},
+    {
+        "user_id": 3,
+        "item_ids": [10, 12, 13],
+        "actions": ["click", "click", "share"],
+        "surfaces": ["home"] * 3,
+        "ts": _at(-7200, -60, 0),
+    },
+    {"user_id": 4, **USER_1, "ts": _at(-2 * 86_400, 0)},  # user 1's events two days apart: only the gap differs
+    {"user_id": 5, **USER_1, "ts": _at(-3600, 0)},  # user 1's events, but its online row has no times
 ]
+NO_ONLINE_TIMES = {5}
+
+
+def _unix_seconds(times: list[dt.datetime]) -> list[int]:
+    return [int(t.timestamp()) for t in times]
 
 
 def _content(i: int) -> list[float]:
@@ -61,7 +82,7 @@ class SeqModel:
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> Layout:
     lay = Layout(tmp_path_factory.mktemp("afm_serving"))
-    rows = [{**r, "ts": [T] * len(r["item_ids"]), "last_ts": T, "n_events": len(r["item_ids"])} for r in SEQUENCES]
+    rows = [{**r, "last_ts": r["ts"][-1], "n_events": len(r["item_ids"])} for r in SEQUENCES]
     snap = pa.Table.from_pylist(rows, schema=USER_SEQUENCES_SCHEMA)
     part = lay.partition(lay.user_sequences, DS)
     part.mkdir(parents=True)
@@ -74,8 +95,11 @@ def layout(tmp_path_factory) -> Layout:
     seq_src = lay.feast / "sources" / "user_sequence" / DS
     seq_src.mkdir(parents=True)
     n = snap.num_rows
-    src = snap.select(["user_id", "item_ids", "actions", "surfaces", "n_events"]).append_column(
-        "event_timestamp", pa.array([snapshot_timestamp(DS)] * n, pa.timestamp("us", tz="UTC"))
+    event_ts = [None if r["user_id"] in NO_ONLINE_TIMES else _unix_seconds(r["ts"]) for r in rows]
+    src = (
+        snap.select(["user_id", "item_ids", "actions", "surfaces", "n_events"])
+        .append_column(defs.EVENT_TS_FIELD, pa.array(event_ts, pa.list_(pa.int64())))
+        .append_column("event_timestamp", pa.array([snapshot_timestamp(DS)] * n, pa.timestamp("us", tz="UTC")))
     )
     pq.write_table(src, seq_src / "part-00000.parquet")
     item_src = lay.feast / "sources" / "item_features"
@@ -109,7 +133,7 @@ def _online_embeddings(layout: Layout, users: list[int]) -> dict:
 
 def test_publish_then_rank_uses_precomputed_only_for_the_same_version(layout):
     out = publish_user_embeddings(layout, model_loader=lambda: SeqModel("r1"), batch_size=2)
-    assert out["model_version"] == "r1" and out["n_users"] == 3 and out["ds"] == DS
+    assert out["model_version"] == "r1" and out["n_users"] == len(SEQUENCES) and out["ds"] == DS
     got = _online_embeddings(layout, [1, 2, 3])
     assert got["model_version"] == ["r1"] * 3
     assert got["embedding"][0] == pytest.approx([2.0, 21.0])
@@ -168,3 +192,175 @@ def test_real_serving_model_through_the_service(layout):
     assert sorted(it["item_id"] for it in body["items"]) == [10, 11, 12, 77]
     assert set(body["items"][0]["scores"]) == set(model.actions)
     assert all(0.0 <= it["score"] <= 1.0 for it in body["items"])
+
+
+# ------------------------------------------------------------------ event times → time gaps
+CANDIDATES = [10, 11, 12, 77]  # 77: not in the catalogue (no content)
+
+
+def _tiny_ranker(sequence: str, time_gaps: bool):
+    import torch
+
+    from training.interaction import InteractionConfig
+    from training.model import PinFMConfig
+    from training.ranker import Ranker, RankerConfig
+
+    torch.manual_seed(0)
+    cfg = RankerConfig(
+        backbone=PinFMConfig.preset("tiny"),
+        sequence=sequence,
+        time_gaps=time_gaps,
+        interaction=InteractionConfig(mlp_hidden=(16,)),
+    )
+    return Ranker(cfg).eval()
+
+
+def _serving_model(ranker, layout: Layout, version: str):
+    from training.data import ContentTable, ItemCreatedAt
+    from training.serving_model import ServingModel
+
+    content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
+    return ServingModel(ranker, version, content, ItemCreatedAt.from_layout(layout))
+
+
+def _offline_probs(ranker, layout: Layout, user_id: int, with_ts: bool = True) -> np.ndarray:
+    """Offline batch scoring (``finetune.batch_tensors``, as evaluation) of the user's snapshot row → (C, A)."""
+    import torch
+
+    from features.contract import LABEL_ACTIONS, SURFACE_IDS
+    from training.data import ContentTable, ItemCreatedAt, RankingData, encode_sequence_frame, read_partition
+    from training.finetune import ItemFacts, batch_tensors, ranker_logits
+
+    snap = read_partition(layout.user_sequences, DS)
+    row = snap[snap["user_id"] == user_id].reset_index(drop=True)
+    if not with_ts:
+        row = row.drop(columns=["ts"])
+    max_len = ranker.cfg.backbone.max_len - (1 if ranker.cfg.sequence == "pinfm_early" else 0)
+    seqs = encode_sequence_frame(row, max_len)  # ts (1, L) seconds from the snapshot's datetimes
+    assert (seqs.ts is not None) == with_ts
+    C = len(CANDIDATES)
+    data = RankingData(
+        sequences=seqs,
+        request_ids=np.array(["r0"]),
+        req_index=np.zeros(C, np.int64),
+        item_ids=np.asarray(CANDIDATES, np.int64),
+        surface_ids=np.full(C, SURFACE_IDS["home"], np.int64),
+        labels=np.zeros((C, len(LABEL_ACTIONS)), np.float32),
+        days=[DS],
+        request_ts=np.array([int(T.timestamp())], np.int64),
+    )
+    content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
+    b = batch_tensors(data, np.arange(C), ItemFacts(content, ItemCreatedAt.from_layout(layout)), torch.device("cpu"))
+    assert ("ts" in b["seq"]) == with_ts
+    with torch.no_grad():
+        logits = ranker_logits(ranker, b)  # (1, C, A), candidates in CANDIDATES order
+    return torch.sigmoid(logits[0]).numpy()  # (C, A)
+
+
+def _served_probs(client: TestClient, model, user_id: int, source: str = "computed") -> np.ndarray:
+    """``POST /v1/rank`` → (C, A) probabilities in CANDIDATES order, columns in ``model.actions`` order."""
+    r = client.post("/v1/rank", json={"user_id": user_id, "candidates": CANDIDATES, "surface": "home"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["embedding_source"] == source and body["user_known"] is True
+    by_id = {it["item_id"]: it["scores"] for it in body["items"]}
+    return np.array([[by_id[c][a] for a in model.actions] for c in CANDIDATES], np.float32)
+
+
+def test_online_user_sequence_has_event_times_aligned_with_items(layout):
+    features = FeastOnlineFeatures(layout)
+    for r in SEQUENCES:
+        seq = features.user(r["user_id"]).sequence
+        assert seq is not None and seq["item_ids"] == r["item_ids"], r["user_id"]
+        if r["user_id"] in NO_ONLINE_TIMES:
+            assert "ts" not in seq  # the row has no times: unknown, not zeros
+        else:
+            assert seq["ts"] == _unix_seconds(r["ts"]), r["user_id"]  # oldest first, one per item
+    assert features.user(404).sequence is None
+
+
+@pytest.mark.parametrize("mode", ["pinfm_early", "pinfm_late"])
+def test_time_gap_ranker_serves_the_offline_scores(layout, mode):
+    ranker = _tiny_ranker(mode, time_gaps=True)
+    model = _serving_model(ranker, layout, f"gaps-{mode}")
+    client = TestClient(create_app(layout, model_loader=lambda: model))
+    served = {u: _served_probs(client, model, u) for u in (1, 4, 5)}
+
+    for user in (1, 4):  # online event_ts_s → time gaps, exactly as offline scoring of the snapshot's ts
+        np.testing.assert_allclose(served[user], _offline_probs(ranker, layout, user), atol=2e-6, rtol=0)
+    assert np.abs(served[1] - served[4]).max() > 1e-5  # same events, other gaps: other scores
+    # no online times: scored without gaps, as offline scoring of the sequence without ts
+    np.testing.assert_allclose(served[5], _offline_probs(ranker, layout, 5, with_ts=False), atol=2e-6, rtol=0)
+    assert np.abs(served[5] - served[1]).max() > 1e-5
+
+
+def test_ranker_without_time_gaps_ignores_event_times(layout):
+    ranker = _tiny_ranker("pinfm_early", time_gaps=False)
+    model = _serving_model(ranker, layout, "no-gaps")
+    client = TestClient(create_app(layout, model_loader=lambda: model))
+    served = {u: _served_probs(client, model, u) for u in (1, 4, 5)}
+    np.testing.assert_array_equal(served[1], served[4])
+    np.testing.assert_array_equal(served[1], served[5])
+    np.testing.assert_allclose(served[1], _offline_probs(ranker, layout, 1, with_ts=False), atol=2e-6, rtol=0)
+
+
+def test_published_embeddings_use_the_same_time_gaps_as_the_service(layout):
+    got: dict[int, dict] = {}
+    for ids, sequences in iter_sequence_batches(layout, DS, batch_size=2):
+        got.update(zip(ids, sequences, strict=True))
+    assert {u: s["ts"] for u, s in got.items()} == {r["user_id"]: _unix_seconds(r["ts"]) for r in SEQUENCES}
+
+    ranker = _tiny_ranker("pinfm_late", time_gaps=True)  # late fusion: the published vector is all of the user
+    model = _serving_model(ranker, layout, "gaps-published")
+    client = TestClient(create_app(layout, model_loader=lambda: model))
+    computed = {u: _served_probs(client, model, u) for u in (1, 4)}
+    publish_user_embeddings(layout, model_loader=lambda: model)
+    for user in (1, 4):
+        precomputed = _served_probs(client, model, user, source="precomputed")
+        np.testing.assert_allclose(precomputed, computed[user], atol=2e-6, rtol=0)
+
+
+def test_store_set_up_before_event_times_still_serves(tmp_path):
+    """Sources and registry from before ``event_ts_s``: materialize names the fix; ranking works without gaps."""
+    from feast import FeatureView
+
+    from features.config import day_window
+
+    lay = Layout(tmp_path)
+    seq_src = lay.feast / defs.USER_SEQUENCE_DIR / DS
+    seq_src.mkdir(parents=True)
+    old = pa.table(
+        {
+            "user_id": pa.array([1], pa.int64()),
+            "item_ids": pa.array([USER_1["item_ids"]], pa.list_(pa.int64())),
+            "actions": pa.array([USER_1["actions"]], pa.list_(pa.string())),
+            "surfaces": pa.array([USER_1["surfaces"]], pa.list_(pa.string())),
+            "n_events": pa.array([2], pa.int64()),
+            "event_timestamp": pa.array([snapshot_timestamp(DS)], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    pq.write_table(old, seq_src / "part-00000.parquet")
+    register(lay)
+    with pytest.raises(FeatureStoreError, match=rf"days \['{DS}'\] lack columns \['event_ts_s'\].*feast-export"):
+        materialize(lay, end_ds=DS)
+
+    # the registry as it was: user_sequence without event_ts_s, materialized by Feast itself
+    old_view = FeatureView(
+        name="user_sequence",
+        entities=[defs.user],
+        ttl=defs.SEQUENCE_TTL,
+        schema=[f for f in defs.user_sequence.schema if f.name != defs.EVENT_TS_FIELD],
+        source=defs.user_sequence_source,
+        online=True,
+    )
+    fs = feature_store(lay)
+    fs.apply([old_view])
+    start, end = day_window(DS)
+    fs.materialize(start_date=start, end_date=end, feature_views=["user_sequence"])
+
+    features = FeastOnlineFeatures(lay)
+    assert features.user(1).sequence == USER_1  # no "ts": unknown times
+    model = _serving_model(_tiny_ranker("pinfm_early", time_gaps=True), lay, "gaps-old-store")
+    client = TestClient(create_app(lay, model_loader=lambda: model, online_features=features))
+    served = _served_probs(client, model, 1)
+    assert served.shape == (len(CANDIDATES), len(model.actions)) and np.isfinite(served).all()

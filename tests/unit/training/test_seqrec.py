@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from features.contract import ContractError
 from serving.cli import cli
-from training.seqrec import SeqRecBatches, SeqRecConfig, SeqRecData, pad_right
+from training.seqrec import SeqRecBatches, SeqRecConfig, SeqRecData, _sample_unseen, pad_right
 
 REPO = Path(__file__).resolve().parents[3]
 BEAUTY = REPO.parent / "shared" / "data" / "amazon-beauty" / "beauty.txt"
@@ -118,3 +118,20 @@ def test_beauty_file_loads_with_the_published_counts() -> None:
     data = SeqRecData.load(BEAUTY)
     assert (data.n_users, data.n_items, data.n_interactions) == (40226, 54542, 353962)
     assert len(data.eval_users()) == 40226  # 5-core: everyone has a validation and a test item
+
+
+def test_sampled_protocol_negatives_are_distinct_and_unseen() -> None:
+    rng = np.random.default_rng(0)
+    seen = {1, 2, 3, 50}
+    negs = _sample_unseen(rng, 110, seen, 100)  # 106 eligible items: 100 draws must not repeat
+    assert len(negs) == 100 and len(set(negs.tolist())) == 100
+    assert not set(negs.tolist()) & seen and negs.min() >= 1 and negs.max() <= 110
+    with pytest.raises(ValueError, match="needs 100 items"):
+        _sample_unseen(rng, 103, seen, 100)
+
+
+def test_runs_saved_before_item_input_scaling_load_unscaled() -> None:
+    saved = SeqRecConfig.preset("tiny").to_dict()
+    assert SeqRecConfig.from_dict(saved).scale_item_input  # the current default
+    del saved["scale_item_input"]
+    assert not SeqRecConfig.from_dict(saved).scale_item_input

@@ -53,6 +53,9 @@ def test_finetune_beats_chance_and_is_promoted(world: Layout, trained: dict) -> 
     assert art["data_version"]["backbone_version"] == trained["pre"]["version"]
     assert art["data_version"]["new_item_cutoff"].startswith("2026-01-04")  # end of the corpus day 2026-01-03
     assert (art["path"] / "gate.json").is_file()
+    # time gaps: pretrained with them (the default), so the ranker feeds them too
+    assert load_artifact(world, "pinfm", trained["pre"]["version"])["config"]["pretrain"]["time_gaps"] is True
+    assert art["config"]["finetune"]["time_gaps"] is None and art["config"]["ranker"]["time_gaps"] is True
 
 
 def test_serving_model_matches_ranker_forward(world: Layout, trained: dict) -> None:
