@@ -450,14 +450,15 @@ def bench_pretrain(device, steps, batch_size, peak_tflops) -> None:
 @click.option(
     "--naive-max", default=None, type=int, help="Candidates per request the naive path scores (default 50 on CPU)."
 )
-def bench_dcat(seq_len, candidates, requests, device, d_model, layers, heads, reps, naive_max) -> None:
+@click.option("--compile", "compile_", is_flag=True, help="Also time the sequence module under torch.compile.")
+def bench_dcat(seq_len, candidates, requests, device, d_model, layers, heads, reps, naive_max, compile_) -> None:
     """Candidates/s of DCAT (one context pass + crossing pass) vs one full forward per candidate."""
     from training.bench_dcat import bench_dcat as run
 
     _echo_json(
         run(
             seq_len=seq_len, candidates=candidates, requests=requests, d_model=d_model, n_layers=layers,
-            n_heads=heads, device=device, reps=reps, naive_max=naive_max,
+            n_heads=heads, device=device, reps=reps, naive_max=naive_max, compile=compile_,
         )
     )  # fmt: skip
 

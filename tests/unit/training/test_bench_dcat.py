@@ -23,3 +23,16 @@ def test_bench_line_at_a_tiny_size() -> None:
     assert ranker["ratio"] > 0 and ranker["dcat_cands_per_s"] > 0 and ranker["max_abs_diff"] < 1e-4
     assert line["ratio"] == ranker["ratio"]
     json.dumps(line)  # one JSON line
+
+
+def test_compiled_sequence_module_matches_eager() -> None:
+    line = bench_dcat(
+        seq_len=8, candidates=4, requests=1, d_model=32, n_layers=1, n_heads=4, device="cpu", reps=1, naive_max=2,
+        compile=True,
+    )  # fmt: skip
+    comp = line["seq_module_compiled"]
+    assert comp["candidates_per_s"] > 0 and comp["eager_candidates_per_s"] > 0 and comp["speedup_vs_eager"] > 0
+    assert comp["max_abs_diff_vs_eager"] < 1e-4  # inductor's kernels give the eager numbers
+    assert "seq_module_compiled" not in bench_dcat(
+        seq_len=8, candidates=4, requests=1, d_model=32, n_layers=1, n_heads=4, device="cpu", reps=1, naive_max=2
+    )
