@@ -33,6 +33,15 @@ def _row(name: str, result: dict) -> dict:
             "seconds": result["seconds"]}  # fmt: skip
 
 
+#: the new-item target of the ranker issue, judged by :func:`auc_lift` and :func:`relative_change`
+NEW_ITEMS_TARGET = "new_items_lift ≥ +0.15 with overall_change ≥ −0.01"
+
+
+def relative_change(new: float | None, base: float | None) -> float | None:
+    """new ÷ base − 1, rounded to 4 decimals (None when either is missing or base is 0)."""
+    return None if new is None or base is None or base == 0 else round(new / base - 1.0, 4)
+
+
 def auc_lift(new: float | None, base: float | None) -> float | None:
     """Relative change of (AUC − 0.5): how much more than chance the variant ranks."""
     if new is None or base is None or base == 0.5:
@@ -75,10 +84,8 @@ def run_ablation(
         "auc_click_new": {"with": with_tech.get("auc_click_new"), "without": m0.get("auc_click_new")},
         "auc_click": {"with": with_tech.get("auc_click"), "without": m0.get("auc_click")},
         "new_items_lift": auc_lift(with_tech.get("auc_click_new"), m0.get("auc_click_new")),
-        "overall_change": None
-        if with_tech.get("auc_click") is None or m0.get("auc_click") is None
-        else round(with_tech["auc_click"] / m0["auc_click"] - 1.0, 4),
-        "target": "new_items_lift ≥ +0.15 with overall_change ≥ −0.01",
+        "overall_change": relative_change(with_tech.get("auc_click"), m0.get("auc_click")),
+        "target": NEW_ITEMS_TARGET,
     }
     log.info("ablation: %d variants; new items %s", len(rows), new_items)
     return {"rows": rows, "new_items": new_items}

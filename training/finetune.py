@@ -248,16 +248,22 @@ def new_item_mask(data: RankingData, items: ItemFacts, cutoff_s: int | None) -> 
 
 
 def evaluate(
-    model: Ranker, data: RankingData, items: ItemFacts, device: torch.device, cutoff_s: int | None = None
+    model: Ranker,
+    data: RankingData,
+    items: ItemFacts,
+    device: torch.device,
+    cutoff_s: int | None = None,
+    probs: np.ndarray | None = None,
 ) -> dict:
     """Per-action AUC and HIT@3, overall and sliced by new vs old items.
 
     Keys: ``auc_<action>``, ``hit3_<action>`` and, when item creation times and a cutoff are
     known, the same with ``_new`` / ``_old`` suffixes (new = created after ``cutoff_s``, the
     end of the backbone's pretraining data); ``n_eval``, ``n_eval_new``. NaN where a slice has
-    one class only.
+    one class only. ``probs`` (N, A): the model's predictions on ``data`` when already computed.
     """
-    probs = predict(model, data, items, device)
+    if probs is None:
+        probs = predict(model, data, items, device)
     groups = data.req_index
     new = new_item_mask(data, items, cutoff_s)
     metrics: dict = {"n_eval": len(data)}
@@ -453,12 +459,11 @@ def finetune(
     model, metrics, _ = train_ranker(
         train, test, items, cfg, rcfg, bb_art["state_dict"] if bb_art else None, cutoff_s, device
     )
-    corpus_version = bb_art["data_version"].get("corpus_ds") if bb_art else None
     data_version = {
         "train_days": train_days,
         "eval_day": eval_day,
         "backbone_version": bb_version,
-        "corpus_version": corpus_version,
+        "corpus_version": corpus_ds,
         "new_item_cutoff": cutoff.isoformat(),
         "n_train": len(train),
         "n_eval": len(test),
