@@ -300,6 +300,12 @@ def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> No
     show_default=True,
     help="Candidate-ID randomization and item-age-dependent ID dropout during fine-tuning.",
 )
+@click.option(
+    "--missing-id-vector/--no-missing-id-vector",
+    default=False,
+    show_default=True,
+    help="With the techniques: a learned vector stands in for a dropped ID part (README: new items).",
+)
 @click.option("--next-action-weight", default=0.01, show_default=True, help="TransAct V2 Next Action Loss weight.")
 @click.option("--aux-next-token", default=0.0, show_default=True, help="Auxiliary next-token loss weight (0 = off).")
 @click.option(
@@ -314,8 +320,8 @@ def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> No
     help="Feed log-time-gap buckets of the sequence to the backbone (default: as the backbone was pretrained).",
 )
 def train_finetune(
-    home, ds, backbone, epochs, device, seed, promote, sequence, new_item_techniques, next_action_weight, aux_next_token,
-    lifelong_top_k, time_gaps,
+    home, ds, backbone, epochs, device, seed, promote, sequence, new_item_techniques, missing_id_vector,
+    next_action_weight, aux_next_token, lifelong_top_k, time_gaps,
 ) -> None:  # fmt: skip
     """Fine-tune the ranker on ranking examples; per-action AUC and HIT@3 (new/old items) on the last day."""
     from training.finetune import FinetuneConfig, finetune
@@ -330,7 +336,7 @@ def train_finetune(
         lifelong_top_k=lifelong_top_k,
         time_gaps=time_gaps,
         **({"epochs": epochs} if epochs else {}),
-        **({} if new_item_techniques else {"new_items": NewItemConfig.off()}),
+        new_items=NewItemConfig(missing_id_vector=missing_id_vector) if new_item_techniques else NewItemConfig.off(),
     )
     _echo_json(finetune(_layout(home), cfg, ds=ds, backbone=backbone, promote=promote))
 
@@ -514,6 +520,11 @@ def eval_ranker_ablation(home, ds, backbone, epochs, device, seed, md_path) -> N
 @click.option("--age-horizon-days", default=None, type=float, help="Age dropout horizon of the 'with' variant (1095).")
 @click.option("--age-dropout-max", default=None, type=float, help="Age dropout at age 0 of the 'with' variant (1.0).")
 @click.option("--id-randomization", default=None, type=float, help="Candidate-ID randomization rate (0.1).")
+@click.option(
+    "--missing-id-vector/--no-missing-id-vector",
+    default=None,
+    help="A learned vector stands in for a dropped ID part in the 'with' variant (default: on).",
+)
 @click.option("--recent-share", default=None, type=float, help="Share of negatives among recent movies (0.5).")
 @click.option("--recent-days", default=None, type=float, help="How recent a 'recent' negative is, days (365).")
 @click.option("--max-eval-requests", default=None, type=int, help="Subsample the evaluation requests (default all).")
@@ -529,7 +540,7 @@ def eval_ranker_ablation(home, ds, backbone, epochs, device, seed, md_path) -> N
 @click.option("--markdown", "md_path", default=None, type=click.Path(dir_okay=False), help="Also write a table here.")
 def eval_new_items(
     data_dir, device, seeds, seed, pretrain_steps, epochs, age_horizon_days, age_dropout_max, id_randomization,
-    recent_share, recent_days, max_eval_requests, content_dim, quantiles, out_path, md_path,
+    missing_id_vector, recent_share, recent_days, max_eval_requests, content_dim, quantiles, out_path, md_path,
 ) -> None:  # fmt: skip
     """MovieLens new-item experiment: ranker with vs without the new-item techniques, time split, per seed."""
     import dataclasses
@@ -558,6 +569,7 @@ def eval_new_items(
         finetune=cfg.finetune.replace(**given(epochs=epochs)),
         new_items=dataclasses.replace(cfg.new_items, **given(
             age_horizon_days=age_horizon_days, age_dropout_max=age_dropout_max, id_randomization=id_randomization,
+            missing_id_vector=missing_id_vector,
         )),
         **given(recent_share=recent_share, recent_days=recent_days, max_eval_requests=max_eval_requests,
                 content_dim=content_dim),

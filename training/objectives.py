@@ -55,6 +55,10 @@ class ObjectiveConfig:
         sampler: "uniform" or "popularity" (by training frequency) for the sampled negatives.
         logq_correction: subtract log of each candidate's expected draw count.
         max_pairs: at most this many pairs per loss per step (None = all).
+        mask_own_sequence: an in-batch key that is a positive of the query's own sequence
+            (another pair of the same row) is no negative: it is left out like an accidental
+            hit. Otherwise a query is pushed away from the items its user goes on to engage
+            with, which the multi-token loss pulls it towards.
     """
 
     next_token: float = 1.0
@@ -70,6 +74,7 @@ class ObjectiveConfig:
     sampler: str = "uniform"
     logq_correction: bool = True
     max_pairs: int | None = None
+    mask_own_sequence: bool = False
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -203,6 +208,7 @@ def sampled_softmax_loss(
     in_batch: bool = True,
     similarity: str = "cosine",
     in_batch_max: int | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax cross-entropy of each query's positive against in-batch and sampled candidates.
 
@@ -225,6 +231,8 @@ def sampled_softmax_loss(
         in_batch: use the other pairs' positives as negatives.
         similarity: "cosine" or "dot".
         in_batch_max: K, the most in-batch keys (None = all N).
+        groups: (N,) int64 group of each pair (e.g. its sequence row), or None. An in-batch
+            key of query i's own group is left out of i's candidates.
 
     Returns:
         scalar mean cross-entropy over the N pairs.
@@ -239,6 +247,7 @@ def sampled_softmax_loss(
     if pos_logq is not None:
         pos_logit = pos_logit - pos_logq
     cand_emb, cand_ids, cand_logq = [], [], []
+    keys = None
     if in_batch:
         keys = torch.arange(n, device=queries.device)
         if in_batch_max is not None and n > in_batch_max:
@@ -265,6 +274,9 @@ def sampled_softmax_loss(
     else:
         logits = q @ keys_emb.T  # (N, K + M)
     logits = logits.float().masked_fill_(pos_ids[:, None] == ids[None, :], MASKED_LOGIT)  # accidental hits
+    if groups is not None and keys is not None:
+        own = groups[:, None] == groups[keys][None, :]  # (N, K): keys of the query's own group
+        logits[:, : keys.numel()].masked_fill_(own, MASKED_LOGIT)
     # cross-entropy with the positive in column 0, without materialising the (N, 1 + K + M) concatenation
     log_norm = torch.logaddexp(pos_logit.float(), torch.logsumexp(logits, dim=1))  # (N,)
     return (log_norm - pos_logit.float()).mean()
@@ -375,6 +387,7 @@ class PinFMObjective(nn.Module):
             self.cfg.in_batch_negatives,
             self.cfg.similarity,
             self.cfg.in_batch_max,
+            rows if self.cfg.mask_own_sequence else None,
         )
 
     def _sampler_log_prob(self, ids: torch.Tensor) -> torch.Tensor:

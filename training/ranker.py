@@ -14,7 +14,9 @@ The sequence module is one of (``RankerConfig.sequence``):
 New-item handling during fine-tuning (:class:`NewItemConfig`): candidate-ID randomization
 (an id is swapped for a random, never-seen one, so the model learns to score from content
 and context) and item-age-dependent dropout of the candidate's ID embedding (the younger the
-item, the likelier its ID part is dropped; its content part stays).
+item, the likelier its ID part is dropped; its content part stays). Optionally a learned
+vector stands in for the dropped ID part, so the crossing layers can tell a content-only
+candidate from a trained one and put both on one scale.
 
 Shapes: U = unique user sequences (requests), L = sequence length, C = candidates per
 request, D = d_model, S = surface dim, A = actions, Cd = content dim.
@@ -60,6 +62,10 @@ class NewItemConfig:
             probability is k · σ(logit with the ID) + (1 − k) · σ(logit without it), the
             expectation over the two inputs the model was trained on (the candidate is scored
             twice; only the candidate side runs twice, the sequence side once).
+        missing_id_vector: learn one vector that stands in for a dropped ID part: a candidate
+            keeping a share k of its ID part gets (1 − k) of this vector (0 = kept, 1 = dropped
+            or content-only). Without it a dropped ID is a zero vector, which the crossing
+            layers cannot tell from a small trained one.
     """
 
     id_randomization: float = 0.1
@@ -68,6 +74,7 @@ class NewItemConfig:
     content_only_unseen: bool = True
     expected_keep_young: bool = True
     young_mix: bool = False
+    missing_id_vector: bool = False
 
     def __post_init__(self) -> None:
         for name in ("id_randomization", "age_dropout_max"):
@@ -81,7 +88,7 @@ class NewItemConfig:
     def off(cls) -> NewItemConfig:
         return cls(
             id_randomization=0.0, age_dropout_max=0.0, content_only_unseen=False, expected_keep_young=False,
-            young_mix=False,
+            young_mix=False, missing_id_vector=False,
         )  # fmt: skip
 
 
@@ -181,6 +188,8 @@ class Ranker(nn.Module):
         d = cfg.backbone.d_model
         self.backbone = PinFM(cfg.backbone)  # its item embedding serves every mode
         self.surface_emb = nn.Embedding(cfg.backbone.n_surfaces, cfg.surface_dim, padding_idx=0)
+        # stands in for a dropped ID part (NewItemConfig.missing_id_vector); starts at zero = no change
+        self.missing_id = nn.Parameter(torch.zeros(d)) if cfg.new_items.missing_id_vector else None
         self.transact: TransActEncoder | None = None
         seq_dim = {"none": 0, "pinfm_late": 2 * d + 1, "pinfm_early": 3 * d + 1}.get(cfg.sequence, 0)
         if cfg.sequence == "transact":
@@ -251,7 +260,11 @@ class Ranker(nn.Module):
         elif not self.training:
             keep_id = self._inference_keep(cand_age_s, request_ts)
         # padding slots keep id 0 through the swap, so they embed to zeros
-        return self.backbone.items(ids, cand_content, id_keep=keep_id)  # (U, C, D)
+        emb = self.backbone.items(ids, cand_content, id_keep=keep_id)  # (U, C, D)
+        if self.missing_id is not None and keep_id is not None:
+            dropped = (1.0 - keep_id.to(emb.dtype)) * (cand_ids != 0).to(emb.dtype)  # (U, C)
+            emb = emb + dropped.unsqueeze(-1) * self.missing_id  # (U, C, D)
+        return emb
 
     def _inference_keep(self, cand_age_s: torch.Tensor | None, request_ts: torch.Tensor | None) -> torch.Tensor | None:
         """(U, C) share of the ID part an inference candidate keeps (None = all of it).

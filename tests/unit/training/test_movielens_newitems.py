@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ from click.testing import CliRunner
 from features.contract import ACTION_IDS, CONTENT_DIM, LABEL_ACTIONS
 from features.importers import rating_action
 from serving.cli import cli
+from training.data import ItemCreatedAt
 from training.movielens_newitems import (
     REPORTED,
     NewItemsExperimentConfig,
     TimeSplit,
+    _new_item_slices,
     content_vector,
     load_movielens,
     markdown_table,
@@ -233,6 +236,23 @@ def test_content_vector_has_genres_year_and_flag() -> None:
     assert v[-2] == pytest.approx(-0.25) and v[-1] == 1.0
     assert not content_vector("(no genres listed)", "Untitled").any()  # no content at all
     assert content_vector("Drama", "Old (1901)")[-2] == pytest.approx(-3.0)  # clipped
+
+
+def test_new_item_slices_split_by_window_and_leave_out_first_day_impressions() -> None:
+    day = 86_400
+    split = TimeSplit(t_pre=T0, t_ft=T0 + 100 * day, t_end=T0 + 200 * day)
+    # items: 1 old, 2 first seen in fine-tuning, 3 first seen after T_ft
+    created = ItemCreatedAt(np.array([1, 2, 3]), np.array([T0 - day, T0 + 10 * day, T0 + 150 * day]))
+    request_ts = np.array([T0 + 150 * day + 3_600, T0 + 160 * day])  # (R,)
+    test = types.SimpleNamespace(
+        item_ids=np.array([1, 2, 3, 1, 2, 3]), req_index=np.array([0, 0, 0, 1, 1, 1]), request_ts=request_ts
+    )
+    new = np.array([False, True, True, False, True, True])
+    got = _new_item_slices(test, types.SimpleNamespace(created=created), split, new)
+    assert got["auc_click_unseen"].tolist() == [False, False, True, False, False, True]
+    assert got["auc_click_seen_in_finetuning"].tolist() == [False, True, False, False, True, False]
+    # item 3 is an hour old at the first request, ten days at the second
+    assert got["auc_click_new_after_first_day"].tolist() == [False, True, False, False, True, True]
 
 
 def test_end_to_end_on_tiny_data_returns_the_figures(ml_dir: Path) -> None:

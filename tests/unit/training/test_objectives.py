@@ -76,6 +76,21 @@ def test_accidental_hits_are_not_negatives() -> None:
     assert float(with_hit) < 1e-3
 
 
+def test_keys_of_the_own_sequence_are_left_out_with_groups() -> None:
+    """Pairs 0 and 1 come from one row: with groups, each is scored without the other's positive."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    keys = torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.2, 0.1]])
+    ids = torch.tensor([1, 2, 3])
+    neg_ids, neg = torch.tensor([9]), torch.tensor([[0.3, 0.3]])
+    got = sampled_softmax_loss(q, ids, keys, neg_ids, neg, 1.0, similarity="dot", groups=torch.tensor([0, 0, 1]))
+    logits = q @ torch.cat([keys, neg]).T  # (3, 4): in-batch keys 0..2, then the sampled one
+    cand = [[0, 3, 2], [1, 3, 2], [2, 3, 0, 1]]  # the positive first; own-row keys left out
+    want = torch.stack([-torch.log_softmax(logits[i, c], 0)[0] for i, c in enumerate(cand)]).mean()
+    assert float(got) == pytest.approx(float(want), abs=1e-6)
+    plain = sampled_softmax_loss(q, ids, keys, neg_ids, neg, 1.0, similarity="dot")
+    assert float(plain) > float(got)  # the left-out keys were competitors
+
+
 def test_logq_correction_matches_a_hand_computed_case() -> None:
     q = torch.tensor([[1.0, 0.0]])
     pos = torch.tensor([[1.0, 0.0]])
@@ -150,6 +165,7 @@ def _batch(items: torch.Tensor) -> dict[str, torch.Tensor]:
     [
         ObjectiveConfig(negatives=32),
         ObjectiveConfig(negatives=32, multi_token=1.0, future_token=1.0, sampler="popularity"),
+        ObjectiveConfig(negatives=32, multi_token=1.0, mask_own_sequence=True),
         ObjectiveConfig(negatives="full", similarity="dot"),
         ObjectiveConfig(negatives=16, in_batch_negatives=False, logq_correction=False),
     ],

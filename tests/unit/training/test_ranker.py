@@ -185,6 +185,38 @@ def test_young_mix_averages_the_predictions_with_and_without_the_id(mode: str) -
         torch.testing.assert_close(late[real], got[real], atol=1e-5, rtol=1e-5)
 
 
+def test_missing_id_vector_stands_in_for_the_dropped_id_part() -> None:
+    """A candidate keeping a share k of its ID part gets (1 − k) of the learned vector; padding stays zero."""
+    nic = NewItemConfig(0.0, 1.0, age_horizon_days=7.0, missing_id_vector=True)
+    torch.manual_seed(0)
+    ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence="none", new_items=nic)).eval()
+    ids = torch.tensor([[11, 22, 33, 0]])
+    content = torch.randn(1, 4, BACKBONE.content_dim)
+    keep = torch.tensor([[1.0, 0.0, 0.25, 0.0]])
+    plain = ranker.backbone.items(ids, content, id_keep=keep)  # (1, 4, D)
+    torch.testing.assert_close(ranker.candidate_embedding(ids, content, id_keep=keep), plain)  # starts at zero
+    with torch.no_grad():
+        ranker.missing_id.copy_(torch.randn(BACKBONE.d_model))
+    got = ranker.candidate_embedding(ids, content, id_keep=keep)
+    torch.testing.assert_close(got[0, 0], plain[0, 0])  # whole id: unchanged
+    torch.testing.assert_close(got[0, 1], plain[0, 1] + ranker.missing_id)  # dropped: the whole vector
+    torch.testing.assert_close(got[0, 2], plain[0, 2] + 0.75 * ranker.missing_id)
+    assert (got[0, 3] == 0).all()  # padding
+    # in training, age dropout decides per candidate and the vector learns
+    ranker.train()
+    age = torch.tensor([[0, 0, 30 * 86_400, 0]])  # brand new items are always dropped (p = 1), the old one kept
+    out = ranker.candidate_embedding(ids, content, age)
+    torch.testing.assert_close(out[0, 2], ranker.backbone.items(ids, content)[0, 2])
+    out.sum().backward()
+    assert ranker.missing_id.grad is not None and ranker.missing_id.grad.abs().sum() > 0
+    # without the option there is no such parameter, and configs saved before it existed load without it
+    assert Ranker(RankerConfig(backbone=BACKBONE, sequence="none")).missing_id is None
+    saved = RankerConfig(backbone=BACKBONE, new_items=nic).to_dict()
+    assert RankerConfig.from_dict(saved).new_items.missing_id_vector is True
+    del saved["new_items"]["missing_id_vector"]
+    assert RankerConfig.from_dict(saved).new_items.missing_id_vector is False
+
+
 def test_config_round_trip_and_errors() -> None:
     cfg = RankerConfig(backbone=BACKBONE, sequence="transact", new_items=NewItemConfig(0.2, 0.3, 5.0))
     assert RankerConfig.from_dict(cfg.to_dict()) == cfg
