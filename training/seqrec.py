@@ -325,7 +325,7 @@ class SeqRecConfig:
     scale_item_input: bool = True
     objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup: int = 200
     epochs: int = 30
