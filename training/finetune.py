@@ -22,7 +22,7 @@ from training.config_fields import replace_fields
 from training.data import ContentTable, ItemCreatedAt, RankingData, candidate_slots, load_ranking_data
 from training.interaction import default_label_weights, weighted_bce
 from training.metrics import hit_at_k, roc_auc
-from training.model import PinFMConfig, bucketize_time_gaps, resolve_device
+from training.model import PinFMConfig, resolve_device
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig, init_from_backbone
 from training.trainer import warmup_cosine
@@ -117,13 +117,12 @@ def _resolve_backbone(layout: Layout, backbone: str, preset: str) -> tuple[PinFM
 
 def _ranker_time_gaps(cfg: FinetuneConfig, backbone: dict | None) -> bool:
     """Whether the ranker feeds time gaps: ``cfg.time_gaps``, else what the backbone was pretrained with."""
-    default = next(f.default for f in dataclasses.fields(RankerConfig) if f.name == "time_gaps")
     pretrained = None
     if backbone is not None:
         # a pinfm artifact whose pretraining settings lack the field was pretrained without gaps
         pretrained = bool((backbone["config"].get("pretrain") or {}).get("time_gaps", False))
     if cfg.time_gaps is None:
-        return bool(default) if pretrained is None else pretrained
+        return RankerConfig().time_gaps if pretrained is None else pretrained
     if pretrained is not None and cfg.time_gaps != pretrained:
         log.warning(
             "finetune: time_gaps=%s, but backbone %s was pretrained with time_gaps=%s",
@@ -369,10 +368,9 @@ def train_ranker(
             if aux is not None:
                 seq = {k: v for k, v in b["seq"].items() if v is not None and k != "ts"}
                 seq["positive"] = torch.isin(seq["action_ids"], positive_ids) & seq["pad_mask"]
-                if model.cfg.time_gaps and b["seq"].get("ts") is not None:  # the backbone's input as in scoring
-                    seq["time_gaps"] = bucketize_time_gaps(
-                        b["seq"]["ts"], model.cfg.backbone.time_gap_buckets, seq["pad_mask"]
-                    )  # (U, L)
+                gaps = model.time_gaps(b["seq"])  # (U, L): the backbone's input as in scoring
+                if gaps is not None:
+                    seq["time_gaps"] = gaps
                 aux_loss, _ = aux(model.backbone, seq)
                 loss = loss + cfg.aux_next_token_weight * aux_loss
             opt.zero_grad(set_to_none=True)

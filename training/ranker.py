@@ -216,7 +216,8 @@ class Ranker(nn.Module):
         return self.cfg.sequence in ("transact", "pinfm_early")
 
     # ------------------------------------------------------------------ pieces
-    def _time_gaps(self, seq: dict) -> torch.Tensor | None:
+    def time_gaps(self, seq: dict) -> torch.Tensor | None:
+        """(U, L) log-time-gap buckets the backbone reads for ``seq`` (None: gaps off or no ``ts``)."""
         if not self.cfg.time_gaps or seq.get("ts") is None:
             return None
         return bucketize_time_gaps(seq["ts"], self.cfg.backbone.time_gap_buckets, seq["pad_mask"])
@@ -312,7 +313,7 @@ class Ranker(nn.Module):
         if pad_mask is None:
             pad_mask = item_ids != 0  # (U, L)
         seq = {"ts": ts, "pad_mask": pad_mask}
-        hidden = self.backbone(item_ids, action_ids, surface_ids, content, pad_mask, time_gaps=self._time_gaps(seq))
+        hidden = self.backbone(item_ids, action_ids, surface_ids, content, pad_mask, time_gaps=self.time_gaps(seq))
         return last_hidden(hidden, pad_mask)  # (U, D)
 
     def _late_features(self, user: torch.Tensor, cand: torch.Tensor) -> list[torch.Tensor]:
@@ -405,7 +406,7 @@ class Ranker(nn.Module):
         if mode in ("pinfm_late", "pinfm_early"):
             bb = self.backbone
             args = (seq["item_ids"], seq["action_ids"], seq["surface_ids"], seq.get("content"), pad_mask)
-            gaps = self._time_gaps(seq)
+            gaps = self.time_gaps(seq)
             if mode == "pinfm_late":
                 hidden = bb(*args, time_gaps=gaps)  # (U, L, D)
             else:
