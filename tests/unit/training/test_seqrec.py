@@ -135,3 +135,51 @@ def test_runs_saved_before_item_input_scaling_load_unscaled() -> None:
     assert SeqRecConfig.from_dict(saved).scale_item_input  # the current default
     del saved["scale_item_input"]
     assert not SeqRecConfig.from_dict(saved).scale_item_input
+
+
+def test_positions_from_the_end_read_the_last_item_where_training_put_its_query() -> None:
+    """user_states follows each history with a placeholder, so the last item has one real
+    token after it as every training query has; causal attention keeps the placeholder's
+    content out of the state."""
+    import dataclasses
+
+    import torch
+
+    from training.model import PinFM
+    from training.seqrec import seq_batch, user_states
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(SeqRecConfig.preset("tiny").model_config(), position_from_end=True)
+    model = PinFM(cfg).eval()
+    max_len = cfg.max_len - 1
+    histories = [np.array([5, 7, 9]), np.arange(1, 40), np.array([4])]
+    states = user_states(model, histories, max_len)
+    for h, state in zip(histories, states, strict=True):
+        kept = h[-max_len:]
+        items, lengths = pad_right([np.r_[kept, 99]], max_len + 1)  # another placeholder id
+        b = seq_batch(items, lengths)
+        with torch.no_grad():
+            hidden = model(b["item_ids"], b["action_ids"], b["surface_ids"])
+        assert torch.allclose(state, hidden[0, len(kept) - 1], atol=1e-5)
+        items, lengths = pad_right([kept], max_len)  # no placeholder: the last item at position 0
+        b = seq_batch(items, lengths)
+        with torch.no_grad():
+            bare = model(b["item_ids"], b["action_ids"], b["surface_ids"])[0, len(kept) - 1]
+        assert not torch.allclose(state, bare, atol=1e-5)
+
+
+def test_ranker_and_dcat_refuse_a_backbone_with_positions_from_the_end() -> None:
+    import dataclasses
+
+    import torch
+
+    from training.dcat import context_pass
+    from training.model import PinFM, PinFMConfig
+    from training.ranker import Ranker, RankerConfig
+
+    backbone = dataclasses.replace(PinFMConfig.preset("tiny"), position_from_end=True)
+    with pytest.raises(ValueError, match="position_from_end"):
+        Ranker(RankerConfig(backbone=backbone))
+    ids = torch.tensor([[3, 4, 0]])
+    with pytest.raises(ValueError, match="position_from_end"):
+        context_pass(PinFM(backbone), ids, (ids != 0).long(), (ids != 0).long(), None, ids != 0)
