@@ -64,16 +64,7 @@ def _lengths(item_ids: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Ten
     return pad_mask.bool().sum(1)
 
 
-def _check_positions(model: PinFM) -> None:
-    if model.cfg.position_from_end:
-        raise ValueError(
-            "DCAT needs positions counted from the start of the sequence (the context K/V must not change "
-            "when a candidate is appended); this backbone has position_from_end=True"
-        )
-
-
 def _check_fits(model: PinFM, lengths: torch.Tensor) -> None:
-    _check_positions(model)
     if lengths.numel() and int(lengths.max()) >= model.cfg.max_len:
         raise ValueError(
             f"a user sequence has {int(lengths.max())} real tokens: with the candidate token it needs "
@@ -167,7 +158,6 @@ def _context(
     with_hidden: bool,
 ) -> tuple[torch.Tensor | None, KVCache]:
     """:func:`context_pass`; without ``with_hidden`` it stops once the last layer's K, V are known."""
-    _check_positions(model)
     x, attn_mask = model.embed(item_ids, action_ids, surface_ids, content, pad_mask, time_gaps=time_gaps)  # (U, L, D)
     layers: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i, block in enumerate(model.blocks):

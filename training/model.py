@@ -90,11 +90,6 @@ class PinFMConfig:
     time_gap_buckets: int = 24  # log2-second buckets of the gap to the previous event; 0 = unknown/padding
     sparse_item_grads: bool = False  # hash tables get sparse gradients (the Trainer then uses SparseAdam for them)
     scale_item_input: bool = False  # multiply the item part of the input by √d_model (SASRec); targets are not scaled
-    # Position of a token = real tokens after it (SASRec's left padding gives the newest input
-    # the same position in every row), instead of real tokens before it. A token's position
-    # then depends on how many tokens follow, so the K/V of a sequence cannot be reused once
-    # a token is appended: DCAT and the ranker refuse such a backbone (the seqrec bench only).
-    position_from_end: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -304,13 +299,9 @@ class PinFM(nn.Module):
         if pad_mask is None:
             pos = torch.arange(L, device=item_ids.device).expand(B, L)  # (B, L)
             attn_mask = None
-            if self.cfg.position_from_end:  # right padded: the real tokens are the non-zero ids
-                pos = ((item_ids != 0).sum(1, keepdim=True) - 1 - pos).clamp(min=0)  # (B, L)
         else:
             pad_mask = pad_mask.bool()
             pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L) index among real tokens
-            if self.cfg.position_from_end:
-                pos = (pad_mask.sum(1, keepdim=True) - 1 - pos).clamp(min=0)  # (B, L) real tokens after
             causal = torch.ones(L, L, dtype=torch.bool, device=item_ids.device).tril()  # (L, L)
             eye = torch.eye(L, dtype=torch.bool, device=item_ids.device)
             # a query sees earlier real keys, and always itself (so all-pad rows stay finite)

@@ -184,11 +184,6 @@ class Ranker(nn.Module):
 
     def __init__(self, cfg: RankerConfig) -> None:
         super().__init__()
-        if cfg.backbone.position_from_end:
-            raise ValueError(
-                "the ranker reads the backbone at the newest event and DCAT appends candidates after it: "
-                "both need positions counted from the start (backbone position_from_end=False)"
-            )
         self.cfg = cfg
         d = cfg.backbone.d_model
         self.backbone = PinFM(cfg.backbone)  # its item embedding serves every mode

@@ -185,28 +185,16 @@ class SeqRecBatches:
 # --------------------------------------------------------------------------- eval
 @torch.no_grad()
 def user_states(model: PinFM, histories: list[np.ndarray], max_len: int, batch_size: int = 1024) -> torch.Tensor:
-    """(U, D) hidden state at the last item of each history (newest ``max_len`` items).
-
-    With ``position_from_end`` a placeholder token (a copy of the last item) follows each
-    history, so the last item sits where it sat in training as the query of the last target
-    (one real token after it). Causal attention keeps the placeholder out of the state read.
-    """
+    """(U, D) hidden state at the last item of each history (newest ``max_len`` items)."""
     device = next(model.parameters()).device
-    tail = 1 if model.cfg.position_from_end else 0
     order = np.argsort([len(h) for h in histories], kind="stable")  # similar lengths together
     out = torch.empty(len(histories), model.cfg.d_model, device=device)
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
-        hist = [np.asarray(histories[r])[-max_len:] for r in rows]
-        if tail:
-            hist = [np.r_[h, h[-1:]] for h in hist]
-        items, lengths = pad_right(hist, max_len + tail)
+        items, lengths = pad_right([histories[r] for r in rows], max_len)
         b = {k: v.to(device) for k, v in seq_batch(items, lengths).items()}
         hidden = model(b["item_ids"], b["action_ids"], b["surface_ids"])  # (B, L, D)
-        read = b["pad_mask"].clone()
-        if tail:  # read one token before the placeholder
-            read[torch.arange(len(rows), device=device), b["lengths"] - 1] = False
-        out[torch.as_tensor(rows, device=device)] = last_hidden(hidden, read).float()
+        out[torch.as_tensor(rows, device=device)] = last_hidden(hidden, b["pad_mask"]).float()
     return out
 
 
@@ -317,8 +305,6 @@ class SeqRecConfig:
         sparse_item_grads: update only the looked-up hash rows (SparseAdam); a step then costs
             the same whatever the table size.
         scale_item_input: multiply the item part of the input tokens by √d_model (as SASRec does).
-        position_from_end: number positions from the newest item (as SASRec's left padding
-            does) instead of from the oldest; see :class:`training.model.PinFMConfig`.
         objective: losses and negatives.
         batch_size, lr, weight_decay, warmup: optimisation.
         epochs: passes over the training users.
@@ -337,7 +323,6 @@ class SeqRecConfig:
     hash_buckets: int = 1 << 20
     sparse_item_grads: bool = True
     scale_item_input: bool = True
-    position_from_end: bool = False
     objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
     batch_size: int = 256
     lr: float = 2e-3
@@ -361,7 +346,6 @@ class SeqRecConfig:
             dropout=self.dropout,
             sparse_item_grads=self.sparse_item_grads,
             scale_item_input=self.scale_item_input,
-            position_from_end=self.position_from_end,
         )
 
     def to_dict(self) -> dict:

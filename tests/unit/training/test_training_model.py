@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -107,31 +106,6 @@ def test_padding_left_or_right_gives_the_same_last_state() -> None:
         plain = model(items, actions, surfaces)[:, -1]
     assert torch.allclose(r, plain, atol=1e-5)
     assert torch.allclose(l_, plain, atol=1e-5)
-
-
-def test_positions_from_the_end_give_the_newest_token_one_position() -> None:
-    """With position_from_end the newest real token has position 0 in every row, whatever
-    its length or padding side; a token's position counts the real tokens after it."""
-    torch.manual_seed(0)
-    model = PinFM(dataclasses.replace(PinFMConfig.preset("tiny"), position_from_end=True)).eval()
-    items, actions, surfaces = _tokens(1, 4)
-    pad = torch.zeros(1, 2, dtype=torch.int64)
-    long_row = [torch.cat([x, pad], 1) for x in (items, actions, surfaces)]  # 4 real, right padded
-    short_row = [torch.cat([x[:, 2:], pad, pad], 1) for x in (items, actions, surfaces)]  # its newest 2
-    left_row = [torch.cat([pad, x], 1) for x in (items, actions, surfaces)]  # 4 real, left padded
-    with torch.no_grad():
-        x_long, _ = model.embed(*long_row, None, long_row[0] != 0)
-        x_short, _ = model.embed(*short_row)  # no pad_mask: the non-zero ids are the real tokens
-        x_left, _ = model.embed(*left_row, None, left_row[0] != 0)
-    assert torch.allclose(x_long[:, 3], x_short[:, 1]) and torch.allclose(x_long[:, 2], x_short[:, 0])
-    assert torch.allclose(x_long[:, :4], x_left[:, 2:])
-    plain = PinFM(PinFMConfig.preset("tiny")).eval()
-    plain.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        y_long, _ = plain.embed(*long_row, None, long_row[0] != 0)
-        y_short, _ = plain.embed(*short_row)
-    assert not torch.allclose(y_long[:, 3], y_short[:, 1])  # from the start they differ
-    assert torch.allclose(x_long[:, 0] - y_long[:, 0], model.pos_emb.weight[3] - model.pos_emb.weight[0])
 
 
 def test_backbone_rejects_too_long_sequences() -> None:
