@@ -307,6 +307,7 @@ class SeqRecConfig:
         scale_item_input: multiply the item part of the input tokens by √d_model (as SASRec does).
         objective: losses and negatives.
         batch_size, lr, weight_decay, warmup: optimisation.
+        adam_beta2: second-moment decay of the Adams.
         epochs: passes over the training users.
         eval_every_epochs: validation frequency (early stopping on NDCG@10).
         eval_users: validate on this many users (a fixed random subset; 0 = all); the test uses all.
@@ -327,6 +328,7 @@ class SeqRecConfig:
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     warmup: int = 200
     epochs: int = 30
     eval_every_epochs: int = 3
@@ -448,6 +450,7 @@ def run_seqrec_bench(
             steps=steps,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
+            adam_beta2=cfg.adam_beta2,
             warmup=cfg.warmup,
             device=cfg.device,
             seed=cfg.seed,

@@ -49,6 +49,7 @@ class TrainerConfig:
         steps: optimizer steps in total.
         lr: peak learning rate.
         weight_decay: AdamW decay of matrix weights (embeddings, norms and biases get none).
+        adam_beta2: second-moment decay of both Adams (AdamW and the tables' SparseAdam).
         warmup: linear warm-up steps, then cosine decay to ``min_lr_ratio`` × lr.
         min_lr_ratio: end of the cosine.
         grad_clip: max global gradient norm (0 = no clipping).
@@ -65,6 +66,7 @@ class TrainerConfig:
     steps: int
     lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999
     warmup: int = 100
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -222,13 +224,16 @@ class Trainer:
         self.resume = resume
         self._best: dict | None = None
         self.opt = torch.optim.AdamW(
-            param_groups(self.module, cfg.weight_decay), lr=cfg.lr, fused=self.device.type in ("cpu", "cuda")
+            param_groups(self.module, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(0.9, cfg.adam_beta2),
+            fused=self.device.type in ("cpu", "cuda"),
         )
         # tables with sparse gradients: lazy Adam, which updates only the rows a step touched
         sparse = sparse_parameters(self.module)
         if sparse and self.world > 1 and self.device.type == "cuda":
             raise ValueError("sparse_item_grads is not supported by DDP on NCCL: set it to False for multi-GPU runs")
-        self.sparse_opt = torch.optim.SparseAdam(sparse, lr=cfg.lr) if sparse else None
+        self.sparse_opt = torch.optim.SparseAdam(sparse, lr=cfg.lr, betas=(0.9, cfg.adam_beta2)) if sparse else None
         self.opts = [self.opt] + ([self.sparse_opt] if self.sparse_opt is not None else [])
 
         def lr_factor(s: int) -> float:
