@@ -308,6 +308,7 @@ class SeqRecConfig:
         objective: losses and negatives.
         batch_size, lr, weight_decay, warmup: optimisation.
         adam_beta2: second-moment decay of the Adams.
+        sparse_lr_scale: lr of the hash tables (lazy Adam) relative to ``lr``.
         epochs: passes over the training users.
         eval_every_epochs: validation frequency (early stopping on NDCG@10).
         eval_users: validate on this many users (a fixed random subset; 0 = all); the test uses all.
@@ -329,6 +330,7 @@ class SeqRecConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
+    sparse_lr_scale: float = 1.0
     warmup: int = 200
     epochs: int = 30
     eval_every_epochs: int = 3
@@ -451,6 +453,7 @@ def run_seqrec_bench(
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             adam_beta2=cfg.adam_beta2,
+            sparse_lr_scale=cfg.sparse_lr_scale,
             warmup=cfg.warmup,
             device=cfg.device,
             seed=cfg.seed,

@@ -50,6 +50,7 @@ class TrainerConfig:
         lr: peak learning rate.
         weight_decay: AdamW decay of matrix weights (embeddings, norms and biases get none).
         adam_beta2: second-moment decay of both Adams (AdamW and the tables' SparseAdam).
+        sparse_lr_scale: the sparse-gradient tables' lr is this × ``lr`` (same schedule).
         warmup: linear warm-up steps, then cosine decay to ``min_lr_ratio`` × lr.
         min_lr_ratio: end of the cosine.
         grad_clip: max global gradient norm (0 = no clipping).
@@ -67,6 +68,7 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
+    sparse_lr_scale: float = 1.0
     warmup: int = 100
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -233,7 +235,11 @@ class Trainer:
         sparse = sparse_parameters(self.module)
         if sparse and self.world > 1 and self.device.type == "cuda":
             raise ValueError("sparse_item_grads is not supported by DDP on NCCL: set it to False for multi-GPU runs")
-        self.sparse_opt = torch.optim.SparseAdam(sparse, lr=cfg.lr, betas=(0.9, cfg.adam_beta2)) if sparse else None
+        self.sparse_opt = (
+            torch.optim.SparseAdam(sparse, lr=cfg.lr * cfg.sparse_lr_scale, betas=(0.9, cfg.adam_beta2))
+            if sparse
+            else None
+        )
         self.opts = [self.opt] + ([self.sparse_opt] if self.sparse_opt is not None else [])
 
         def lr_factor(s: int) -> float:

@@ -86,17 +86,20 @@ def test_sparse_item_grads_touch_only_looked_up_rows(tmp_path: Path, chain_file)
         assert changed[used].any() and not changed[~used].any()
 
 
-def test_adam_beta2_reaches_both_optimizers(tmp_path: Path, chain_file) -> None:
+def test_adam_beta2_and_sparse_lr_scale_reach_the_optimizers(tmp_path: Path, chain_file) -> None:
     import dataclasses
 
     data = SeqRecData.load(chain_file(n_users=40))
     trainer = _trainer(tmp_path / "run", data, steps=3, sparse=True)
     assert trainer.opt.param_groups[0]["betas"] == (0.9, 0.999)  # the default
-    cfg = dataclasses.replace(trainer.cfg, adam_beta2=0.98)
+    cfg = dataclasses.replace(trainer.cfg, adam_beta2=0.98, sparse_lr_scale=2.0)
     other = Trainer(trainer.model, trainer.objective, trainer.batch_fn, cfg, run_dir=tmp_path / "other")
     assert other.sparse_opt is not None
     for opt in other.opts:
         assert all(g["betas"] == (0.9, 0.98) for g in opt.param_groups)
+    dense_lr = other.opt.param_groups[0]["initial_lr"]
+    assert other.sparse_opt.param_groups[0]["initial_lr"] == pytest.approx(2.0 * dense_lr)
+    assert dense_lr == pytest.approx(cfg.lr)
 
 
 def test_clip_grad_norm_matches_torch_on_dense_and_counts_sparse() -> None:
