@@ -225,10 +225,11 @@ class Trainer:
         self.select_metric = select_metric
         self.resume = resume
         self._best: dict | None = None
+        betas = (0.9, cfg.adam_beta2)  # shared by both Adams
         self.opt = torch.optim.AdamW(
             param_groups(self.module, cfg.weight_decay),
             lr=cfg.lr,
-            betas=(0.9, cfg.adam_beta2),
+            betas=betas,
             fused=self.device.type in ("cpu", "cuda"),
         )
         # tables with sparse gradients: lazy Adam, which updates only the rows a step touched
@@ -236,9 +237,7 @@ class Trainer:
         if sparse and self.world > 1 and self.device.type == "cuda":
             raise ValueError("sparse_item_grads is not supported by DDP on NCCL: set it to False for multi-GPU runs")
         self.sparse_opt = (
-            torch.optim.SparseAdam(sparse, lr=cfg.lr * cfg.sparse_lr_scale, betas=(0.9, cfg.adam_beta2))
-            if sparse
-            else None
+            torch.optim.SparseAdam(sparse, lr=cfg.lr * cfg.sparse_lr_scale, betas=betas) if sparse else None
         )
         self.opts = [self.opt] + ([self.sparse_opt] if self.sparse_opt is not None else [])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -87,8 +88,6 @@ def test_sparse_item_grads_touch_only_looked_up_rows(tmp_path: Path, chain_file)
 
 
 def test_adam_beta2_and_sparse_lr_scale_reach_the_optimizers(tmp_path: Path, chain_file) -> None:
-    import dataclasses
-
     data = SeqRecData.load(chain_file(n_users=40))
     trainer = _trainer(tmp_path / "run", data, steps=3, sparse=True)
     assert trainer.opt.param_groups[0]["betas"] == (0.9, 0.999)  # the default
