@@ -34,6 +34,9 @@ from training.config_fields import replace_fields
 
 #: logit of a masked candidate: finite, so a row whose candidates are all masked keeps finite gradients
 MASKED_LOGIT = -1e30
+#: exp() of anything below this is < 2e-35 (nothing, beside a softmax sum ≥ 1), and x86 CPUs
+#: compute the exp of arguments under about -87 (subnormal results) 10-30× slower: clamp first
+EXP_FLOOR = -80.0
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,111 @@ def full_softmax_loss(
     return F.cross_entropy((queries @ all_emb.T / temperature).float(), pos_index)  # (N, I) logits
 
 
+class CatalogLogSumExp(torch.autograd.Function):
+    """``lse[i] = log Σ_j exp(q[i] · e[j])`` over a whole catalog, without keeping the logits.
+
+    The (Q, I) logit matrix is the cost of an exact softmax: with Q ≈ 2,500 queries and
+    I ≈ 55,000 items it is 550 MB. Here it never exists whole: the forward pass scores
+    ``chunk`` queries at a time into one reused buffer, and the backward pass scores them
+    again and turns the buffer into the softmax in place. Every item gets its gradient
+    in the same pass. ``torch.logsumexp(q @ e.T, 1)`` is the plain reference (a test
+    checks they agree).
+
+    Args (of ``apply``):
+        q: (Q, D) queries (already divided by the temperature).
+        e: (I, D) catalog embeddings.
+        chunk: queries per block (the buffer holds I × chunk floats).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, e: torch.Tensor, chunk: int) -> torch.Tensor:
+        with torch.autocast(q.device.type, enabled=False):  # fp32 blocks whatever the autocast around
+            return CatalogLogSumExp._forward(ctx, q.float(), e.float(), chunk)
+
+    @staticmethod
+    def _forward(ctx, q: torch.Tensor, e: torch.Tensor, chunk: int) -> torch.Tensor:
+        n_items = e.shape[0]
+        buf = torch.empty(n_items * min(chunk, q.shape[0]), device=q.device)
+        lse = torch.empty(q.shape[0], device=q.device)  # (Q,)
+        for c in range(0, q.shape[0], chunk):
+            qc = q[c : c + chunk]  # (n, D)
+            block = buf[: n_items * qc.shape[0]].view(n_items, qc.shape[0])  # (I, n) logits, transposed
+            torch.mm(e, qc.T, out=block)
+            top = block.amax(0)  # (n,)
+            block.sub_(top).clamp_(min=EXP_FLOOR).exp_()
+            lse[c : c + chunk] = block.sum(0).log_().add_(top)
+        ctx.save_for_backward(q, e, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        with torch.autocast(grad_lse.device.type, enabled=False):
+            return CatalogLogSumExp._backward(ctx, grad_lse.float())
+
+    @staticmethod
+    def _backward(ctx, grad_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        q, e, lse = ctx.saved_tensors
+        chunk, n_items = ctx.chunk, e.shape[0]
+        grad_q = torch.empty_like(q)  # (Q, D)
+        grad_e = torch.zeros_like(e)  # (I, D)
+        buf = torch.empty(n_items * min(chunk, q.shape[0]), device=q.device)
+        for c in range(0, q.shape[0], chunk):
+            qc = q[c : c + chunk]  # (n, D)
+            block = buf[: n_items * qc.shape[0]].view(n_items, qc.shape[0])  # (I, n)
+            torch.mm(e, qc.T, out=block)
+            block.sub_(lse[c : c + chunk]).clamp_(min=EXP_FLOOR).exp_()  # the softmax (transposed)
+            block.mul_(grad_lse[c : c + chunk])  # × upstream grad
+            torch.mm(block.T, e, out=grad_q[c : c + chunk])
+            grad_e.addmm_(block, qc)
+        return grad_q, grad_e, None
+
+
+def catalog_logsumexp(q: torch.Tensor, e: torch.Tensor, block_floats: int | None = None) -> torch.Tensor:
+    """(Q,) log Σ_j exp(q · e_j) with :class:`CatalogLogSumExp`; blocks of ``block_floats`` floats.
+
+    The default block is 4 M floats (16 MB) on CPU, small enough to be reused by the
+    allocator instead of being page-faulted in afresh; 256 M on an accelerator.
+    """
+    if block_floats is None:
+        block_floats = (1 << 22) if q.device.type == "cpu" else (1 << 28)
+    return CatalogLogSumExp.apply(q, e, max(1, block_floats // max(1, e.shape[0])))
+
+
+def shared_full_softmax_losses(
+    queries: torch.Tensor,
+    pair_sets: list[tuple[torch.Tensor, torch.Tensor]],
+    all_emb: torch.Tensor,
+    temperature: torch.Tensor | float,
+    similarity: str,
+    block_floats: int | None = None,
+) -> list[torch.Tensor]:
+    """Full-catalog cross-entropy of several pair sets that share their queries.
+
+    Equals ``full_softmax_loss(queries[q], pos, all_emb, ...)`` for every ``(q, pos)`` in
+    ``pair_sets`` (the reference), but scores each distinct query against the catalog once,
+    in blocks (:func:`catalog_logsumexp`). With the next- and multi-token losses a position
+    is the query of up to 1 + L' pairs, so this is what makes the exact softmax affordable.
+
+    Args:
+        queries: (Q, D) the distinct query states.
+        pair_sets: per loss, (query index (N,) into ``queries``, positive index (N,) into ``all_emb``).
+        all_emb: (I, D) embedding of every catalog item.
+        block_floats: size of the logit block (None = the device's default).
+
+    Returns:
+        per pair set, the scalar mean cross-entropy over its pairs (sets must be non-empty).
+    """
+    if similarity == "cosine":
+        queries, all_emb = F.normalize(queries, dim=-1), F.normalize(all_emb, dim=-1)
+    q = queries / temperature  # (Q, D)
+    log_norm = catalog_logsumexp(q, all_emb, block_floats)  # (Q,)
+    return [
+        (log_norm[qi] - (q[qi] * all_emb[pos]).sum(-1).float()).mean()  # positive logit: one dot per pair
+        for qi, pos in pair_sets
+    ]
+
+
 class PinFMObjective(nn.Module):
     """The weighted sum of the enabled losses, with a learnable temperature.
 
@@ -336,23 +444,49 @@ class PinFMObjective(nn.Module):
         ids, logp = self.catalog.sample(int(self.cfg.negatives), self.cfg.sampler, device)
         return ids, model.item_embedding(ids), logp
 
-    def _loss(
-        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pairs: tuple, negs: tuple
-    ) -> torch.Tensor | None:
-        """Loss of one pair set (None when it has no pair)."""
+    def _subsample(self, pairs: tuple) -> tuple:
+        """At most ``max_pairs`` of the pairs (a random subset)."""
         rows, q_pos, t_pos = pairs
         if self.cfg.max_pairs is not None and rows.numel() > self.cfg.max_pairs:
             keep = torch.randperm(rows.numel())[: self.cfg.max_pairs].to(rows.device)
             rows, q_pos, t_pos = rows[keep], q_pos[keep], t_pos[keep]
+        return rows, q_pos, t_pos
+
+    def _full_losses(
+        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pair_sets: list[tuple]
+    ) -> list[torch.Tensor | None]:
+        """Exact full-catalog losses of the pair sets; each distinct query is scored once."""
+        pair_sets = [self._subsample(p) for p in pair_sets]
+        live = [p for p in pair_sets if p[0].numel()]
+        if not live:
+            return [None] * len(pair_sets)
+        L = hidden.shape[1]
+        flat = torch.cat([rows * L + q_pos for rows, q_pos, _ in live])  # (ΣN,) query position ids
+        uniq, inverse = torch.unique(flat, return_inverse=True)  # (Q,), (ΣN,)
+        all_ids = self.catalog.ids.to(hidden.device)
+        sets, start = [], 0
+        for rows, _, t_pos in live:
+            n = rows.numel()
+            sets.append((inverse[start : start + n], torch.searchsorted(all_ids, batch["item_ids"][rows, t_pos])))
+            start += n
+        queries = hidden.reshape(-1, hidden.shape[-1])[uniq]  # (Q, D)
+        losses = iter(
+            shared_full_softmax_losses(
+                queries, sets, model.item_embedding(all_ids), self.temperature, self.cfg.similarity
+            )
+        )
+        return [next(losses) if p[0].numel() else None for p in pair_sets]
+
+    def _loss(
+        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pairs: tuple, negs: tuple
+    ) -> torch.Tensor | None:
+        """Sampled-softmax loss of one pair set (None when it has no pair)."""
+        rows, q_pos, t_pos = self._subsample(pairs)
         if rows.numel() == 0:
             return None
         q = hidden[rows, q_pos]  # (N, D)
         tgt = batch["item_ids"][rows, t_pos]  # (N,)
         temp = self.temperature
-        if self.cfg.negatives == "full":
-            all_ids = self.catalog.ids.to(q.device)
-            pos_index = torch.searchsorted(all_ids, tgt)
-            return full_softmax_loss(q, pos_index, model.item_embedding(all_ids), temp, self.cfg.similarity)
         content = batch.get("content")
         k = model.item_embedding(tgt, content[rows, t_pos] if content is not None else None)  # (N, D)
         neg_ids, neg_emb, neg_logp = negs
@@ -427,8 +561,12 @@ class PinFMObjective(nn.Module):
             if read_pos is None:
                 read_pos = read_positions(batch["pad_mask"].sum(1), self.cfg.future_window)
             parts.append(("future", self.cfg.future_token, future_token_pairs(positive, read_pos)))
-        for name, weight, pairs in parts:
-            loss = self._loss(model, hidden, batch, pairs, negs)
+        losses = (
+            self._full_losses(model, hidden, batch, [p for _, _, p in parts])
+            if self.cfg.negatives == "full"
+            else [self._loss(model, hidden, batch, pairs, negs) for _, _, pairs in parts]
+        )
+        for (name, weight, pairs), loss in zip(parts, losses, strict=True):
             stats[f"pairs_{name}"] = float(pairs[0].numel())
             if loss is not None:
                 total = total + weight * loss

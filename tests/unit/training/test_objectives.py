@@ -13,12 +13,14 @@ from training.objectives import (
     ItemCatalog,
     ObjectiveConfig,
     PinFMObjective,
+    catalog_logsumexp,
     full_softmax_loss,
     future_token_pairs,
     multi_token_pairs,
     next_token_pairs,
     read_positions,
     sampled_softmax_loss,
+    shared_full_softmax_losses,
 )
 
 
@@ -187,6 +189,65 @@ def test_objective_learns_a_deterministic_cycle(cfg: ObjectiveConfig) -> None:
         opt.step()
     assert float(loss.detach()) < 0.5 * first, (first, stats)
     assert stats["pairs_next"] == 20 * 11 if cfg.next_token else True
+
+
+@pytest.mark.parametrize("block_floats", [None, 3 * 40, 7 * 40])
+def test_catalog_logsumexp_matches_the_plain_logsumexp(block_floats: int | None) -> None:
+    """Blocked log-sum-exp (1, 3 or 7 queries a block, a short last block) = logsumexp(q @ e.T) and its grads."""
+    torch.manual_seed(0)
+    q = torch.randn(7, 5, requires_grad=True)
+    e = torch.randn(40, 5, requires_grad=True)
+    w = torch.rand(7)
+    fast = catalog_logsumexp(q, e, block_floats)
+    ref = torch.logsumexp(q @ e.T, dim=1)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    g_fast = torch.autograd.grad((fast * w).sum(), (q, e))
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, e))
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_shared_full_softmax_matches_the_per_pair_reference(similarity: str) -> None:
+    """Scoring each distinct query once gives the per-pair full softmax's losses and gradients."""
+    torch.manual_seed(0)
+    queries = torch.randn(6, 8, requires_grad=True)
+    emb = torch.randn(30, 8, requires_grad=True)
+    sets = [
+        (torch.tensor([0, 1, 2, 3, 4]), torch.tensor([3, 7, 7, 0, 29])),
+        (torch.tensor([0, 0, 5, 2]), torch.tensor([4, 5, 9, 7])),
+    ]
+    fast = shared_full_softmax_losses(queries, sets, emb, 0.3, similarity, block_floats=4 * 30)
+    g_fast = torch.autograd.grad(fast[0] + 2 * fast[1], (queries, emb))
+    ref = [full_softmax_loss(queries[q], pos, emb, 0.3, similarity) for q, pos in sets]
+    g_ref = torch.autograd.grad(ref[0] + 2 * ref[1], (queries, emb))
+    for a, b in zip(fast, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_full_objective_equals_the_per_pair_full_softmax() -> None:
+    """negatives='full' with next + multi-token losses = the reference loss of each pair set."""
+    torch.manual_seed(0)
+    items = torch.tensor([[3, 5, 2, 9, 0, 0], [4, 4, 1, 8, 6, 7]])  # right padded
+    model = PinFM(PinFMConfig(d_model=16, n_layers=1, n_heads=2, max_len=6, hash_buckets=512, dropout=0.0))
+    cfg = ObjectiveConfig(negatives="full", similarity="dot", multi_token=0.5, multi_token_window=3)
+    obj = PinFMObjective(cfg, ItemCatalog.from_sequences([torch.arange(1, 12).numpy()]))
+    batch = _batch(items)
+    total, stats = obj(model, batch)
+    hidden = model(batch["item_ids"], batch["action_ids"], batch["surface_ids"])
+    all_ids = obj.catalog.ids
+    all_emb = model.item_embedding(all_ids)
+    expected = 0.0
+    for weight, (rows, q, t) in [
+        (1.0, next_token_pairs(batch["positive"])),
+        (0.5, multi_token_pairs(batch["positive"], 3)),
+    ]:
+        pos = torch.searchsorted(all_ids, items[rows, t])
+        expected = expected + weight * full_softmax_loss(hidden[rows, q], pos, all_emb, obj.temperature, "dot")
+    assert torch.allclose(total, expected, atol=1e-5)
+    assert stats["pairs_next"] == 3 + 5 and stats["pairs_multi"] == (3 + 2 + 1) + (5 + 4 + 3)
 
 
 def test_sampled_softmax_all_candidates_masked_has_finite_gradients() -> None:
