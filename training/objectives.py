@@ -13,8 +13,10 @@ Candidates are the positives of (up to K of) the other pairs in the batch (in-ba
 negatives sampled once per step from the catalog (uniformly or by popularity). Because
 those candidates are not drawn uniformly, every candidate's logit is corrected by the log
 of its expected number of draws (log-Q correction), which makes the sampled softmax an
-estimate of the full one. ``negatives="full"`` uses the whole catalog instead (exact, for
-small catalogs and for the comparison).
+estimate of the full one. ``negatives="full"`` uses the whole catalog instead (exact):
+each distinct query position is scored against every item once, whatever the number of
+losses and pairs it serves, in blocks that never hold the whole (Q, I) logit matrix
+(:class:`CatalogLogSumExp`). Its cost grows with the catalog; the sampled one does not.
 
 Shapes: B batch, L length, D model dim, N (query, positive) pairs, M sampled negatives.
 """
