@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -329,17 +330,23 @@ class CatalogLogSumExp(torch.autograd.Function):
             return CatalogLogSumExp._forward(ctx, q.float(), e.float(), chunk)
 
     @staticmethod
-    def _forward(ctx, q: torch.Tensor, e: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _blocks(q: torch.Tensor, e: torch.Tensor, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows of q, their (I, n) logits, transposed) per block of ``chunk`` queries, in one reused buffer."""
         n_items = e.shape[0]
         buf = torch.empty(n_items * min(chunk, q.shape[0]), device=q.device)
-        lse = torch.empty(q.shape[0], device=q.device)  # (Q,)
         for c in range(0, q.shape[0], chunk):
-            qc = q[c : c + chunk]  # (n, D)
-            block = buf[: n_items * qc.shape[0]].view(n_items, qc.shape[0])  # (I, n) logits, transposed
-            torch.mm(e, qc.T, out=block)
+            rows = slice(c, min(c + chunk, q.shape[0]))
+            block = buf[: n_items * (rows.stop - c)].view(n_items, rows.stop - c)  # (I, n)
+            torch.mm(e, q[rows].T, out=block)
+            yield rows, block
+
+    @staticmethod
+    def _forward(ctx, q: torch.Tensor, e: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = torch.empty(q.shape[0], device=q.device)  # (Q,)
+        for rows, block in CatalogLogSumExp._blocks(q, e, chunk):
             top = block.amax(0)  # (n,)
             block.sub_(top).clamp_(min=EXP_FLOOR).exp_()
-            lse[c : c + chunk] = block.sum(0).log_().add_(top)
+            lse[rows] = block.sum(0).log_().add_(top)
         ctx.save_for_backward(q, e, lse)
         ctx.chunk = chunk
         return lse
@@ -352,18 +359,13 @@ class CatalogLogSumExp(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         q, e, lse = ctx.saved_tensors
-        chunk, n_items = ctx.chunk, e.shape[0]
         grad_q = torch.empty_like(q)  # (Q, D)
         grad_e = torch.zeros_like(e)  # (I, D)
-        buf = torch.empty(n_items * min(chunk, q.shape[0]), device=q.device)
-        for c in range(0, q.shape[0], chunk):
-            qc = q[c : c + chunk]  # (n, D)
-            block = buf[: n_items * qc.shape[0]].view(n_items, qc.shape[0])  # (I, n)
-            torch.mm(e, qc.T, out=block)
-            block.sub_(lse[c : c + chunk]).clamp_(min=EXP_FLOOR).exp_()  # the softmax (transposed)
-            block.mul_(grad_lse[c : c + chunk])  # × upstream grad
-            torch.mm(block.T, e, out=grad_q[c : c + chunk])
-            grad_e.addmm_(block, qc)
+        for rows, block in CatalogLogSumExp._blocks(q, e, ctx.chunk):  # the logits scored again
+            block.sub_(lse[rows]).clamp_(min=EXP_FLOOR).exp_()  # the softmax (transposed)
+            block.mul_(grad_lse[rows])  # × upstream grad
+            torch.mm(block.T, e, out=grad_q[rows])
+            grad_e.addmm_(block, q[rows])
         return grad_q, grad_e, None
 
 
