@@ -444,6 +444,19 @@ def bench_pretrain(device, steps, batch_size, peak_tflops) -> None:
     _echo_json(run(device=device, steps=steps, batch_size=batch_size, peak_tflops=peak_tflops))
 
 
+@bench.command("full-softmax")
+@click.option("--queries", default=1435, show_default=True, type=int, help="Query positions (a Beauty step's).")
+@click.option("--items", default=54543, show_default=True, type=int, help="Catalog size (Beauty's, with padding).")
+@click.option("--dim", default=64, show_default=True, type=int)
+@click.option("--reps", default=3, show_default=True, type=int, help="Timed rounds (after one warm-up round).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+def bench_full_softmax(queries, items, dim, reps, device) -> None:
+    """Forward + backward of the exact softmax's catalog pass: plain autograd vs the blocked paths."""
+    from training.bench_full_softmax import bench_full_softmax as run
+
+    _echo_json(run(queries=queries, items=items, dim=dim, reps=reps, device=device))
+
+
 @bench.command("dcat")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Events per user sequence (all real).")
 @click.option("--candidates", default=500, show_default=True, type=int, help="Candidates per request.")

@@ -191,20 +191,40 @@ def test_objective_learns_a_deterministic_cycle(cfg: ObjectiveConfig) -> None:
     assert stats["pairs_next"] == 20 * 11 if cfg.next_token else True
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("block_floats", [None, 3 * 40, 7 * 40])
-def test_catalog_logsumexp_matches_the_plain_logsumexp(block_floats: int | None) -> None:
-    """Blocked log-sum-exp (1, 3 or 7 queries a block, a short last block) = logsumexp(q @ e.T) and its grads."""
+def test_catalog_logsumexp_matches_the_plain_logsumexp(block_floats: int | None, keep: bool) -> None:
+    """Blocked log-sum-exp (1, 3 or 7 queries a block, a short last block; softmax kept or
+    scored again) = logsumexp(q @ e.T) and its grads."""
     torch.manual_seed(0)
     q = torch.randn(7, 5, requires_grad=True)
     e = torch.randn(40, 5, requires_grad=True)
     w = torch.rand(7)
-    fast = catalog_logsumexp(q, e, block_floats)
+    fast = catalog_logsumexp(q, e, block_floats, keep=keep)
     ref = torch.logsumexp(q @ e.T, dim=1)
     assert torch.allclose(fast, ref, atol=1e-5)
     g_fast = torch.autograd.grad((fast * w).sum(), (q, e))
     g_ref = torch.autograd.grad((ref * w).sum(), (q, e))
     for a, b in zip(g_fast, g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_bf16_catalog_logsumexp_is_close_to_the_fp32_one(keep: bool) -> None:
+    """bf16 matmuls: values and gradients within bf16's rounding of the fp32 reference, dtypes fp32."""
+    torch.manual_seed(0)
+    q = (torch.randn(50, 16) * 0.5).requires_grad_()
+    e = (torch.randn(300, 16) * 0.5).requires_grad_()
+    w = torch.rand(50)
+    fast = catalog_logsumexp(q, e, 7 * 300, bf16=True, keep=keep)
+    ref = torch.logsumexp(q @ e.T, dim=1)
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, ref, atol=0.02) and not torch.equal(fast, ref)
+    g_fast = torch.autograd.grad((fast * w).sum(), (q, e))
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, e))
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() < 0.02 * b.norm(), ((a - b).norm(), b.norm())
 
 
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
