@@ -85,6 +85,7 @@ class PinFMConfig:
     hash_buckets: int = 8192
     content_dim: int = CONTENT_DIM
     dropout: float = 0.0
+    item_dropout: float = 0.0  # training only: a token's item embedding is left out with this probability
     n_actions: int = len(ACTIONS) + 1  # + padding id 0
     n_surfaces: int = len(SURFACES) + 1
     time_gap_buckets: int = 24  # log2-second buckets of the gap to the previous event; 0 = unknown/padding
@@ -309,6 +310,9 @@ class PinFM(nn.Module):
         item_x = self.items(item_ids, content)  # (B, L, D)
         if self.cfg.scale_item_input:
             item_x = item_x * math.sqrt(self.cfg.d_model)
+        if self.training and self.cfg.item_dropout > 0:  # whole items left out; position, action, surface stay
+            kept = torch.rand(B, L, 1, device=item_x.device) >= self.cfg.item_dropout  # (B, L, 1)
+            item_x = item_x * kept
         x = item_x + self.action_emb(action_ids) + self.surface_emb(surface_ids) + self.pos_emb(pos)  # (B, L, D)
         if time_gaps is not None:
             x = x + self.gap_emb(time_gaps.clamp(0, self.cfg.time_gap_buckets - 1))

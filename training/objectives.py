@@ -612,7 +612,7 @@ class PinFMObjective(nn.Module):
         loss of fine-tuning, which reuses the ranker's context pass.
         """
         positive = batch["positive"] & batch["pad_mask"]  # (B, L)
-        negs = (None, None, None) if batch.get("full_softmax", False) else self._candidates(model, hidden.device)
+        negs = self._candidates(model, hidden.device)
         total = hidden.sum() * 0.0
         stats: dict[str, float] = {}
         parts = []
@@ -625,10 +625,9 @@ class PinFMObjective(nn.Module):
             if read_pos is None:
                 read_pos = read_positions(batch["pad_mask"].sum(1), self.cfg.future_window)
             parts.append(("future", self.cfg.future_token, future_token_pairs(positive, read_pos)))
-        exact = self.cfg.negatives == "full" or bool(batch.get("full_softmax", False))
         losses = (
             self._full_losses(model, hidden, batch, [p for _, _, p in parts])
-            if exact
+            if self.cfg.negatives == "full"
             else [self._loss(model, hidden, batch, pairs, negs) for _, _, pairs in parts]
         )
         for (name, weight, pairs), loss in zip(parts, losses, strict=True):

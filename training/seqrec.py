@@ -151,20 +151,15 @@ class SeqRecBatches:
         batch_size: rows per batch.
         max_len: context length of the benchmark (the model has ``max_len + 1`` positions).
         seed: shuffling seed.
-        full_softmax_steps: batches of the steps before this one carry ``full_softmax=True``,
-            which makes the objective use the exact softmax over the catalog (a warm start).
     """
 
-    def __init__(
-        self, train: list[np.ndarray], batch_size: int, max_len: int, seed: int = 0, full_softmax_steps: int = 0
-    ) -> None:
+    def __init__(self, train: list[np.ndarray], batch_size: int, max_len: int, seed: int = 0) -> None:
         self.seqs = [s[-(max_len + 1) :] for s in train if len(s) >= 2]
         if not self.seqs:
             raise ValueError("no training sequence has 2 or more items; nothing to learn from")
         self.batch_size = batch_size
         self.max_len = max_len
         self.seed = seed
-        self.full_softmax_steps = full_softmax_steps
         self.lengths = np.array([len(s) for s in self.seqs])
         self.per_epoch = math.ceil(len(self.seqs) / batch_size)
 
@@ -184,10 +179,7 @@ class SeqRecBatches:
     def __call__(self, step: int) -> dict[str, torch.Tensor]:
         rows = self._epoch(step // self.per_epoch)[step % self.per_epoch]
         items, lengths = pad_right([self.seqs[i] for i in rows], self.max_len + 1)
-        batch = seq_batch(items, lengths)
-        if step < self.full_softmax_steps:
-            batch["full_softmax"] = True  # the objective scores the whole catalog for this step
-        return batch
+        return seq_batch(items, lengths)
 
 
 # --------------------------------------------------------------------------- eval
@@ -318,8 +310,6 @@ class SeqRecConfig:
         adam_beta2: second-moment decay of the Adams.
         sparse_lr_scale: lr of the hash tables (lazy Adam) relative to ``lr``.
         epochs: passes over the training users.
-        full_softmax_epochs: warm start: the first this many epochs use the exact softmax over
-            the whole catalog (3 × the step time on CPU), the rest ``objective.negatives``.
         eval_every_epochs: validation frequency (early stopping on NDCG@10).
         eval_users: validate on this many users (a fixed random subset; 0 = all); the test uses all.
         patience: evaluations without improvement before stopping (0 = never stop early).
@@ -331,6 +321,7 @@ class SeqRecConfig:
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.5
+    item_dropout: float = 0.0
     n_hash_tables: int = 2
     hash_buckets: int = 1 << 20
     sparse_item_grads: bool = True
@@ -343,16 +334,11 @@ class SeqRecConfig:
     sparse_lr_scale: float = 1.0
     warmup: int = 200
     epochs: int = 30
-    full_softmax_epochs: int = 0
     eval_every_epochs: int = 3
     eval_users: int = 0
     patience: int = 3
     device: str = "auto"
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.full_softmax_epochs <= self.epochs:
-            raise ValueError(f"full_softmax_epochs must be in 0 … epochs={self.epochs}, got {self.full_softmax_epochs}")
 
     def model_config(self) -> PinFMConfig:
         return PinFMConfig(
@@ -363,6 +349,7 @@ class SeqRecConfig:
             n_hash_tables=self.n_hash_tables,
             hash_buckets=self.hash_buckets,
             dropout=self.dropout,
+            item_dropout=self.item_dropout,
             sparse_item_grads=self.sparse_item_grads,
             scale_item_input=self.scale_item_input,
         )
@@ -446,7 +433,6 @@ def run_seqrec_bench(
         np.arange(1, data.n_items + 1), np.bincount(np.concatenate(train), minlength=data.n_items + 1)[1:]
     )
     batches = SeqRecBatches(train, cfg.batch_size, cfg.max_len, cfg.seed)
-    batches.full_softmax_steps = cfg.full_softmax_epochs * batches.per_epoch  # per_epoch is known only now
     steps = cfg.epochs * batches.per_epoch
     torch.manual_seed(cfg.seed)
     model = PinFM(cfg.model_config())

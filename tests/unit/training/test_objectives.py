@@ -270,22 +270,6 @@ def test_full_objective_equals_the_per_pair_full_softmax() -> None:
     assert stats["pairs_next"] == 3 + 5 and stats["pairs_multi"] == (3 + 2 + 1) + (5 + 4 + 3)
 
 
-def test_full_softmax_flag_of_a_batch_switches_a_sampled_objective_to_the_exact_loss() -> None:
-    """A batch marked ``full_softmax`` gets the exact loss from a sampled objective (the warm start)."""
-    torch.manual_seed(0)
-    items = torch.tensor([[3, 5, 2, 9, 0, 0], [4, 4, 1, 8, 6, 7]])
-    model = PinFM(PinFMConfig(d_model=16, n_layers=1, n_heads=2, max_len=6, hash_buckets=512, dropout=0.0))
-    catalog = ItemCatalog.from_sequences([torch.arange(1, 12).numpy()])
-    sampled = PinFMObjective(ObjectiveConfig(negatives=4, similarity="dot", multi_token=0.5), catalog)
-    exact = PinFMObjective(ObjectiveConfig(negatives="full", similarity="dot", multi_token=0.5), catalog)
-    batch = _batch(items)
-    want, _ = exact(model, batch)
-    got, _ = sampled(model, {**batch, "full_softmax": True})
-    assert torch.allclose(got, want, atol=1e-6)
-    unmarked, _ = sampled(model, batch)
-    assert not torch.allclose(unmarked, want, atol=1e-3)  # without the mark: the sampled estimate
-
-
 def test_sampled_softmax_all_candidates_masked_has_finite_gradients() -> None:
     """Every candidate of a row is an accidental hit: loss 0 for that row, no NaN gradient."""
     q = torch.randn(2, 4, requires_grad=True)

@@ -59,14 +59,6 @@ def test_batches_are_a_pure_function_of_the_step(chain_file) -> None:
     assert items.tolist() == [[2, 3], [4, 0]] and lengths.tolist() == [2, 1]
 
 
-def test_batches_of_the_warm_start_epochs_ask_for_the_exact_softmax() -> None:
-    rng = np.random.default_rng(0)
-    train = [rng.integers(1, 50, size=rng.integers(2, 12)) for _ in range(40)]
-    batches = SeqRecBatches(train, 16, 8, full_softmax_steps=4)  # 3 batches per epoch
-    marked = [bool(batches(s).get("full_softmax", False)) for s in range(6)]
-    assert marked == [True, True, True, True, False, False]
-
-
 def test_bench_learns_the_chains_and_eval_reproduces_it(tmp_path: Path, chain_file) -> None:
     data = chain_file()
     run = tmp_path / "run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,24 @@ def test_padding_left_or_right_gives_the_same_last_state() -> None:
         plain = model(items, actions, surfaces)[:, -1]
     assert torch.allclose(r, plain, atol=1e-5)
     assert torch.allclose(l_, plain, atol=1e-5)
+
+
+def test_item_dropout_leaves_whole_items_out_in_training_only() -> None:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PinFMConfig.preset("tiny"), dropout=0.0, item_dropout=1.0)
+    model = PinFM(cfg)
+    items, actions, surfaces = _tokens(2, 8)
+    other = items + 1  # every item different, same actions, surfaces and positions
+    model.train()
+    assert torch.allclose(model(items, actions, surfaces), model(other, actions, surfaces))  # no item seen
+    model.eval()
+    assert not torch.allclose(model(items, actions, surfaces), model(other, actions, surfaces), atol=1e-4)
+    model.cfg = dataclasses.replace(cfg, item_dropout=0.5)
+    model.train()
+    torch.manual_seed(1)
+    a = model(items, actions, surfaces)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, model(items, actions, surfaces), atol=1e-4)  # a different half left out
 
 
 def test_backbone_rejects_too_long_sequences() -> None:
