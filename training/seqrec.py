@@ -301,6 +301,7 @@ class SeqRecConfig:
     Attributes:
         max_len: history length (the published protocol uses 50).
         d_model, n_layers, n_heads, dropout: backbone size.
+        item_dropout: training only, leave a whole input item out with this probability.
         n_hash_tables, hash_buckets: the hashed item embedding (buckets per sub-table).
         sparse_item_grads: update only the looked-up hash rows (SparseAdam); a step then costs
             the same whatever the table size.
