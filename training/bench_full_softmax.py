@@ -23,7 +23,7 @@ import torch
 
 from training.bench import _sync
 from training.model import device_name, resolve_device
-from training.objectives import KEEP_SOFTMAX_BYTES, catalog_logsumexp
+from training.objectives import KEEP_SOFTMAX_BYTES, catalog_logsumexp, cpu_has_native_bf16
 
 #: (name, bf16, keep) of the fast paths
 PATHS = (
@@ -63,7 +63,7 @@ def bench_full_softmax(
     median = {name: statistics.median(s[1:]) for name, s in seconds.items()}
     ref = grads["plain"]
     errors = {name: float((g - ref).norm() / ref.norm()) for name, g in grads.items() if name != "plain"}
-    bf16_default = dev.type == "cpu" and bool(torch.cpu._is_avx512_bf16_supported())
+    bf16_default = dev.type == "cpu" and cpu_has_native_bf16()
     keep_default = queries * items * (2 if bf16_default else 4) <= KEEP_SOFTMAX_BYTES
     default = f"{'bf16' if bf16_default else 'fp32'}_{'keep' if keep_default else 'rescore'}"
     return {

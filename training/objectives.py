@@ -42,6 +42,12 @@ MASKED_LOGIT = -1e30
 EXP_FLOOR = -80.0
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 dot-product instructions (AVX512-BF16), where bf16 matmuls are fast."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # a private helper of torch; absent = unknown
+    return bool(probe()) if probe is not None else False
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Which losses, their weights, and how candidates are built.
@@ -497,7 +503,7 @@ class PinFMObjective(nn.Module):
 
     def _bf16_catalog(self, device: torch.device) -> bool:
         if self.cfg.catalog_matmul == "auto":
-            return device.type == "cpu" and bool(torch.cpu._is_avx512_bf16_supported())
+            return device.type == "cpu" and cpu_has_native_bf16()
         return self.cfg.catalog_matmul == "bf16"
 
     def _subsample(self, pairs: tuple) -> tuple:

@@ -270,6 +270,28 @@ def test_full_objective_equals_the_per_pair_full_softmax() -> None:
     assert stats["pairs_next"] == 3 + 5 and stats["pairs_multi"] == (3 + 2 + 1) + (5 + 4 + 3)
 
 
+def test_catalog_matmul_setting_picks_bf16_where_it_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'auto' follows the CPU's bf16 support; a bf16 objective's loss is close to the fp32 one."""
+    import training.objectives as objectives
+
+    catalog = ItemCatalog.from_sequences([torch.arange(1, 12).numpy()])
+    auto = PinFMObjective(ObjectiveConfig(negatives="full", catalog_matmul="auto"), catalog)
+    for native in (True, False):
+        monkeypatch.setattr(objectives, "cpu_has_native_bf16", lambda native=native: native)
+        assert auto._bf16_catalog(torch.device("cpu")) is native
+    assert not auto._bf16_catalog(torch.device("meta"))  # only CPUs switch by themselves
+    torch.manual_seed(0)
+    model = PinFM(PinFMConfig(d_model=16, n_layers=1, n_heads=2, max_len=6, hash_buckets=512, dropout=0.0))
+    batch = _batch(torch.tensor([[3, 5, 2, 9, 0, 0], [4, 4, 1, 8, 6, 7]]))
+    losses = [
+        PinFMObjective(ObjectiveConfig(negatives="full", similarity="dot", catalog_matmul=m), catalog)(model, batch)[0]
+        for m in ("fp32", "bf16")
+    ]
+    assert torch.allclose(losses[0], losses[1], atol=0.05) and not torch.equal(losses[0], losses[1])
+    with pytest.raises(ValueError, match="catalog_matmul"):
+        ObjectiveConfig(catalog_matmul="fp16")
+
+
 def test_sampled_softmax_all_candidates_masked_has_finite_gradients() -> None:
     """Every candidate of a row is an accidental hit: loss 0 for that row, no NaN gradient."""
     q = torch.randn(2, 4, requires_grad=True)
