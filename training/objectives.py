@@ -66,8 +66,7 @@ class ObjectiveConfig:
         negatives: number of sampled negatives M per step, or "full" for the whole catalog.
         catalog_matmul: dtype of the full softmax's catalog matmuls: "fp32"; "bf16"
             (bfloat16 inputs, fp32 accumulation); or "auto": bf16 on a CPU with native bf16
-            dot products (AVX512-BF16), fp32 elsewhere (on CUDA the catalog is small next to
-            the rest of the step).
+            dot products (AVX512-BF16), fp32 on any other CPU and on accelerators.
         sampler: "uniform" or "popularity" (by training frequency) for the sampled negatives.
         logq_correction: subtract log of each candidate's expected draw count.
         max_pairs: at most this many pairs per loss per step (None = all).
