@@ -86,6 +86,7 @@ class PinFMConfig:
     content_dim: int = CONTENT_DIM
     dropout: float = 0.0
     item_dropout: float = 0.0  # training only: a token's item embedding is left out with this probability
+    mlp_ratio: int = 4  # hidden width of each block's MLP, in multiples of d_model (SASRec's is 1)
     n_actions: int = len(ACTIONS) + 1  # + padding id 0
     n_surfaces: int = len(SURFACES) + 1
     time_gap_buckets: int = 24  # log2-second buckets of the gap to the previous event; 0 = unknown/padding
@@ -99,6 +100,8 @@ class PinFMConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_hash_tables={self.n_hash_tables}")
         if self.max_len < 1 or self.hash_buckets < 2:
             raise ValueError(f"max_len must be ≥ 1 and hash_buckets ≥ 2, got {self.max_len}, {self.hash_buckets}")
+        if self.mlp_ratio < 1:
+            raise ValueError(f"mlp_ratio must be ≥ 1, got {self.mlp_ratio}")
 
     @classmethod
     def preset(cls, name: str) -> PinFMConfig:
@@ -217,9 +220,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, 4 * cfg.d_model),
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
             nn.GELU(),
-            nn.Linear(4 * cfg.d_model, cfg.d_model),
+            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
             nn.Dropout(cfg.dropout),
         )
         self.drop = nn.Dropout(cfg.dropout)

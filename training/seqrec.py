@@ -302,6 +302,7 @@ class SeqRecConfig:
         max_len: history length (the published protocol uses 50).
         d_model, n_layers, n_heads, dropout: backbone size.
         item_dropout: training only, leave a whole input item out with this probability.
+        mlp_ratio: hidden width of each block's MLP in multiples of d_model.
         n_hash_tables, hash_buckets: the hashed item embedding (buckets per sub-table).
         sparse_item_grads: update only the looked-up hash rows (SparseAdam); a step then costs
             the same whatever the table size.
@@ -323,6 +324,7 @@ class SeqRecConfig:
     n_heads: int = 2
     dropout: float = 0.5
     item_dropout: float = 0.0
+    mlp_ratio: int = 4
     n_hash_tables: int = 2
     hash_buckets: int = 1 << 20
     sparse_item_grads: bool = True
@@ -351,6 +353,7 @@ class SeqRecConfig:
             hash_buckets=self.hash_buckets,
             dropout=self.dropout,
             item_dropout=self.item_dropout,
+            mlp_ratio=self.mlp_ratio,
             sparse_item_grads=self.sparse_item_grads,
             scale_item_input=self.scale_item_input,
         )

@@ -127,6 +127,17 @@ def test_item_dropout_leaves_whole_items_out_in_training_only() -> None:
     assert not torch.allclose(a, model(items, actions, surfaces), atol=1e-4)  # a different half left out
 
 
+def test_mlp_ratio_sets_the_block_mlp_width_and_rejects_zero() -> None:
+    cfg = dataclasses.replace(PinFMConfig.preset("tiny"), mlp_ratio=1)
+    model = PinFM(cfg)
+    hidden = model.blocks[0].mlp[0]
+    assert (hidden.in_features, hidden.out_features) == (cfg.d_model, cfg.d_model)
+    items, actions, surfaces = _tokens(2, 8)
+    assert model(items, actions, surfaces).shape == (2, 8, cfg.d_model)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        dataclasses.replace(cfg, mlp_ratio=0)
+
+
 def test_backbone_rejects_too_long_sequences() -> None:
     cfg = PinFMConfig.preset("tiny")
     model = PinFM(cfg)
