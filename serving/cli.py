@@ -67,6 +67,17 @@ def _echo_json(obj: object) -> None:
     click.echo(json.dumps(obj, default=str, sort_keys=True))
 
 
+def _rounded(obj: object, digits: int = 6) -> object:
+    """``obj`` with every float (in nested dicts and lists too) rounded to ``digits``."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def cli(verbose: bool) -> None:
@@ -616,6 +627,41 @@ def eval_retrieval(run_dir, data_path, protocol, part, device) -> None:
     data = SeqRecData.load(data_path)
     m = evaluate_retrieval(model, data, part, cfg.max_len, cfg.objective.similarity, protocol)
     _echo_json({"protocol": protocol, "part": part, "n_users": m.pop("n"), **{k: round(v, 5) for k, v in m.items()}})
+
+
+@eval_.command("compare")
+@click.option(
+    "--run-dir",
+    "run_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Two finished 'afm bench seqrec' runs: A (the baseline), then B.",
+)
+@click.option(
+    "--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False), help="'user item' file."
+)
+@click.option("--protocol", type=click.Choice(["full", "sampled100"]), default="full", show_default=True)
+@click.option("--part", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def eval_compare(run_dirs, data_path, protocol, part, device) -> None:
+    """Paired comparison of two trained backbones on the same users: B − A per metric.
+
+    Prints one JSON line: for NDCG@10, HR@10 and MRR the means of A and B, their difference,
+    its standard error and 95 % interval over users, and how many users each model ranks better.
+    """
+    from training.retrieval import paired_comparison
+    from training.seqrec import SeqRecData, load_seqrec_run, retrieval_ranks
+
+    if len(run_dirs) != 2:
+        raise click.UsageError(f"give --run-dir exactly twice (A, then B); got {len(run_dirs)}")
+    data = SeqRecData.load(data_path)
+    ranks = []
+    for run_dir in run_dirs:
+        model, cfg = load_seqrec_run(run_dir, device)
+        ranks.append(retrieval_ranks(model, data, part, cfg.max_len, cfg.objective.similarity, protocol))
+    out = _rounded(paired_comparison(ranks[0], ranks[1]))
+    _echo_json({"a": str(run_dirs[0]), "b": str(run_dirs[1]), "protocol": protocol, "part": part, **out})
 
 
 # -------------------------------------------------------------------------- model

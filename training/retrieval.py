@@ -87,3 +87,67 @@ def retrieval_metrics(ranks: np.ndarray | torch.Tensor | Sequence[float], ks: Se
     out["mrr"] = float((1.0 / (r + 1.0)).mean())
     out["n"] = int(r.size)
     return out
+
+
+def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Each user's share of ``metric`` ('hr@k', 'ndcg@k' or 'mrr') from 0-based ranks (U,) → (U,).
+
+    The mean of the result is what :func:`retrieval_metrics` reports for that metric.
+    """
+    r = np.asarray(ranks, dtype=np.float64).reshape(-1)
+    if metric == "mrr":
+        return 1.0 / (r + 1.0)
+    name, _, k = metric.partition("@")
+    if name not in ("hr", "ndcg") or not k.isdigit():
+        raise ValueError(f"metric must be 'hr@k', 'ndcg@k' or 'mrr', got {metric!r}")
+    hit = r < int(k)
+    return hit.astype(np.float64) if name == "hr" else np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
+
+
+def paired_comparison(
+    ranks_a: np.ndarray | torch.Tensor,
+    ranks_b: np.ndarray | torch.Tensor,
+    metrics: Sequence[str] = ("ndcg@10", "hr@10", "mrr"),
+) -> dict:
+    """Is model B better than model A on the same users? A paired test per metric.
+
+    Both models rank the same users' targets, so each user's difference ``b - a`` removes
+    what makes a user easy or hard; the standard error of the mean difference is then far
+    smaller than that of either mean (two seeds of one model differ by about 0.0005 in
+    NDCG@10 on Amazon Beauty, and the unpaired standard error is about 0.0008).
+
+    Args:
+        ranks_a: (U,) 0-based target ranks of model A.
+        ranks_b: (U,) 0-based target ranks of model B, user for user the same users.
+        metrics: 'hr@k', 'ndcg@k' or 'mrr' names.
+
+    Returns:
+        {"n_users": U, metric: {"a", "b", "diff" (= b - a), "se" (of diff), "ci95": [low, high],
+        "z" (= diff / se, None when se is 0), "b_better", "a_better" (user counts)}} for each metric.
+
+    Example:
+        >>> paired_comparison(np.array([0, 3, 20]), np.array([0, 1, 20]))["hr@10"]["diff"]
+        0.0
+    """
+    a = np.asarray(ranks_a.cpu() if isinstance(ranks_a, torch.Tensor) else ranks_a, dtype=np.float64).reshape(-1)
+    b = np.asarray(ranks_b.cpu() if isinstance(ranks_b, torch.Tensor) else ranks_b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_comparison: the runs ranked {a.size} and {b.size} users; pair the same users")
+    if a.size < 2:
+        raise ValueError("paired_comparison: need at least 2 users")
+    out: dict = {"n_users": int(a.size)}
+    for metric in metrics:
+        va, vb = per_user_metric(a, metric), per_user_metric(b, metric)
+        d = vb - va  # (U,)
+        diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size))
+        out[metric] = {
+            "a": float(va.mean()),
+            "b": float(vb.mean()),
+            "diff": diff,
+            "se": se,
+            "ci95": [diff - 1.96 * se, diff + 1.96 * se],
+            "z": diff / se if se > 0 else None,  # None: every user moved by the same amount
+            "b_better": int((d > 0).sum()),
+            "a_better": int((d < 0).sum()),
+        }
+    return out

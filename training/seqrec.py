@@ -206,7 +206,6 @@ def catalog_embeddings(model: PinFM, n_items: int, similarity: str) -> torch.Ten
     return torch.nn.functional.normalize(emb, dim=-1) if similarity == "cosine" else emb
 
 
-@torch.no_grad()
 def evaluate_retrieval(
     model: PinFM,
     data: SeqRecData,
@@ -220,6 +219,25 @@ def evaluate_retrieval(
     chunk: int = 512,
 ) -> dict:
     """HR/NDCG@ks and MRR of ``part`` ('valid'/'test') under ``protocol``.
+
+    Arguments as :func:`retrieval_ranks`; ``ks`` are the cut-offs.
+    """
+    return retrieval_metrics(retrieval_ranks(model, data, part, max_len, similarity, protocol, users, seed, chunk), ks)
+
+
+@torch.no_grad()
+def retrieval_ranks(
+    model: PinFM,
+    data: SeqRecData,
+    part: str,
+    max_len: int,
+    similarity: str = "cosine",
+    protocol: str = "full",
+    users: np.ndarray | None = None,
+    seed: int = 0,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """(U,) 0-based rank of each eval user's ``part`` ('valid'/'test') target under ``protocol``.
 
     Args:
         model: backbone (put in eval mode here).
@@ -266,7 +284,7 @@ def evaluate_retrieval(
             ranks.append(ranks_sampled((q * items[tgt]).sum(-1), neg_scores))
     if was_training:
         model.train()
-    return retrieval_metrics(torch.cat(ranks), ks)
+    return torch.cat(ranks)  # (U,)
 
 
 def _sample_unseen(rng: np.random.Generator, n_items: int, seen: set[int], k: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.retrieval import ranks_full, ranks_sampled, retrieval_metrics
+from training.retrieval import paired_comparison, per_user_metric, ranks_full, ranks_sampled, retrieval_metrics
 
 
 def test_metrics_of_hand_computed_ranks() -> None:
@@ -56,3 +56,32 @@ def test_sampled_protocol_counts_only_the_samples() -> None:
     m = retrieval_metrics(ranks_sampled(target, negs), ks=(1, 2))
     assert m["hr@2"] == pytest.approx(0.5) and m["hr@1"] == 0.0
     assert np.isclose(m["ndcg@2"], 0.5 / math.log2(3))
+
+
+def test_per_user_metrics_average_to_the_reported_ones() -> None:
+    ranks = np.array([0.0, 1.5, 4.0, 9.0, 10.0, 200.0])
+    m = retrieval_metrics(ranks)
+    for name in ("hr@10", "ndcg@10", "hr@200", "ndcg@50", "mrr"):
+        assert per_user_metric(ranks, name).mean() == pytest.approx(m[name])
+    with pytest.raises(ValueError, match="metric"):
+        per_user_metric(ranks, "recall@10")
+
+
+def test_paired_comparison_of_hand_computed_ranks() -> None:
+    a = np.array([0, 3, 20, 5])  # model A
+    b = np.array([1, 3, 2, 30])  # model B: worse on users 0 and 3, better on user 2
+    out = paired_comparison(a, b, metrics=("hr@10", "mrr"))
+    assert out["n_users"] == 4
+    hr = out["hr@10"]
+    d = np.array([0.0, 0.0, 1.0, -1.0])  # b - a per user
+    assert (hr["a"], hr["b"], hr["diff"]) == (0.75, 0.75, 0.0)
+    assert hr["se"] == pytest.approx(d.std(ddof=1) / 2.0)
+    assert (hr["b_better"], hr["a_better"]) == (1, 1)
+    mrr = out["mrr"]
+    d = 1 / (b + 1) - 1 / (a + 1)
+    assert mrr["diff"] == pytest.approx(d.mean())
+    assert mrr["ci95"] == pytest.approx([d.mean() - 1.96 * d.std(ddof=1) / 2, d.mean() + 1.96 * d.std(ddof=1) / 2])
+    assert mrr["z"] == pytest.approx(d.mean() / (d.std(ddof=1) / 2))
+    assert paired_comparison(a, a)["ndcg@10"]["z"] is None  # no difference anywhere
+    with pytest.raises(ValueError, match="same users"):
+        paired_comparison(a, b[:3])

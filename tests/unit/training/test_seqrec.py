@@ -98,6 +98,16 @@ def test_bench_learns_the_chains_and_eval_reproduces_it(tmp_path: Path, chain_fi
     sampled = json.loads(res.output.strip().splitlines()[-1])
     assert sampled["hr@10"] >= again["hr@10"]  # 100 negatives are easier than 119
 
+    same = ["eval", "compare", "--run-dir", str(run), "--run-dir", str(run), "--data", str(data), "--device", "cpu"]
+    res = CliRunner().invoke(cli, same)
+    assert res.exit_code == 0, res.output
+    paired = json.loads(res.output.strip().splitlines()[-1])
+    assert paired["n_users"] == 240
+    assert paired["ndcg@10"]["a"] == paired["ndcg@10"]["b"] == pytest.approx(line["ndcg@10"], abs=1e-5)
+    assert paired["ndcg@10"]["diff"] == 0.0 and paired["ndcg@10"]["b_better"] == paired["ndcg@10"]["a_better"] == 0
+    res = CliRunner().invoke(cli, same[:4] + same[6:])  # one run only
+    assert res.exit_code != 0 and "exactly twice" in res.output
+
 
 def test_eval_names_a_run_dir_that_is_not_a_bench_run(tmp_path: Path, chain_file) -> None:
     res = CliRunner().invoke(cli, ["eval", "retrieval", "--run-dir", str(tmp_path), "--data", str(chain_file())])
