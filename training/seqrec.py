@@ -312,6 +312,10 @@ BENCH_OBJECTIVE = ObjectiveConfig(
 )
 
 
+#: settings taken out of SeqRecConfig, with the value at which they did nothing (runs saved with it still load)
+RETIRED_FIELDS: dict[str, object] = {"full_softmax_epochs": 0}  # the warm start of commit d1b2f19
+
+
 @dataclass(frozen=True)
 class SeqRecConfig:
     """Benchmark settings (defaults: the CPU configuration reported in the README).
@@ -396,6 +400,12 @@ class SeqRecConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SeqRecConfig:
         d = dict(d)
+        for name, inert in RETIRED_FIELDS.items():  # saved by an earlier version
+            if name in d and (value := d.pop(name)) != inert:
+                raise ValueError(
+                    f"the run was trained with {name}={value!r}, a setting this version no longer has "
+                    f"(only {name}={inert!r}, which changed nothing, still loads); use the version that trained it"
+                )
         obj = ObjectiveConfig(**d.pop("objective", {}))
         reject_unknown_fields(cls, d)
         d.setdefault("scale_item_input", False)  # runs saved before the field existed did not scale

@@ -145,3 +145,12 @@ def test_runs_saved_before_item_input_scaling_load_unscaled() -> None:
     assert SeqRecConfig.from_dict(saved).scale_item_input  # the current default
     del saved["scale_item_input"]
     assert not SeqRecConfig.from_dict(saved).scale_item_input
+
+
+def test_runs_saved_with_a_retired_setting_load_only_where_it_did_nothing() -> None:
+    saved = {**SeqRecConfig.preset("tiny").to_dict(), "full_softmax_epochs": 0}
+    assert SeqRecConfig.from_dict(saved) == SeqRecConfig.preset("tiny")
+    with pytest.raises(ValueError, match="full_softmax_epochs=6"):
+        SeqRecConfig.from_dict({**saved, "full_softmax_epochs": 6})
+    with pytest.raises(ValueError, match="unknown SeqRecConfig fields"):
+        SeqRecConfig.from_dict({**saved, "no_such_setting": 1})
