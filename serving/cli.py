@@ -609,16 +609,21 @@ def eval_new_items(
         Path(md_path).write_text(markdown_table(out) + "\n", encoding="utf-8")
 
 
+def _leave_one_out_options(fn):
+    """--data, --protocol, --part and --device of the leave-one-out eval commands."""
+    fn = click.option("--device", default="auto", show_default=True)(fn)
+    fn = click.option("--part", type=click.Choice(["test", "valid"]), default="test", show_default=True)(fn)
+    fn = click.option("--protocol", type=click.Choice(["full", "sampled100"]), default="full", show_default=True)(fn)
+    return click.option(
+        "--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False), help="'user item' file."
+    )(fn)
+
+
 @eval_.command("retrieval")
 @click.option(
     "--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help="A finished 'afm bench seqrec' run."
 )
-@click.option(
-    "--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False), help="'user item' file."
-)
-@click.option("--protocol", type=click.Choice(["full", "sampled100"]), default="full", show_default=True)
-@click.option("--part", type=click.Choice(["test", "valid"]), default="test", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_leave_one_out_options
 def eval_retrieval(run_dir, data_path, protocol, part, device) -> None:
     """Leave-one-out retrieval metrics (HR/NDCG@10/50/200, MRR) of a trained backbone."""
     from training.seqrec import SeqRecData, evaluate_retrieval, load_seqrec_run
@@ -638,12 +643,7 @@ def eval_retrieval(run_dir, data_path, protocol, part, device) -> None:
     type=click.Path(exists=True, file_okay=False),
     help="Two finished 'afm bench seqrec' runs: A (the baseline), then B.",
 )
-@click.option(
-    "--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False), help="'user item' file."
-)
-@click.option("--protocol", type=click.Choice(["full", "sampled100"]), default="full", show_default=True)
-@click.option("--part", type=click.Choice(["test", "valid"]), default="test", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@_leave_one_out_options
 def eval_compare(run_dirs, data_path, protocol, part, device) -> None:
     """Paired comparison of two trained backbones on the same users: B − A per metric.
 

@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,23 +207,9 @@ def catalog_embeddings(model: PinFM, n_items: int, similarity: str) -> torch.Ten
     return torch.nn.functional.normalize(emb, dim=-1) if similarity == "cosine" else emb
 
 
-def evaluate_retrieval(
-    model: PinFM,
-    data: SeqRecData,
-    part: str,
-    max_len: int,
-    similarity: str = "cosine",
-    protocol: str = "full",
-    ks: tuple[int, ...] = DEFAULT_KS,
-    users: np.ndarray | None = None,
-    seed: int = 0,
-    chunk: int = 512,
-) -> dict:
-    """HR/NDCG@ks and MRR of ``part`` ('valid'/'test') under ``protocol``.
-
-    Arguments as :func:`retrieval_ranks`; ``ks`` are the cut-offs.
-    """
-    return retrieval_metrics(retrieval_ranks(model, data, part, max_len, similarity, protocol, users, seed, chunk), ks)
+def evaluate_retrieval(model: PinFM, *args: Any, ks: tuple[int, ...] = DEFAULT_KS, **kwargs: Any) -> dict:
+    """HR/NDCG@ks and MRR of the targets :func:`retrieval_ranks` ranks (same arguments)."""
+    return retrieval_metrics(retrieval_ranks(model, *args, **kwargs), ks)
 
 
 @torch.no_grad()
