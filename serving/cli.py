@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -609,7 +611,7 @@ def eval_new_items(
         Path(md_path).write_text(markdown_table(out) + "\n", encoding="utf-8")
 
 
-def _leave_one_out_options(fn):
+def _leave_one_out_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--data, --protocol, --part and --device of the leave-one-out eval commands."""
     fn = click.option("--device", default="auto", show_default=True)(fn)
     fn = click.option("--part", type=click.Choice(["test", "valid"]), default="test", show_default=True)(fn)
