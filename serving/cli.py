@@ -69,7 +69,7 @@ def _echo_json(obj: object) -> None:
     click.echo(json.dumps(obj, default=str, sort_keys=True))
 
 
-def _rounded(obj: object, digits: int = 6) -> object:
+def _rounded(obj: Any, digits: int = 6) -> Any:
     """``obj`` with every float (in nested dicts and lists too) rounded to ``digits``."""
     if isinstance(obj, float):
         return round(obj, digits)
@@ -633,7 +633,7 @@ def eval_retrieval(run_dir, data_path, protocol, part, device) -> None:
     model, cfg = load_seqrec_run(run_dir, device)
     data = SeqRecData.load(data_path)
     m = evaluate_retrieval(model, data, part, cfg.max_len, cfg.objective.similarity, protocol)
-    _echo_json({"protocol": protocol, "part": part, "n_users": m.pop("n"), **{k: round(v, 5) for k, v in m.items()}})
+    _echo_json({"protocol": protocol, "part": part, "n_users": m.pop("n"), **_rounded(m, 5)})
 
 
 @eval_.command("compare")

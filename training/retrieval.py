@@ -73,28 +73,28 @@ def retrieval_metrics(ranks: np.ndarray | torch.Tensor | Sequence[float], ks: Se
     Returns:
         {"hr@k": .., "ndcg@k": .., ..., "mrr": .., "n": U}.
     """
-    r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64).reshape(-1)
+    r = _as_ranks(ranks)
     if r.size == 0:
         raise ValueError("retrieval_metrics: no ranks to summarise")
     if (r < 0).any():
         raise ValueError("retrieval_metrics: ranks are 0-based and must be ≥ 0")
-    out: dict[str, float] = {}
-    gain = 1.0 / np.log2(r + 2.0)
-    for k in ks:
-        hit = r < k
-        out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, gain, 0.0).mean())
-    out["mrr"] = float((1.0 / (r + 1.0)).mean())
+    names = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")] + ["mrr"]
+    out: dict[str, float] = {name: float(per_user_metric(r, name).mean()) for name in names}
     out["n"] = int(r.size)
     return out
 
 
-def per_user_metric(ranks: np.ndarray, metric: str) -> np.ndarray:
+def _as_ranks(ranks: np.ndarray | torch.Tensor | Sequence[float]) -> np.ndarray:
+    """(U,) float64 numpy copy of ranks given as a tensor (any device), an array or a list."""
+    return np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64).reshape(-1)
+
+
+def per_user_metric(ranks: np.ndarray | torch.Tensor | Sequence[float], metric: str) -> np.ndarray:
     """Each user's share of ``metric`` ('hr@k', 'ndcg@k' or 'mrr') from 0-based ranks (U,) → (U,).
 
     The mean of the result is what :func:`retrieval_metrics` reports for that metric.
     """
-    r = np.asarray(ranks, dtype=np.float64).reshape(-1)
+    r = _as_ranks(ranks)
     if metric == "mrr":
         return 1.0 / (r + 1.0)
     name, _, k = metric.partition("@")
@@ -129,8 +129,7 @@ def paired_comparison(
         >>> paired_comparison(np.array([0, 3, 20]), np.array([0, 1, 20]))["hr@10"]["diff"]
         0.0
     """
-    a = np.asarray(ranks_a.cpu() if isinstance(ranks_a, torch.Tensor) else ranks_a, dtype=np.float64).reshape(-1)
-    b = np.asarray(ranks_b.cpu() if isinstance(ranks_b, torch.Tensor) else ranks_b, dtype=np.float64).reshape(-1)
+    a, b = _as_ranks(ranks_a), _as_ranks(ranks_b)
     if a.shape != b.shape:
         raise ValueError(f"paired_comparison: the runs ranked {a.size} and {b.size} users; pair the same users")
     if a.size < 2:
