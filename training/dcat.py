@@ -17,8 +17,8 @@ do not depend on it, and the crossing pass gives the same numbers as the naive p
 (:func:`naive_candidate_hidden`, the reference) at a fraction of the cost: ``L + C`` token
 passes instead of ``C · (L + 1)``.
 
-DCAT reuses the backbone's own modules (embeddings, ``ln1``, ``attn.qkv``, ``attn.proj``,
-``ln2``, ``mlp``, ``ln_f``), so it works with any trained :class:`~training.model.PinFM`,
+DCAT reuses the backbone's own modules (embeddings, each block's ``attention_inputs``,
+``attn.proj`` and ``after_attention``, ``ln_f``), so it works with any trained :class:`~training.model.PinFM`,
 in eval mode (serving) and in train mode (gradients flow into the backbone, through the
 cache too).
 
@@ -161,12 +161,11 @@ def _context(
     x, attn_mask = model.embed(item_ids, action_ids, surface_ids, content, pad_mask, time_gaps=time_gaps)  # (U, L, D)
     layers: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i, block in enumerate(model.blocks):
-        q, k, v = block.attn.qkv_heads(block.ln1(x))  # (U, H, L, Dh) each
+        q, k, v, residual = block.attention_inputs(x)  # (U, H, L, Dh) each, (U, L, D)
         layers.append((k.contiguous(), v.contiguous()))
         if not with_hidden and i == len(model.blocks) - 1:
             break  # the crossing pass needs the cache only: skip the last attention, MLP and ln_f
-        x = x + block.drop(block.attn.attend(q, k, v, attn_mask))  # (U, L, D), as Block.forward
-        x = x + block.mlp(block.ln2(x))  # (U, L, D)
+        x = block.after_attention(residual, block.attn.attend(q, k, v, attn_mask))  # (U, L, D), as Block.forward
     cache = KVCache(
         layers=layers,
         pad_mask=None if pad_mask is None else pad_mask.bool(),
@@ -216,11 +215,10 @@ def crossing_pass(
 
     x = model.drop(cand_tokens)  # (U, C, D)
     for block, (K, V) in zip(model.blocks, cache.layers, strict=True):
-        q, k, v = block.attn.qkv_heads(block.ln1(x))  # (U, H, C, Dh) each
+        q, k, v, residual = block.attention_inputs(x)  # (U, H, C, Dh) each, (U, C, D)
         y = attend(q, k, v, K, V, hidden, scale, p_drop)  # (U, H, C, Dh)
         y = block.attn.proj(y.transpose(1, 2).reshape(U, C, D))  # (U, C, D)
-        x = x + block.drop(y)  # (U, C, D), as Block.forward
-        x = x + block.mlp(block.ln2(x))  # (U, C, D)
+        x = block.after_attention(residual, y)  # (U, C, D), as Block.forward
     out = model.ln_f(x)  # (U, C, D)
     if cand_mask is not None:
         out = out.masked_fill(~cand_mask.bool().unsqueeze(-1), 0.0)

@@ -73,6 +73,10 @@ def hash_item_ids(item_ids: torch.Tensor, table: int, buckets: int) -> torch.Ten
 
 
 # -------------------------------------------------------------------------- config
+#: "pre_ln": GPT-2's block; "sasrec": Kang & McAuley's SASRec block (see :class:`Block`)
+BLOCK_LAYOUTS = ("pre_ln", "sasrec")
+
+
 @dataclass(frozen=True)
 class PinFMConfig:
     """Size of the backbone. ``d_model`` must be divisible by ``n_heads`` and ``n_hash_tables``."""
@@ -87,6 +91,7 @@ class PinFMConfig:
     dropout: float = 0.0
     item_dropout: float = 0.0  # training only: a token's item embedding is left out with this probability
     mlp_ratio: int = 4  # hidden width of each block's MLP, in multiples of d_model (SASRec's is 1)
+    block_layout: str = "pre_ln"  # one of BLOCK_LAYOUTS: how a block normalises (see Block)
     n_actions: int = len(ACTIONS) + 1  # + padding id 0
     n_surfaces: int = len(SURFACES) + 1
     time_gap_buckets: int = 24  # log2-second buckets of the gap to the previous event; 0 = unknown/padding
@@ -102,6 +107,8 @@ class PinFMConfig:
             raise ValueError(f"max_len must be ≥ 1 and hash_buckets ≥ 2, got {self.max_len}, {self.hash_buckets}")
         if self.mlp_ratio < 1:
             raise ValueError(f"mlp_ratio must be ≥ 1, got {self.mlp_ratio}")
+        if self.block_layout not in BLOCK_LAYOUTS:
+            raise ValueError(f"unknown block_layout {self.block_layout!r}; expected one of {BLOCK_LAYOUTS}")
 
     @classmethod
     def preset(cls, name: str) -> PinFMConfig:
@@ -189,11 +196,23 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, D) normalised inputs → per-head queries, keys, values, each (B, H, L, D/H)."""
+    def qkv_heads(
+        self, x: torch.Tensor, kv_input: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, D) inputs → per-head queries, keys, values, each (B, H, L, D/H).
+
+        Queries, keys and values all come from ``x``, or, with ``kv_input``, the keys and values
+        from ``kv_input`` (same shape) with the same projection weights.
+        """
         B, L, D = x.shape
         heads = (B, L, self.n_heads, D // self.n_heads)
-        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, L, D)
+        if kv_input is None:
+            q, k, v = self.qkv(x).split(D, dim=-1)  # 3 × (B, L, D)
+        else:
+            w_q, w_kv = self.qkv.weight.split((D, 2 * D))  # (D, D), (2D, D)
+            b_q, b_kv = self.qkv.bias.split((D, 2 * D))
+            q = F.linear(x, w_q, b_q)  # (B, L, D)
+            k, v = F.linear(kv_input, w_kv, b_kv).split(D, dim=-1)  # 2 × (B, L, D)
         return q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -212,24 +231,61 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+    """One transformer block, in one of two layouts (``cfg.block_layout``).
+
+    ``pre_ln`` (GPT-2): x + attn(ln1(x)); then x + mlp(ln2(x)), a GELU MLP.
+
+    ``sasrec`` (Kang & McAuley's SASRec): h = ln1(x); h + attn(queries from h, keys and
+    values from the un-normalised x); then g = ln2(·) and g + mlp(g), a ReLU MLP with dropout
+    on its hidden layer too. The residual stream restarts from a normalised vector twice
+    per block.
+
+    :meth:`attention_inputs` and :meth:`after_attention` split :meth:`forward` around the
+    attention itself, so that DCAT can attend to a cache with the same block.
+
+    Args:
+        cfg: the backbone's config (``d_model``, ``n_heads``, ``mlp_ratio``, ``dropout``, ``block_layout``).
+
+    Example:
+        >>> block = Block(PinFMConfig(d_model=32, n_heads=2, block_layout="sasrec"))
+        >>> block(torch.randn(4, 10, 32), None).shape
+        torch.Size([4, 10, 32])
+    """
 
     def __init__(self, cfg: PinFMConfig) -> None:
         super().__init__()
+        self.sasrec = cfg.block_layout == "sasrec"
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
+        hidden = cfg.mlp_ratio * cfg.d_model
+        if self.sasrec:
+            act: list[nn.Module] = [nn.ReLU(), nn.Dropout(cfg.dropout)]
+        else:
+            act = [nn.GELU()]
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
-            nn.GELU(),
-            nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
-            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, hidden), *act, nn.Linear(hidden, cfg.d_model), nn.Dropout(cfg.dropout)
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), attn_mask))  # (B, L, D)
+    def attention_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, D) block input → queries, keys, values (B, H, L, D/H) and the residual (B, L, D)."""
+        h = self.ln1(x)  # (B, L, D)
+        if self.sasrec:
+            return *self.attn.qkv_heads(h, kv_input=x), h
+        return *self.attn.qkv_heads(h), x
+
+    def after_attention(self, residual: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Residual (B, L, D) + projected attention output (B, L, D) → block output (B, L, D)."""
+        x = residual + self.drop(y)  # (B, L, D)
+        if self.sasrec:
+            g = self.ln2(x)
+            return g + self.mlp(g)
         return x + self.mlp(self.ln2(x))  # (B, L, D)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v, residual = self.attention_inputs(x)  # (B, H, L, D/H) × 3, (B, L, D)
+        return self.after_attention(residual, self.attn.attend(q, k, v, attn_mask))  # (B, L, D)
 
 
 class PinFM(nn.Module):

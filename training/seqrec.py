@@ -312,6 +312,7 @@ class SeqRecConfig:
         d_model, n_layers, n_heads, dropout: backbone size.
         item_dropout: training only, leave a whole input item out with this probability.
         mlp_ratio: hidden width of each block's MLP in multiples of d_model.
+        block_layout: ``pre_ln`` (GPT-2's block) or ``sasrec`` (SASRec's; see training.model.Block).
         n_hash_tables, hash_buckets: the hashed item embedding (buckets per sub-table).
         sparse_item_grads: update only the looked-up hash rows (SparseAdam); a step then costs
             the same whatever the table size.
@@ -334,6 +335,7 @@ class SeqRecConfig:
     dropout: float = 0.5
     item_dropout: float = 0.0
     mlp_ratio: int = 4
+    block_layout: str = "pre_ln"
     n_hash_tables: int = 2
     hash_buckets: int = 1 << 20
     sparse_item_grads: bool = True
@@ -363,6 +365,7 @@ class SeqRecConfig:
             dropout=self.dropout,
             item_dropout=self.item_dropout,
             mlp_ratio=self.mlp_ratio,
+            block_layout=self.block_layout,
             sparse_item_grads=self.sparse_item_grads,
             scale_item_input=self.scale_item_input,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from training.dcat import (
     dcat_scores,
     naive_candidate_hidden,
 )
-from training.model import PinFM, PinFMConfig
+from training.model import BLOCK_LAYOUTS, PinFM, PinFMConfig
 
 CFG = PinFMConfig(d_model=32, n_layers=2, n_heads=4, max_len=16, hash_buckets=1024)
 LENGTHS = [1, CFG.max_len - 1, 7, 0, 4]  # ragged, incl. an empty history and the longest that fits
@@ -55,8 +57,9 @@ def _batch(lengths: list[int], n_cands: list[int], L: int, C: int, seed: int = 0
 SEQ_KEYS = ("item_ids", "action_ids", "surface_ids", "content", "pad_mask", "time_gaps")
 
 
-def test_context_pass_equals_forward() -> None:
-    model = _model()
+@pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
+def test_context_pass_equals_forward(layout: str) -> None:
+    model = _model(cfg=dataclasses.replace(CFG, block_layout=layout))
     b = _batch(LENGTHS, N_CANDS, L=CFG.max_len, C=6)
     seq = {k: b[k] for k in SEQ_KEYS}
     with torch.no_grad():
@@ -73,9 +76,10 @@ def test_context_pass_equals_forward() -> None:
     assert cache_nomask.pad_mask is None and cache_nomask.lengths.tolist() == [L] * U
 
 
+@pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 @pytest.mark.parametrize("with_content", [True, False])
-def test_dcat_equals_naive_ragged(with_content: bool) -> None:
-    model = _model(1)
+def test_dcat_equals_naive_ragged(with_content: bool, layout: str) -> None:
+    model = _model(1, cfg=dataclasses.replace(CFG, block_layout=layout))
     b = _batch(LENGTHS, N_CANDS, L=CFG.max_len, C=6, seed=1)
     if not with_content:
         b["content"] = b["cand_content"] = None

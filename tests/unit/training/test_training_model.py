@@ -12,6 +12,8 @@ import torch
 
 from features.contract import ACTION_IDS, SURFACE_IDS
 from training.model import (
+    BLOCK_LAYOUTS,
+    Block,
     HashedItemEmbedding,
     PinFM,
     PinFMConfig,
@@ -73,10 +75,11 @@ def test_item_embedding_padding_and_content() -> None:
         emb(ids, torch.zeros(1, 3, cfg.content_dim + 1))
 
 
+@pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 @pytest.mark.parametrize("use_mask", [False, True])
-def test_backbone_is_causal(use_mask: bool) -> None:
+def test_backbone_is_causal(use_mask: bool, layout: str) -> None:
     torch.manual_seed(0)
-    cfg = PinFMConfig.preset("tiny")
+    cfg = dataclasses.replace(PinFMConfig.preset("tiny"), block_layout=layout)
     model = PinFM(cfg).eval()
     items, actions, surfaces = _tokens(2, 12)
     mask = torch.ones(2, 12, dtype=torch.bool) if use_mask else None
@@ -136,6 +139,37 @@ def test_mlp_ratio_sets_the_block_mlp_width_and_rejects_zero() -> None:
     assert model(items, actions, surfaces).shape == (2, 8, cfg.d_model)
     with pytest.raises(ValueError, match="mlp_ratio"):
         dataclasses.replace(cfg, mlp_ratio=0)
+
+
+def test_sasrec_block_layout_matches_its_hand_written_form() -> None:
+    torch.manual_seed(0)
+    cfg = PinFMConfig(d_model=16, n_heads=2, mlp_ratio=1, block_layout="sasrec")
+    block = Block(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # LayerNorm affine and biases away from 1 / 0
+    x = torch.randn(3, 7, 16)
+    D, H = 16, 2
+    h = block.ln1(x)
+    w, b = block.attn.qkv.weight, block.attn.qkv.bias
+    q = h @ w[:D].T + b[:D]  # queries from the normalised input
+    k = x @ w[D : 2 * D].T + b[D : 2 * D]  # keys and values from the un-normalised one
+    v = x @ w[2 * D :].T + b[2 * D :]
+    heads = [t.view(3, 7, H, D // H).transpose(1, 2) for t in (q, k, v)]
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    att = (heads[0] @ heads[1].transpose(-1, -2) / (D // H) ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+    y = block.attn.proj((att @ heads[2]).transpose(1, 2).reshape(3, 7, D))
+    g = block.ln2(h + y)  # the residual restarts from the normalised input
+    lin1, lin2 = block.mlp[0], block.mlp[3]
+    want = g + lin2(torch.relu(lin1(g)))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, None), want, atol=1e-5, rtol=0)
+    assert isinstance(block.mlp[2], torch.nn.Dropout)  # dropout on the hidden layer too
+    assert [type(m).__name__ for m in Block(PinFMConfig(d_model=16, n_heads=2)).mlp] == [
+        "Linear", "GELU", "Linear", "Dropout",
+    ]  # the pre-LN layout keeps the module indices of saved runs  # fmt: skip
+    with pytest.raises(ValueError, match="block_layout"):
+        PinFMConfig(block_layout="post_ln")
 
 
 def test_backbone_rejects_too_long_sequences() -> None:
