@@ -412,13 +412,22 @@ def _apply_overrides(cfg, overrides: tuple[str, ...]):
     metavar="FIELD=VALUE",
     help="Override a setting, e.g. --set hash_buckets=1048576 --set objective.negatives=2048 (repeatable).",
 )
+@click.option(
+    "--members",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Train this many models (seeds --seed, --seed + 1, …) at once, sharing the threads, and score their ensemble.",
+)
 def bench_seqrec(
     home, data_path, fmt, protocol, max_len, device, preset, epochs, losses, negatives, seed, run_dir, fresh, out_path,
-    overrides,
+    overrides, members,
 ):  # fmt: skip
     """Train PinFM on a leave-one-out split, select on validation, report test HR/NDCG/MRR.
 
     A crashed run started again with the same options resumes from its last epoch.
+    With --members N the N models' summed logits rank the items (each member's own
+    figures are in the line too).
     """
     from training.seqrec import SeqRecConfig, run_seqrec_bench
 
@@ -433,8 +442,16 @@ def bench_seqrec(
         {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
     )
     cfg = _apply_overrides(cfg, overrides)
-    run = Path(run_dir) if run_dir else _layout(home).runs / f"seqrec-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
-    out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh)
+    kind = "seqrec" if members == 1 else f"seqrec{members}x"
+    run = Path(run_dir) if run_dir else _layout(home).runs / f"{kind}-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
+    if members == 1:
+        out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh)
+    else:
+        from training.seqrec_ensemble import run_seqrec_ensemble_bench
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise click.UsageError("--members trains its own processes; run it without torchrun")
+        out = run_seqrec_ensemble_bench(data_path, cfg, members, run, protocol=protocol, resume=not fresh)
     out["run_dir"] = str(run)
     if int(os.environ.get("RANK", "0")) == 0:
         _echo_json(out)
@@ -623,17 +640,24 @@ def _leave_one_out_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @eval_.command("retrieval")
 @click.option(
-    "--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help="A finished 'afm bench seqrec' run."
+    "--run-dir",
+    "run_dirs",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A finished 'afm bench seqrec' run (plain or --members); repeat it to score several as one ensemble.",
 )
 @_leave_one_out_options
-def eval_retrieval(run_dir, data_path, protocol, part, device) -> None:
-    """Leave-one-out retrieval metrics (HR/NDCG@10/50/200, MRR) of a trained backbone."""
-    from training.seqrec import SeqRecData, evaluate_retrieval, load_seqrec_run
+def eval_retrieval(run_dirs, data_path, protocol, part, device) -> None:
+    """Leave-one-out retrieval metrics (HR/NDCG@10/50/200, MRR) of a trained backbone or an ensemble."""
+    from training.retrieval import DEFAULT_KS, retrieval_metrics
+    from training.seqrec import SeqRecData
+    from training.seqrec_ensemble import ensemble_ranks, load_members
 
-    model, cfg = load_seqrec_run(run_dir, device)
+    members = load_members(run_dirs, device)
     data = SeqRecData.load(data_path)
-    m = evaluate_retrieval(model, data, part, cfg.max_len, cfg.objective.similarity, protocol)
-    _echo_json({"protocol": protocol, "part": part, "n_users": m.pop("n"), **_rounded(m, 5)})
+    m = retrieval_metrics(ensemble_ranks(members, data, part, protocol), DEFAULT_KS)
+    _echo_json({"protocol": protocol, "part": part, "n_members": len(members), "n_users": m.pop("n"), **_rounded(m, 5)})
 
 
 @eval_.command("compare")
@@ -643,25 +667,23 @@ def eval_retrieval(run_dir, data_path, protocol, part, device) -> None:
     required=True,
     multiple=True,
     type=click.Path(exists=True, file_okay=False),
-    help="Two finished 'afm bench seqrec' runs: A (the baseline), then B.",
+    help="Two finished 'afm bench seqrec' runs (plain or --members): A (the baseline), then B.",
 )
 @_leave_one_out_options
 def eval_compare(run_dirs, data_path, protocol, part, device) -> None:
-    """Paired comparison of two trained backbones on the same users: B − A per metric.
+    """Paired comparison of two trained backbones (or ensembles) on the same users: B − A per metric.
 
     Prints one JSON line: for NDCG@10, HR@10 and MRR the means of A and B, their difference,
     its standard error and 95 % interval over users, and how many users each model ranks better.
     """
     from training.retrieval import paired_comparison
-    from training.seqrec import SeqRecData, load_seqrec_run, retrieval_ranks
+    from training.seqrec import SeqRecData
+    from training.seqrec_ensemble import ensemble_ranks, load_members
 
     if len(run_dirs) != 2:
         raise click.UsageError(f"give --run-dir exactly twice (A, then B); got {len(run_dirs)}")
     data = SeqRecData.load(data_path)
-    ranks = []
-    for run_dir in run_dirs:
-        model, cfg = load_seqrec_run(run_dir, device)
-        ranks.append(retrieval_ranks(model, data, part, cfg.max_len, cfg.objective.similarity, protocol))
+    ranks = [ensemble_ranks(load_members([d], device), data, part, protocol) for d in run_dirs]
     out = _rounded(paired_comparison(ranks[0], ranks[1]))
     _echo_json({"a": str(run_dirs[0]), "b": str(run_dirs[1]), "protocol": protocol, "part": part, **out})
 

@@ -466,6 +466,10 @@ def shared_full_softmax_losses(
     ]
 
 
+#: the learnable temperature never goes below this
+MIN_TEMPERATURE = 0.01
+
+
 class PinFMObjective(nn.Module):
     """The weighted sum of the enabled losses, with a learnable temperature.
 
@@ -483,7 +487,7 @@ class PinFMObjective(nn.Module):
         >>> loss, stats = obj(model, batch)
     """
 
-    def __init__(self, cfg: ObjectiveConfig, catalog: ItemCatalog, min_temperature: float = 0.01) -> None:
+    def __init__(self, cfg: ObjectiveConfig, catalog: ItemCatalog, min_temperature: float = MIN_TEMPERATURE) -> None:
         super().__init__()
         self.cfg = cfg
         self.catalog = catalog

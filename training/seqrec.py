@@ -29,7 +29,7 @@ import torch
 from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
 from training.config_fields import reject_unknown_fields
 from training.model import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
-from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
+from training.objectives import MIN_TEMPERATURE, ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.retrieval import DEFAULT_KS, ranks_full, ranks_sampled, retrieval_metrics
 from training.trainer import Trainer, TrainerConfig
 
@@ -238,21 +238,65 @@ def retrieval_ranks(
         seed: seed of the sampled negatives.
         chunk: users scored per matrix product.
     """
-    if protocol not in ("full", "sampled100"):
-        raise ValueError(f"protocol must be 'full' or 'sampled100', got {protocol!r}")
+    states, items = scoring_vectors(model, data, part, max_len, similarity, users)
+    return ranks_of_vectors(states, items, data, part, protocol, users, seed, chunk)
+
+
+@torch.no_grad()
+def scoring_vectors(
+    model: PinFM,
+    data: SeqRecData,
+    part: str,
+    max_len: int,
+    similarity: str,
+    users: np.ndarray | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """User states (U, D) and catalog embeddings (I + 1, D) whose dot products are the model's logits.
+
+    ``states[u] @ items[i]`` is the similarity divided by ``temperature``, so the vectors of
+    several models, concatenated, score items by the sum of their logits (an ensemble).
+    """
     was_training = model.training
     model.eval()
-    hist, targets, excluded = data.split(part)
+    hist, _, _ = data.split(part)
     if users is not None:
-        hist, targets, excluded = [hist[i] for i in users], targets[users], [excluded[i] for i in users]
+        hist = [hist[i] for i in users]
     states = user_states(model, hist, max_len)  # (U, D)
     if similarity == "cosine":
         states = torch.nn.functional.normalize(states, dim=-1)
     items = catalog_embeddings(model, data.n_items, similarity)  # (I + 1, D)
+    if was_training:
+        model.train()
+    return states / temperature, items
+
+
+@torch.no_grad()
+def ranks_of_vectors(
+    states: torch.Tensor,
+    items: torch.Tensor,
+    data: SeqRecData,
+    part: str,
+    protocol: str = "full",
+    users: np.ndarray | None = None,
+    seed: int = 0,
+    chunk: int = 512,
+) -> torch.Tensor:
+    """(U,) 0-based rank of each target when user u scores item i by ``states[u] @ items[i]``.
+
+    Arguments as :func:`retrieval_ranks`; ``states`` and ``items`` from :func:`scoring_vectors`.
+    """
+    if protocol not in ("full", "sampled100"):
+        raise ValueError(f"protocol must be 'full' or 'sampled100', got {protocol!r}")
+    _, targets, excluded = data.split(part)
+    if users is not None:
+        targets, excluded = targets[users], [excluded[i] for i in users]
+    if states.shape[0] != len(targets):
+        raise ValueError(f"{states.shape[0]} user states for {len(targets)} eval users")
     device = states.device
     rng = np.random.default_rng(seed)
     ranks = []
-    for i in range(0, len(hist), chunk):
+    for i in range(0, len(targets), chunk):
         q = states[i : i + chunk]  # (C, D)
         tgt = torch.as_tensor(targets[i : i + chunk], device=device)  # (C,)
         if protocol == "full":
@@ -269,8 +313,6 @@ def retrieval_ranks(
             neg_emb = items[torch.as_tensor(negs, device=device)]  # (C, 100, D)
             neg_scores = torch.einsum("cd,cmd->cm", q, neg_emb)  # (C, 100)
             ranks.append(ranks_sampled((q * items[tgt]).sum(-1), neg_scores))
-    if was_training:
-        model.train()
     return torch.cat(ranks)  # (U,)
 
 
@@ -416,8 +458,32 @@ PUBLISHED = {
 BEST_PUBLISHED = "SASRec (full softmax)"
 
 
-def load_seqrec_run(run_dir: Path | str, device: str = "auto") -> tuple[PinFM, SeqRecConfig]:
-    """Model (best validation weights) and settings of a finished ``afm bench seqrec`` run."""
+def published_comparison(data_path: Path | str, protocol: str, max_len: int, test: dict) -> dict:
+    """``published``, ``ratio`` (test NDCG@10 ÷ the best published; what the bench is judged by) and
+    ``beats_published`` for a file and protocol with published numbers; else {}."""
+    published = PUBLISHED.get((Path(data_path).name, protocol, max_len))
+    if not published:
+        return {}
+    ref = published[BEST_PUBLISHED]
+    return {
+        "published": {"model": BEST_PUBLISHED, **ref},
+        "ratio": round(test["ndcg@10"] / ref["ndcg@10"], 3),
+        "beats_published": bool(test["ndcg@10"] >= ref["ndcg@10"] and test["hr@10"] >= ref["hr@10"]),
+    }
+
+
+@dataclass(frozen=True)
+class SeqRecMember:
+    """A finished ``afm bench seqrec`` run: best-validation model, settings, learned temperature."""
+
+    model: PinFM
+    cfg: SeqRecConfig
+    temperature: float
+    run_dir: Path
+
+
+def load_seqrec_member(run_dir: Path | str, device: str = "auto") -> SeqRecMember:
+    """The best validation weights, settings and logit temperature of a finished run."""
     run_dir = Path(run_dir)
     cfg_path, best = run_dir / "seqrec_config.json", run_dir / "best.pt"
     for p in (cfg_path, best):
@@ -427,7 +493,9 @@ def load_seqrec_run(run_dir: Path | str, device: str = "auto") -> tuple[PinFM, S
     model = PinFM(cfg.model_config())
     state = torch.load(best, map_location="cpu", weights_only=False)["module"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model.to(resolve_device(device)).eval(), cfg
+    log_temp = float(state["objective.log_temp"])  # as PinFMObjective.temperature
+    temperature = math.exp(max(log_temp, math.log(MIN_TEMPERATURE)))
+    return SeqRecMember(model.to(resolve_device(device)).eval(), cfg, temperature, run_dir)
 
 
 def run_seqrec_bench(
@@ -436,8 +504,11 @@ def run_seqrec_bench(
     protocol: str = "full",
     run_dir: Path | None = None,
     resume: bool = True,
+    desc: str = "seqrec",
 ) -> dict:
     """Train on the leave-one-out split of ``data_path``, select on validation, score the test.
+
+    ``desc`` names the run in the progress bar and the log lines.
 
     Returns:
         The benchmark line: test hr@k/ndcg@k/mrr, best validation ndcg@10, sizes, seconds, device.
@@ -485,7 +556,7 @@ def run_seqrec_bench(
             ckpt_every=batches.per_epoch,
             eval_every=cfg.eval_every_epochs * batches.per_epoch,
             patience=cfg.patience,
-            desc="seqrec",
+            desc=desc,
         ),
         run_dir=run_dir,
         evaluate=validate,
@@ -493,8 +564,8 @@ def run_seqrec_bench(
         resume=resume,
     )
     log.info(
-        "seqrec: %d users, %d items, %d interactions; %d steps (%d epochs × %d) on %s",
-        data.n_users, data.n_items, data.n_interactions, steps, cfg.epochs, batches.per_epoch, device,
+        "%s: %d users, %d items, %d interactions; %d steps (%d epochs × %d) on %s",
+        desc, data.n_users, data.n_items, data.n_interactions, steps, cfg.epochs, batches.per_epoch, device,
     )  # fmt: skip
     result = trainer.fit()
     train_seconds = result.seconds
@@ -520,17 +591,12 @@ def run_seqrec_bench(
         "ranks_in_sync": result.ranks_in_sync,
         "device": device_name(device),
     }
-    published = PUBLISHED.get((Path(data_path).name, protocol, cfg.max_len))
-    if published:
-        ref = published[BEST_PUBLISHED]
-        out["published"] = {"model": BEST_PUBLISHED, **ref}
-        out["ratio"] = round(test["ndcg@10"] / ref["ndcg@10"], 3)  # judged by: NDCG@10 ÷ best published
-        out["beats_published"] = bool(test["ndcg@10"] >= ref["ndcg@10"] and test["hr@10"] >= ref["hr@10"])
+    out.update(published_comparison(data_path, protocol, cfg.max_len, test))
     out["config"] = cfg.to_dict()
     if run_dir is not None and main:
         (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
     log.info(
-        "seqrec: test hr@10=%.4f ndcg@10=%.4f (best step %s of %d) in %.0f s on %s",
-        test["hr@10"], test["ndcg@10"], best, result.steps, out["seconds"], out["device"],
+        "%s: test hr@10=%.4f ndcg@10=%.4f (best step %s of %d) in %.0f s on %s",
+        desc, test["hr@10"], test["ndcg@10"], best, result.steps, out["seconds"], out["device"],
     )  # fmt: skip
     return out

@@ -1,0 +1,197 @@
+"""Ensembles of ``afm bench seqrec`` runs: members trained side by side, scored by their summed logits.
+
+Each member is an ordinary seqrec run with its own seed and run directory. The ensemble
+scores item i for user u by Σ_m s_m(u, i) / τ_m, the sum of the members' logits (their
+similarities over their learned temperatures). Concatenating the members' temperature-scaled
+user states, and their item embeddings, gives the same scores with one dot product, so an
+ensemble ranks, and could serve from a vector index, like one model of Σ D_m dimensions.
+
+Layout of an ensemble run directory::
+
+    run_dir/ensemble.json        {"members": ["member-0", "member-1"], "seeds": [0, 1]}
+    run_dir/member-0/…           an ordinary seqrec run (best.pt, checkpoint.pt, result.json, …)
+    run_dir/result.json          the ensemble's benchmark line
+
+The members train at the same time in separate processes that share the machine's
+threads; each resumes from its own checkpoint after a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.retrieval import DEFAULT_KS, retrieval_metrics
+from training.seqrec import (
+    SeqRecConfig,
+    SeqRecData,
+    SeqRecMember,
+    load_seqrec_member,
+    published_comparison,
+    ranks_of_vectors,
+    run_seqrec_bench,
+    scoring_vectors,
+)
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def member_dirs(run_dir: Path | str) -> list[Path]:
+    """The run directories an ensemble run consists of; a plain seqrec run is its own only member."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / ENSEMBLE_FILE
+    if not manifest.exists():
+        return [run_dir]
+    names = json.loads(manifest.read_text(encoding="utf-8"))["members"]
+    if not names:
+        raise ValueError(f"{manifest} lists no members")
+    return [run_dir / name for name in names]
+
+
+def load_members(run_dirs: Sequence[Path | str], device: str = "auto") -> list[SeqRecMember]:
+    """Every member of the given runs (plain or ensemble run directories, in order)."""
+    return [load_seqrec_member(d, device) for run_dir in run_dirs for d in member_dirs(run_dir)]
+
+
+@torch.no_grad()
+def ensemble_ranks(
+    members: Sequence[SeqRecMember],
+    data: SeqRecData,
+    part: str,
+    protocol: str = "full",
+    users: np.ndarray | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """(U,) 0-based rank of each eval user's ``part`` target by the members' summed logits.
+
+    Args:
+        members: from :func:`load_members`; one member ranks like :func:`training.seqrec.retrieval_ranks`.
+        data, part, protocol, users, seed: as :func:`training.seqrec.retrieval_ranks`.
+    """
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    states, items = [], []
+    for m in members:
+        temperature = m.temperature if len(members) > 1 else 1.0  # one member: its similarities rank the same
+        s, e = scoring_vectors(m.model, data, part, m.cfg.max_len, m.cfg.objective.similarity, users, temperature)
+        states.append(s)  # (U, D_m)
+        items.append(e)  # (I + 1, D_m)
+    device = states[0].device
+    q = torch.cat([s.to(device) for s in states], dim=1)  # (U, Σ D_m)
+    catalog = torch.cat([e.to(device) for e in items], dim=1)  # (I + 1, Σ D_m)
+    return ranks_of_vectors(q, catalog, data, part, protocol, users, seed)
+
+
+def _init_member_process(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _train_member(data_path: str, cfg: SeqRecConfig, protocol: str, run_dir: Path, resume: bool, desc: str) -> dict:
+    return run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run_dir, resume=resume, desc=desc)
+
+
+def run_seqrec_ensemble_bench(
+    data_path: Path | str,
+    cfg: SeqRecConfig,
+    members: int,
+    run_dir: Path,
+    protocol: str = "full",
+    resume: bool = True,
+    threads: int | None = None,
+) -> dict:
+    """Train ``members`` seqrec runs (seeds ``cfg.seed``, ``cfg.seed + 1``, …) at once; score their ensemble.
+
+    Args:
+        data_path: the ``user item`` file.
+        cfg: settings of every member (only the seed differs).
+        members: how many (≥ 2).
+        run_dir: the ensemble's directory (members in ``member-<i>/``).
+        protocol: as :func:`training.seqrec.run_seqrec_bench`.
+        resume: members continue from their checkpoints.
+        threads: CPU threads in all (default: this process's); each member gets an equal share (≥ 1).
+
+    Returns:
+        The benchmark line of the ensemble (test metrics, validation NDCG@10, the published
+        ratio), with each member's own line under ``members``.
+    """
+    if members < 2:
+        raise ValueError(f"an ensemble needs members ≥ 2, got {members}; run 'afm bench seqrec' without --members")
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [cfg.seed + i for i in range(members)]
+    names = [f"member-{i}" for i in range(members)]
+    (run_dir / ENSEMBLE_FILE).write_text(json.dumps({"members": names, "seeds": seeds}, indent=2), encoding="utf-8")
+    total = threads or torch.get_num_threads()
+    per_member = max(1, total // members)
+    if total < members:
+        log.warning("%d members on %d threads: the members share cores", members, total)
+    log.info("seqrec ensemble: %d members (seeds %s), %d thread(s) each, in %s", members, seeds, per_member, run_dir)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
+    with ProcessPoolExecutor(members, mp_context=ctx, initializer=_init_member_process, initargs=(per_member,)) as pool:
+        futures = [
+            pool.submit(
+                _train_member,
+                str(data_path),
+                dataclasses.replace(cfg, seed=s),
+                protocol,
+                run_dir / n,
+                resume,
+                f"seqrec {n}",
+            )
+            for s, n in zip(seeds, names, strict=True)
+        ]
+        lines = []
+        for n, f in zip(names, futures, strict=True):
+            try:
+                lines.append(f.result())
+            except Exception as e:
+                raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
+    train_seconds = time.perf_counter() - t0
+
+    data = SeqRecData.load(data_path)
+    loaded = load_members([run_dir], cfg.device)
+    test = retrieval_metrics(ensemble_ranks(loaded, data, "test", protocol), DEFAULT_KS)
+    valid = retrieval_metrics(ensemble_ranks(loaded, data, "valid", protocol), (10,))
+    out = {
+        "bench": "seqrec-ensemble",
+        "data": Path(data_path).name,
+        "protocol": protocol,
+        "max_len": cfg.max_len,
+        **{k: round(v, 5) for k, v in test.items() if k != "n"},
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_eval_users": test["n"],
+        "valid_ndcg@10": round(valid["ndcg@10"], 5),
+        "n_members": members,
+        "member_mean_ndcg@10": round(float(np.mean([m["ndcg@10"] for m in lines])), 5),
+        "member_mean_hr@10": round(float(np.mean([m["hr@10"] for m in lines])), 5),
+        "members": [
+            {"run_dir": str(run_dir / n), "seed": s, **{k: m[k] for k in ("hr@10", "ndcg@10", "best_valid_ndcg@10", "train_seconds")}}
+            for n, s, m in zip(names, seeds, lines, strict=True)
+        ],
+        "threads_per_member": per_member,
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "device": lines[0]["device"],
+    }  # fmt: skip
+    out.update(published_comparison(data_path, protocol, cfg.max_len, test))
+    out["config"] = cfg.to_dict()
+    (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
+    log.info(
+        "seqrec ensemble of %d: test hr@10=%.4f ndcg@10=%.4f (members' mean ndcg@10 %.4f) in %.0f s",
+        members, test["hr@10"], test["ndcg@10"], out["member_mean_ndcg@10"], out["seconds"],
+    )  # fmt: skip
+    return out
