@@ -638,15 +638,20 @@ def _leave_one_out_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def _run_dirs_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--run-dir (repeatable) of the eval commands: finished 'afm bench seqrec' runs."""
+    return click.option(
+        "--run-dir",
+        "run_dirs",
+        required=True,
+        multiple=True,
+        type=click.Path(exists=True, file_okay=False),
+        help=help_text,
+    )
+
+
 @eval_.command("retrieval")
-@click.option(
-    "--run-dir",
-    "run_dirs",
-    required=True,
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="A finished 'afm bench seqrec' run (plain or --members); repeat it to score several as one ensemble.",
-)
+@_run_dirs_option("A finished 'afm bench seqrec' run (plain or --members); repeat it to score several as one ensemble.")
 @_leave_one_out_options
 def eval_retrieval(run_dirs, data_path, protocol, part, device) -> None:
     """Leave-one-out retrieval metrics (HR/NDCG@10/50/200, MRR) of a trained backbone or an ensemble."""
@@ -661,14 +666,7 @@ def eval_retrieval(run_dirs, data_path, protocol, part, device) -> None:
 
 
 @eval_.command("compare")
-@click.option(
-    "--run-dir",
-    "run_dirs",
-    required=True,
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="Two finished 'afm bench seqrec' runs (plain or --members): A (the baseline), then B.",
-)
+@_run_dirs_option("Two finished 'afm bench seqrec' runs (plain or --members): A (the baseline), then B.")
 @_leave_one_out_options
 def eval_compare(run_dirs, data_path, protocol, part, device) -> None:
     """Paired comparison of two trained backbones (or ensembles) on the same users: B − A per metric.

@@ -458,6 +458,19 @@ PUBLISHED = {
 BEST_PUBLISHED = "SASRec (full softmax)"
 
 
+def bench_figures(data_path: Path | str, data: SeqRecData, protocol: str, max_len: int, test: dict) -> dict:
+    """The leading fields of a benchmark line: the data, the protocol, the test metrics, the sizes."""
+    return {
+        "data": Path(data_path).name,
+        "protocol": protocol,
+        "max_len": max_len,
+        **{k: round(v, 5) for k, v in test.items() if k != "n"},
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_eval_users": test["n"],
+    }
+
+
 def published_comparison(data_path: Path | str, protocol: str, max_len: int, test: dict) -> dict:
     """``published``, ``ratio`` (test NDCG@10 ÷ the best published; what the bench is judged by) and
     ``beats_published`` for a file and protocol with published numbers; else {}."""
@@ -574,13 +587,7 @@ def run_seqrec_bench(
     test = evaluate_retrieval(model, data, "test", cfg.max_len, cfg.objective.similarity, protocol)
     out = {
         "bench": "seqrec",
-        "data": Path(data_path).name,
-        "protocol": protocol,
-        "max_len": cfg.max_len,
-        **{k: round(v, 5) for k, v in test.items() if k != "n"},
-        "n_users": data.n_users,
-        "n_items": data.n_items,
-        "n_eval_users": test["n"],
+        **bench_figures(data_path, data, protocol, cfg.max_len, test),
         "best_valid_ndcg@10": round(float("nan") if result.best_metric is None else result.best_metric, 5),
         "best_step": best,
         "steps": result.steps,

@@ -35,6 +35,7 @@ from training.seqrec import (
     SeqRecConfig,
     SeqRecData,
     SeqRecMember,
+    bench_figures,
     load_seqrec_member,
     published_comparison,
     ranks_of_vectors,
@@ -167,13 +168,7 @@ def run_seqrec_ensemble_bench(
     valid = retrieval_metrics(ensemble_ranks(loaded, data, "valid", protocol), (10,))
     out = {
         "bench": "seqrec-ensemble",
-        "data": Path(data_path).name,
-        "protocol": protocol,
-        "max_len": cfg.max_len,
-        **{k: round(v, 5) for k, v in test.items() if k != "n"},
-        "n_users": data.n_users,
-        "n_items": data.n_items,
-        "n_eval_users": test["n"],
+        **bench_figures(data_path, data, protocol, cfg.max_len, test),
         "valid_ndcg@10": round(valid["ndcg@10"], 5),
         "n_members": members,
         "member_mean_ndcg@10": round(float(np.mean([m["ndcg@10"] for m in lines])), 5),
