@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.model import device_name, resolve_device
 from training.retrieval import DEFAULT_KS, retrieval_metrics
 from training.seqrec import (
     SeqRecConfig,
@@ -180,7 +181,7 @@ def run_seqrec_ensemble_bench(
         "threads_per_member": per_member,
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - t0, 1),
-        "device": lines[0]["device"],
+        "device": device_name(resolve_device(cfg.device)),  # the threads in all; threads_per_member each
     }  # fmt: skip
     out.update(published_comparison(data_path, protocol, cfg.max_len, test))
     out["config"] = cfg.to_dict()
