@@ -24,15 +24,17 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from training.model import device_name, resolve_device
 from training.retrieval import DEFAULT_KS, retrieval_metrics
 from training.seqrec import (
+    SeqRecBatches,
     SeqRecConfig,
     SeqRecData,
     SeqRecMember,
@@ -101,7 +103,44 @@ def _init_member_process(threads: int) -> None:
 
 
 def _train_member(data_path: str, cfg: SeqRecConfig, protocol: str, run_dir: Path, resume: bool, desc: str) -> dict:
-    return run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run_dir, resume=resume, desc=desc)
+    # the parent shows one bar for all members; each member's log lines carry its name
+    return run_seqrec_bench(
+        data_path, cfg, protocol=protocol, run_dir=run_dir, resume=resume, desc=desc, progress_bar=False
+    )
+
+
+def _stop_members(pool: ProcessPoolExecutor) -> None:
+    """End the members still training (their checkpoints let a rerun resume them)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # the executor has no public kill
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+
+
+def _steps_logged(run_dir: Path) -> int:
+    """The last step a member wrote to its metrics log (0 before the first line)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError):  # a line being written
+        return 0
+
+
+def _wait_with_progress(futures: list[Future], dirs: list[Path], steps: int, poll_s: float = 5.0) -> None:
+    """One progress bar over all members (their logged steps), until every member has ended."""
+    with tqdm(
+        total=steps * len(dirs), desc=f"seqrec {len(dirs)} members", unit="step", disable=None
+    ) as bar:  # a terminal only, as the Trainer's
+        while True:
+            done, _ = wait(futures, timeout=poll_s, return_when=FIRST_EXCEPTION)
+            logged = [_steps_logged(d) for d in dirs]
+            bar.update(sum(logged) - bar.n)
+            bar.set_postfix_str(" ".join(f"m{i}={n}" for i, n in enumerate(logged)))
+            if len(done) == len(futures) or any(f.exception() is not None for f in done):
+                return
 
 
 def run_seqrec_ensemble_bench(
@@ -131,6 +170,8 @@ def run_seqrec_ensemble_bench(
     if members < 2:
         raise ValueError(f"an ensemble needs members ≥ 2, got {members}; run 'afm bench seqrec' without --members")
     t0 = time.perf_counter()
+    data = SeqRecData.load(data_path)
+    batches_per_epoch = SeqRecBatches(data.train_sequences(), cfg.batch_size, cfg.max_len, cfg.seed).per_epoch
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seeds = [cfg.seed + i for i in range(members)]
@@ -155,15 +196,16 @@ def run_seqrec_ensemble_bench(
             )
             for s, n in zip(seeds, names, strict=True)
         ]
+        _wait_with_progress(futures, [run_dir / n for n in names], cfg.epochs * batches_per_epoch)
         lines = []
         for n, f in zip(names, futures, strict=True):
             try:
                 lines.append(f.result())
             except Exception as e:
+                _stop_members(pool)  # fail now, not after the other members' training
                 raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
     train_seconds = time.perf_counter() - t0
 
-    data = SeqRecData.load(data_path)
     loaded = load_members([run_dir], cfg.device)
     test = retrieval_metrics(ensemble_ranks(loaded, data, "test", protocol), DEFAULT_KS)
     valid = retrieval_metrics(ensemble_ranks(loaded, data, "valid", protocol), (10,))

@@ -62,6 +62,8 @@ class TrainerConfig:
         eval_every: call ``evaluate`` every this many steps (0 = only at the end).
         patience: stop after this many evaluations without a better ``select_metric`` (0 = never).
         desc: progress-bar label.
+        progress_bar: show the progress bar (main rank, on a terminal); off when a parent
+            process reports the progress of several runs.
     """
 
     steps: int
@@ -80,6 +82,7 @@ class TrainerConfig:
     eval_every: int = 0
     patience: int = 0
     desc: str = "train"
+    progress_bar: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -374,7 +377,12 @@ class Trainer:
             self._trim_log(0)  # a fresh run (or --fresh) starts its metrics log empty
         t0 = time.perf_counter() - result.seconds
         self.model.train()
-        bar = tqdm(range(start, cfg.steps), desc=cfg.desc, unit="step", disable=None if self.is_main else True)
+        bar = tqdm(
+            range(start, cfg.steps),
+            desc=cfg.desc,
+            unit="step",
+            disable=None if self.is_main and cfg.progress_bar else True,
+        )
         for step in bar:
             batch = self._shard(self.batch_fn(step))
             with self._autocast():

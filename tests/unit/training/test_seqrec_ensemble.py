@@ -85,3 +85,14 @@ def test_bench_members_trains_side_by_side_and_eval_reproduces_the_ensemble(tmp_
     paired = json.loads(res.output.strip().splitlines()[-1])
     assert paired["ndcg@10"]["a"] == pytest.approx(line["members"][0]["ndcg@10"], abs=1e-5)
     assert paired["ndcg@10"]["b"] == pytest.approx(line["ndcg@10"], abs=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to make the members fail")
+def test_a_failing_member_is_named_and_stops_the_ensemble(tmp_path: Path, chain_file) -> None:
+    args = ["bench", "seqrec", "--data", str(chain_file()), "--preset", "tiny", "--max-len", "10", "--device", "cuda",
+            "--members", "2", "--run-dir", str(tmp_path / "ens")]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0
+    assert isinstance(res.exception, RuntimeError)
+    assert "ensemble member member-0" in str(res.exception) and "cuda" in str(res.exception).lower()
+    assert not (tmp_path / "ens" / "result.json").exists()
