@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
 from training.config_fields import reject_unknown_fields
 from training.model import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
 from training.objectives import MIN_TEMPERATURE, ItemCatalog, ObjectiveConfig, PinFMObjective
-from training.retrieval import DEFAULT_KS, ranks_full, ranks_sampled, retrieval_metrics
+from training.retrieval import DEFAULT_KS, ranks_full_excluding, ranks_sampled, retrieval_metrics
 from training.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -301,11 +301,12 @@ def ranks_of_vectors(
         tgt = torch.as_tensor(targets[i : i + chunk], device=device)  # (C,)
         if protocol == "full":
             scores = q @ items.T  # (C, I + 1)
-            exclude = torch.zeros_like(scores, dtype=torch.bool)
-            exclude[:, 0] = True  # padding is no item
-            for r, seen in enumerate(excluded[i : i + chunk]):
-                exclude[r, torch.as_tensor(seen, device=device)] = True
-            ranks.append(ranks_full(scores, tgt, exclude))
+            seen = excluded[i : i + chunk]
+            counts = np.array([len(x) for x in seen])
+            rows = np.concatenate([np.arange(len(seen)), np.repeat(np.arange(len(seen)), counts)])
+            cols = np.concatenate([np.zeros(len(seen), dtype=np.int64), *seen])  # padding (0) is no item
+            as_idx = partial(torch.as_tensor, dtype=torch.int64, device=device)
+            ranks.append(ranks_full_excluding(scores, tgt, as_idx(rows), as_idx(cols)))
         else:
             negs = np.stack(
                 [_sample_unseen(rng, data.n_items, set(seen.tolist()), 100) for seen in excluded[i : i + chunk]]

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from training.retrieval import paired_comparison, per_user_metric, ranks_full, ranks_sampled, retrieval_metrics
+from training.retrieval import (
+    paired_comparison,
+    per_user_metric,
+    ranks_full,
+    ranks_full_excluding,
+    ranks_sampled,
+    retrieval_metrics,
+)
 
 
 def test_metrics_of_hand_computed_ranks() -> None:
@@ -85,3 +92,18 @@ def test_paired_comparison_of_hand_computed_ranks() -> None:
     assert paired_comparison(a, a)["ndcg@10"]["z"] is None  # no difference anywhere
     with pytest.raises(ValueError, match="same users"):
         paired_comparison(a, b[:3])
+
+
+def test_ranks_full_excluding_equals_the_mask_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    n_users, n_items = 40, 300
+    scores = torch.randint(0, 25, (n_users, n_items), generator=g).float()  # many ties
+    targets = torch.randint(0, n_items, (n_users,), generator=g)
+    exclude = torch.rand(n_users, n_items, generator=g) < 0.2
+    exclude[:5, :] = True  # every item removed for some users, the target included: it stays
+    exclude[5, :] = False  # and none for one
+    want = ranks_full(scores, targets, exclude)
+    rows, cols = exclude.nonzero(as_tuple=True)
+    got = ranks_full_excluding(scores.clone(), targets, rows, cols)
+    assert torch.equal(got, want)
+    assert torch.equal(got[:5], torch.zeros(5))  # only the target left
