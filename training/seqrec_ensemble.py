@@ -197,13 +197,12 @@ def run_seqrec_ensemble_bench(
             for s, n in zip(seeds, names, strict=True)
         ]
         _wait_with_progress(futures, [run_dir / n for n in names], cfg.epochs * batches_per_epoch)
-        lines = []
-        for n, f in zip(names, futures, strict=True):
-            try:
-                lines.append(f.result())
-            except Exception as e:
-                _stop_members(pool)  # fail now, not after the other members' training
-                raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
+        failed = [(n, f.exception()) for n, f in zip(names, futures, strict=True) if f.done() and f.exception()]
+        if failed:
+            _stop_members(pool)  # fail now, not after the other members' training
+            n, e = failed[0]
+            raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
+        lines = [f.result() for f in futures]
     train_seconds = time.perf_counter() - t0
 
     loaded = load_members([run_dir], cfg.device)
