@@ -67,6 +67,10 @@ def test_bench_members_trains_side_by_side_and_eval_reproduces_the_ensemble(tmp_
     assert member_dirs(run) == [run / "member-0", run / "member-1"]
     assert member_dirs(run / "member-0") == [run / "member-0"]  # a plain run is its own member
     assert json.loads((run / "result.json").read_text())["ndcg@10"] == line["ndcg@10"]
+    again = CliRunner().invoke(cli, args)  # started again: each member resumes from its final checkpoint
+    assert again.exit_code == 0, again.output
+    rerun = json.loads(again.output.strip().splitlines()[-1])
+    assert (rerun["ndcg@10"], rerun["members"][1]["ndcg@10"]) == (line["ndcg@10"], line["members"][1]["ndcg@10"])
 
     def ev(*dirs: Path) -> dict:
         r = CliRunner().invoke(
