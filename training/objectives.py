@@ -470,6 +470,11 @@ def shared_full_softmax_losses(
 MIN_TEMPERATURE = 0.01
 
 
+def temperature_from_log(log_temp: torch.Tensor, min_temperature: float = MIN_TEMPERATURE) -> torch.Tensor:
+    """The temperature a learnable ``log_temp`` stands for: exp(log_temp), floored at ``min_temperature``."""
+    return log_temp.clamp(min=math.log(min_temperature)).exp()
+
+
 class PinFMObjective(nn.Module):
     """The weighted sum of the enabled losses, with a learnable temperature.
 
@@ -492,11 +497,11 @@ class PinFMObjective(nn.Module):
         self.cfg = cfg
         self.catalog = catalog
         self.log_temp = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
-        self.min_log_temp = math.log(min_temperature)
+        self.min_temperature = min_temperature
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temp.clamp(min=self.min_log_temp).exp()
+        return temperature_from_log(self.log_temp, self.min_temperature)
 
     def _candidates(self, model: nn.Module, device: torch.device):
         if self.cfg.negatives == "full" or self.cfg.negatives == 0:

@@ -29,7 +29,7 @@ import torch
 from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
 from training.config_fields import reject_unknown_fields
 from training.model import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
-from training.objectives import MIN_TEMPERATURE, ItemCatalog, ObjectiveConfig, PinFMObjective
+from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective, temperature_from_log
 from training.retrieval import DEFAULT_KS, ranks_full_excluding, ranks_sampled, retrieval_metrics
 from training.trainer import Trainer, TrainerConfig
 
@@ -112,7 +112,7 @@ class SeqRecData:
         cut = -2 if part == "valid" else -1
         hist = [self.sequences[u][:cut] for u in users]
         targets = np.array([self.sequences[u][cut] for u in users], dtype=np.int64)
-        excluded = [self.sequences[u] for u in users]  # the target is kept in the ranking by ranks_full
+        excluded = [self.sequences[u] for u in users]  # the ranks_full* functions keep the target in the ranking
         return hist, targets, excluded
 
 
@@ -507,8 +507,7 @@ def load_seqrec_member(run_dir: Path | str, device: str = "auto") -> SeqRecMembe
     model = PinFM(cfg.model_config())
     state = torch.load(best, map_location="cpu", weights_only=False)["module"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    log_temp = float(state["objective.log_temp"])  # as PinFMObjective.temperature
-    temperature = math.exp(max(log_temp, math.log(MIN_TEMPERATURE)))
+    temperature = float(temperature_from_log(state["objective.log_temp"]))  # as PinFMObjective.temperature
     return SeqRecMember(model.to(resolve_device(device)).eval(), cfg, temperature, run_dir)
 
 
