@@ -419,15 +419,23 @@ def _apply_overrides(cfg, overrides: tuple[str, ...]):
     type=click.IntRange(min=1),
     help="Train this many models (seeds --seed, --seed + 1, …) at once, sharing the threads, and score their ensemble.",
 )
+@click.option(
+    "--codistill",
+    is_flag=True,
+    help="With --members N: each model also learns from the others' predictions (codistillation); "
+    "the line reports the one that validates best, the ensemble under 'ensemble'.",
+)
 def bench_seqrec(
     home, data_path, fmt, protocol, max_len, device, preset, epochs, losses, negatives, seed, run_dir, fresh, out_path,
-    overrides, members,
+    overrides, members, codistill,
 ):  # fmt: skip
     """Train PinFM on a leave-one-out split, select on validation, report test HR/NDCG/MRR.
 
     A crashed run started again with the same options resumes from its last epoch.
     With --members N the N models' summed logits rank the items (each member's own
-    figures are in the line too).
+    figures are in the line too). With --members N --codistill the N models also learn
+    from each other (distillation weight: objective.distill, 1 unless set) and the line
+    reports the single model that validates best.
     """
     from training.seqrec import SeqRecConfig, run_seqrec_bench
 
@@ -441,8 +449,12 @@ def bench_seqrec(
     cfg = SeqRecConfig.from_dict(
         {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
     )
+    if codistill:
+        if members < 2:
+            raise click.UsageError("--codistill needs --members N with N ≥ 2 (the models learn from each other)")
+        cfg = cfg.__class__.from_dict({**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), "distill": 1.0}})
     cfg = _apply_overrides(cfg, overrides)
-    kind = "seqrec" if members == 1 else f"seqrec{members}x"
+    kind = "seqrec" if members == 1 else f"seqrec{members}x" + ("-codistill" if codistill else "")
     run = Path(run_dir) if run_dir else _layout(home).runs / f"{kind}-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
     if members == 1:
         out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh)
@@ -451,7 +463,9 @@ def bench_seqrec(
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise click.UsageError("--members trains its own processes; run it without torchrun")
-        out = run_seqrec_ensemble_bench(data_path, cfg, members, run, protocol=protocol, resume=not fresh)
+        out = run_seqrec_ensemble_bench(
+            data_path, cfg, members, run, protocol=protocol, resume=not fresh, codistill=codistill
+        )
     out["run_dir"] = str(run)
     if int(os.environ.get("RANK", "0")) == 0:
         _echo_json(out)

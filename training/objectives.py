@@ -27,6 +27,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -75,6 +76,11 @@ class ObjectiveConfig:
             hit. Otherwise a query is pushed away from the items its user goes on to engage
             with, which the multi-token loss pulls it towards. Off by default: on Beauty (lr
             3e-3) it lowered test NDCG@10 from 0.0312 to 0.0278 (those items are useful hard negatives).
+        distill: weight of the distillation loss (0 = off): the KL divergence from a teacher's
+            softmax to the student's over the first enabled loss's sampled candidates (the
+            next-token loss's by default). Needs a teacher (``PinFMObjective.teacher``);
+            without a ready one the term is left out.
+        distill_temperature: T, both softmaxes are taken at logits / T (the loss is × T²).
     """
 
     next_token: float = 1.0
@@ -92,6 +98,8 @@ class ObjectiveConfig:
     logq_correction: bool = True
     max_pairs: int | None = None
     mask_own_sequence: bool = False
+    distill: float = 0.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -110,6 +118,12 @@ class ObjectiveConfig:
             raise ValueError("multi_token_window and future_window must be ≥ 1")
         if self.negatives == 0 and not self.in_batch_negatives:
             raise ValueError("no negatives: enable in_batch_negatives or sample some")
+        if self.distill < 0 or self.distill_temperature <= 0:
+            raise ValueError("distill must be ≥ 0 and distill_temperature > 0")
+        if self.distill > 0 and self.negatives == "full":
+            raise ValueError(
+                "distill works on the sampled softmax's candidates: it needs negatives to be a count, not 'full'"
+            )
 
     def replace(self, **kw) -> ObjectiveConfig:
         return replace_fields(self, **kw)
@@ -215,6 +229,98 @@ def future_token_pairs(
 
 
 # ------------------------------------------------------------------------- loss
+@dataclass(frozen=True)
+class SampledLogits:
+    """The logits of a sampled softmax: each query's positive, and its candidates.
+
+    Attributes:
+        pos: (N,) logit of each query's own positive (log-Q corrected when asked).
+        cand: (N, C) fp32 logits of the C = K + M candidates; a removed candidate (an
+            accidental hit, or a key of the query's own group) holds ``MASKED_LOGIT``.
+        cand_ids: (C,) the candidates' item ids (in-batch keys first, then sampled negatives).
+        bias: (C,) what was added to each candidate's logit (−log-Q), or None.
+        pos_bias: (N,) what was added to each positive's logit, or None.
+    """
+
+    pos: torch.Tensor
+    cand: torch.Tensor | None
+    cand_ids: torch.Tensor | None
+    bias: torch.Tensor | None
+    pos_bias: torch.Tensor | None
+
+    def cross_entropy(self) -> torch.Tensor:
+        """Mean cross-entropy with each positive as the target, without materialising (N, 1 + C)."""
+        if self.cand is None:  # no negative at all: the loss of a softmax over one logit
+            return (self.pos - self.pos).mean()
+        log_norm = torch.logaddexp(self.pos.float(), torch.logsumexp(self.cand, dim=1))  # (N,)
+        return (log_norm - self.pos.float()).mean()
+
+    def log_probs(self) -> torch.Tensor:
+        """(N, 1 + C) log softmax over [positive, candidates]; removed candidates get ≈ −1e30."""
+        return torch.log_softmax(torch.cat([self.pos.float()[:, None], self.cand], dim=1), dim=1)
+
+
+def sampled_softmax_logits(
+    queries: torch.Tensor,
+    pos_ids: torch.Tensor,
+    pos_emb: torch.Tensor,
+    neg_ids: torch.Tensor | None,
+    neg_emb: torch.Tensor | None,
+    temperature: torch.Tensor | float,
+    pos_logq: torch.Tensor | None = None,
+    neg_logq: torch.Tensor | None = None,
+    in_batch: bool = True,
+    similarity: str = "cosine",
+    in_batch_max: int | None = None,
+    groups: torch.Tensor | None = None,
+) -> SampledLogits:
+    """The logits of :func:`sampled_softmax_loss` (same arguments), kept for a second use
+    such as distillation, which needs the student's whole distribution over the candidates."""
+    if similarity == "cosine":
+        queries = F.normalize(queries, dim=-1)
+        pos_emb = F.normalize(pos_emb, dim=-1)
+        neg_emb = F.normalize(neg_emb, dim=-1) if neg_emb is not None else None
+    n = queries.shape[0]
+    q = queries / temperature  # (N, D): scaling the queries is cheaper than scaling (N, K + M) logits
+    pos_logit = (q * pos_emb).sum(-1)  # (N,)
+    pos_bias = -pos_logq if pos_logq is not None else None
+    if pos_bias is not None:
+        pos_logit = pos_logit + pos_bias
+    cand_emb, cand_ids, cand_logq = [], [], []
+    keys = None
+    if in_batch:
+        keys = torch.arange(n, device=queries.device)
+        if in_batch_max is not None and n > in_batch_max:
+            keys = torch.randperm(n)[:in_batch_max].to(queries.device)  # (K,)
+        cand_emb.append(pos_emb[keys])
+        cand_ids.append(pos_ids[keys])
+        cand_logq.append(pos_logq[keys] if pos_logq is not None else None)
+    if neg_ids is not None and neg_emb is not None and neg_ids.numel():
+        cand_emb.append(neg_emb)
+        cand_ids.append(neg_ids)
+        cand_logq.append(neg_logq)
+    if not cand_emb:
+        return SampledLogits(pos_logit, None, None, None, pos_bias)
+    keys_emb = torch.cat(cand_emb)  # (K + M, D)
+    ids = torch.cat(cand_ids)  # (K + M,)
+    bias = None
+    if any(lq is not None for lq in cand_logq):
+        bias = -torch.cat(
+            [
+                lq if lq is not None else torch.zeros_like(i, dtype=q.dtype)
+                for lq, i in zip(cand_logq, cand_ids, strict=True)
+            ]
+        )
+        logits = torch.addmm(bias[None, :].to(q.dtype), q, keys_emb.T)  # (N, K + M), log-Q fused into the matmul
+    else:
+        logits = q @ keys_emb.T  # (N, K + M)
+    logits = logits.float().masked_fill_(pos_ids[:, None] == ids[None, :], MASKED_LOGIT)  # accidental hits
+    if groups is not None and keys is not None:
+        own = groups[:, None] == groups[keys][None, :]  # (N, K): keys of the query's own group
+        logits[:, : keys.numel()].masked_fill_(own, MASKED_LOGIT)
+    return SampledLogits(pos_logit, logits, ids, bias, pos_bias)
+
+
 def sampled_softmax_loss(
     queries: torch.Tensor,
     pos_ids: torch.Tensor,
@@ -256,49 +362,45 @@ def sampled_softmax_loss(
     Returns:
         scalar mean cross-entropy over the N pairs.
     """
-    if similarity == "cosine":
-        queries = F.normalize(queries, dim=-1)
-        pos_emb = F.normalize(pos_emb, dim=-1)
-        neg_emb = F.normalize(neg_emb, dim=-1) if neg_emb is not None else None
-    n = queries.shape[0]
-    q = queries / temperature  # (N, D): scaling the queries is cheaper than scaling (N, K + M) logits
-    pos_logit = (q * pos_emb).sum(-1)  # (N,)
-    if pos_logq is not None:
-        pos_logit = pos_logit - pos_logq
-    cand_emb, cand_ids, cand_logq = [], [], []
-    keys = None
-    if in_batch:
-        keys = torch.arange(n, device=queries.device)
-        if in_batch_max is not None and n > in_batch_max:
-            keys = torch.randperm(n)[:in_batch_max].to(queries.device)  # (K,)
-        cand_emb.append(pos_emb[keys])
-        cand_ids.append(pos_ids[keys])
-        cand_logq.append(pos_logq[keys] if pos_logq is not None else None)
-    if neg_ids is not None and neg_emb is not None and neg_ids.numel():
-        cand_emb.append(neg_emb)
-        cand_ids.append(neg_ids)
-        cand_logq.append(neg_logq)
-    if not cand_emb:  # no negative at all: the loss of a softmax over one logit
-        return (pos_logit - pos_logit).mean()
-    keys_emb = torch.cat(cand_emb)  # (K + M, D)
-    ids = torch.cat(cand_ids)  # (K + M,)
-    if any(lq is not None for lq in cand_logq):
-        bias = -torch.cat(
-            [
-                lq if lq is not None else torch.zeros_like(i, dtype=q.dtype)
-                for lq, i in zip(cand_logq, cand_ids, strict=True)
-            ]
-        )
-        logits = torch.addmm(bias[None, :].to(q.dtype), q, keys_emb.T)  # (N, K + M), log-Q fused into the matmul
-    else:
-        logits = q @ keys_emb.T  # (N, K + M)
-    logits = logits.float().masked_fill_(pos_ids[:, None] == ids[None, :], MASKED_LOGIT)  # accidental hits
-    if groups is not None and keys is not None:
-        own = groups[:, None] == groups[keys][None, :]  # (N, K): keys of the query's own group
-        logits[:, : keys.numel()].masked_fill_(own, MASKED_LOGIT)
-    # cross-entropy with the positive in column 0, without materialising the (N, 1 + K + M) concatenation
-    log_norm = torch.logaddexp(pos_logit.float(), torch.logsumexp(logits, dim=1))  # (N,)
-    return (log_norm - pos_logit.float()).mean()
+    return sampled_softmax_logits(
+        queries, pos_ids, pos_emb, neg_ids, neg_emb, temperature, pos_logq, neg_logq, in_batch, similarity,
+        in_batch_max, groups,
+    ).cross_entropy()  # fmt: skip
+
+
+class LogitTeacher(Protocol):
+    """What distillation needs of a teacher (training.distill.EnsembleTeacher is one)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def observe(self, batch: dict) -> None: ...
+
+    def scores(
+        self, rows: torch.Tensor, q_pos: torch.Tensor, pos_ids: torch.Tensor, cand_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def distillation_loss(student: SampledLogits, teacher: LogitTeacher, rows: torch.Tensor, q_pos: torch.Tensor,
+                      pos_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """T² · KL(teacher ‖ student) over the student's candidates, averaged over the N queries.
+
+    The teacher's logits get the student's log-Q biases and its removed candidates, so the
+    two softmaxes are over the same set.
+    """
+    if student.cand is None or student.cand_ids is None:
+        return student.pos.sum() * 0.0
+    t_pos, t_cand = teacher.scores(rows, q_pos, pos_ids, student.cand_ids)  # (N,), (N, C)
+    if student.pos_bias is not None:
+        t_pos = t_pos + student.pos_bias.float()
+    if student.bias is not None:
+        t_cand = t_cand + student.bias.float()[None, :]
+    t_cand = t_cand.masked_fill(student.cand == MASKED_LOGIT, MASKED_LOGIT)
+    t_log_probs = torch.log_softmax(torch.cat([t_pos[:, None], t_cand], dim=1) / temperature, dim=1)
+    s_logits = torch.cat([student.pos.float()[:, None], student.cand], dim=1) / temperature
+    s_log_probs = torch.log_softmax(s_logits, dim=1)  # (N, 1 + C)
+    kl = F.kl_div(s_log_probs, t_log_probs, log_target=True, reduction="batchmean")
+    return kl * temperature**2
 
 
 def full_softmax_loss(
@@ -498,6 +600,7 @@ class PinFMObjective(nn.Module):
         self.catalog = catalog
         self.log_temp = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
         self.min_temperature = min_temperature
+        self.teacher: LogitTeacher | None = None  # a plain attribute: not in state_dict, not trained
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -556,9 +659,10 @@ class PinFMObjective(nn.Module):
         return [next(losses) if p[0].numel() else None for p in pair_sets]
 
     def _loss(
-        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pairs: tuple, negs: tuple
-    ) -> torch.Tensor | None:
-        """Sampled-softmax loss of one pair set (None when it has no pair)."""
+        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pairs: tuple, negs: tuple, distill: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Sampled-softmax loss of one pair set and, with ``distill``, its distillation loss
+        (None when the set has no pair)."""
         rows, q_pos, t_pos = self._subsample(pairs)
         if rows.numel() == 0:
             return None
@@ -588,7 +692,7 @@ class PinFMObjective(nn.Module):
             pos_logq = expected(tgt, None)
             if neg_ids is not None:
                 neg_logq = expected(neg_ids, neg_logp)
-        return sampled_softmax_loss(
+        logits = sampled_softmax_logits(
             q,
             tgt,
             k,
@@ -602,6 +706,10 @@ class PinFMObjective(nn.Module):
             self.cfg.in_batch_max,
             rows if self.cfg.mask_own_sequence else None,
         )
+        kl = None
+        if distill and self.teacher is not None:
+            kl = distillation_loss(logits, self.teacher, rows, q_pos, tgt, self.cfg.distill_temperature)
+        return logits.cross_entropy(), kl
 
     def _sampler_log_prob(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.sampler == "uniform":
@@ -639,11 +747,22 @@ class PinFMObjective(nn.Module):
             if read_pos is None:
                 read_pos = read_positions(batch["pad_mask"].sum(1), self.cfg.future_window)
             parts.append(("future", self.cfg.future_token, future_token_pairs(positive, read_pos)))
-        losses = (
-            self._full_losses(model, hidden, batch, [p for _, _, p in parts])
-            if self.cfg.negatives == "full"
-            else [self._loss(model, hidden, batch, pairs, negs) for _, _, pairs in parts]
-        )
+        distill = self.cfg.distill > 0 and self.teacher is not None and self.teacher.ready
+        kl = None
+        if self.cfg.negatives == "full":
+            losses = self._full_losses(model, hidden, batch, [p for _, _, p in parts])
+        else:
+            if distill:
+                self.teacher.observe(batch)
+            losses = []
+            for i, (_, _, pairs) in enumerate(parts):
+                out = self._loss(model, hidden, batch, pairs, negs, distill=distill and i == 0)
+                losses.append(None if out is None else out[0])
+                if out is not None and out[1] is not None:
+                    kl = out[1]
+        if kl is not None:
+            total = total + self.cfg.distill * kl
+            stats["loss_distill"] = float(kl.detach())
         for (name, weight, pairs), loss in zip(parts, losses, strict=True):
             stats[f"pairs_{name}"] = float(pairs[0].numel())
             if loss is not None:

@@ -18,6 +18,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 
 from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
 from training.config_fields import reject_unknown_fields
+from training.distill import EnsembleTeacher, PeerTeacher
 from training.model import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
 from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective, temperature_from_log
 from training.retrieval import DEFAULT_KS, ranks_full_excluding, ranks_sampled, retrieval_metrics
@@ -368,6 +370,8 @@ class SeqRecConfig:
         eval_every_epochs: validation frequency (early stopping on NDCG@10).
         eval_users: validate on this many users (a fixed random subset; 0 = all); the test uses all.
         patience: evaluations without improvement before stopping (0 = never stop early).
+        distill_start_epoch: codistillation (``--members N --codistill``) starts at this epoch;
+            before it the members train on their own losses (their peers are still random).
         device, seed.
     """
 
@@ -394,6 +398,7 @@ class SeqRecConfig:
     eval_every_epochs: int = 3
     eval_users: int = 0
     patience: int = 3
+    distill_start_epoch: int = 1
     device: str = "auto"
     seed: int = 0
 
@@ -519,11 +524,16 @@ def run_seqrec_bench(
     resume: bool = True,
     desc: str = "seqrec",
     progress_bar: bool = True,
+    teacher: EnsembleTeacher | None = None,
+    codistill_peers: Sequence[Path] = (),
 ) -> dict:
     """Train on the leave-one-out split of ``data_path``, select on validation, score the test.
 
     ``desc`` names the run in the progress bar and the log lines; ``progress_bar=False``
-    leaves the bar out (the metrics log still records every 50 steps).
+    leaves the bar out (the metrics log still records every 50 steps). With
+    ``cfg.objective.distill > 0``, the model also distils from ``teacher`` (frozen models),
+    or from ``codistill_peers``, the run directories of members training beside it
+    (training.distill.PeerTeacher).
 
     Returns:
         The benchmark line: test hr@k/ndcg@k/mrr, best validation ndcg@10, sizes, seconds, device.
@@ -545,6 +555,33 @@ def run_seqrec_bench(
     torch.manual_seed(cfg.seed)
     model = PinFM(cfg.model_config())
     objective = PinFMObjective(cfg.objective, catalog)
+    peers = None
+    if (teacher is not None or codistill_peers) and cfg.objective.distill <= 0:
+        raise ValueError("a teacher was given but objective.distill is 0: set --set objective.distill=W (W > 0)")
+    if codistill_peers:
+        if run_dir is None:
+            raise ValueError("codistillation exchanges weights through the run directories: give a run_dir")
+        peers = PeerTeacher(
+            model,
+            objective.log_temp,
+            Path(run_dir),
+            codistill_peers,
+            [PinFM(cfg.model_config()).to(device) for _ in codistill_peers],
+            cfg.objective.similarity,
+            batches.per_epoch,
+            cfg.distill_start_epoch,
+        )
+        if not resume:
+            peers.cleanup()
+        objective.teacher = peers
+    elif teacher is not None:
+        objective.teacher = teacher
+
+    def batch_fn(step: int) -> dict[str, torch.Tensor]:
+        if peers is not None:
+            peers.at_step(step)  # at an epoch start: swap weights with the peers
+        return batches(step)
+
     val_users = None
     if cfg.eval_users and cfg.eval_users < len(data.eval_users()):
         val_users = np.sort(
@@ -557,7 +594,7 @@ def run_seqrec_bench(
     trainer = Trainer(
         model,
         objective,
-        batches,
+        batch_fn,
         TrainerConfig(
             steps=steps,
             lr=cfg.lr,
@@ -585,6 +622,8 @@ def run_seqrec_bench(
     )  # fmt: skip
     result = trainer.fit()
     train_seconds = result.seconds
+    if peers is not None:
+        peers.finish(result.steps)  # peers still training use this member's last weights
     trainer.load_best()  # the test is scored with the best validation weights
     best = result.best_step
     test = evaluate_retrieval(model, data, "test", cfg.max_len, cfg.objective.similarity, protocol)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from training.distill import remove_snapshots
 from training.model import device_name, resolve_device
 from training.retrieval import DEFAULT_KS, retrieval_metrics
 from training.seqrec import (
@@ -102,11 +103,14 @@ def _init_member_process(threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _train_member(data_path: str, cfg: SeqRecConfig, protocol: str, run_dir: Path, resume: bool, desc: str) -> dict:
+def _train_member(
+    data_path: str, cfg: SeqRecConfig, protocol: str, run_dir: Path, resume: bool, desc: str, peers: list[Path]
+) -> dict:
     # the parent shows one bar for all members; each member's log lines carry its name
     return run_seqrec_bench(
-        data_path, cfg, protocol=protocol, run_dir=run_dir, resume=resume, desc=desc, progress_bar=False
-    )
+        data_path, cfg, protocol=protocol, run_dir=run_dir, resume=resume, desc=desc, progress_bar=False,
+        codistill_peers=peers,
+    )  # fmt: skip
 
 
 def _stop_members(pool: ProcessPoolExecutor) -> None:
@@ -151,6 +155,7 @@ def run_seqrec_ensemble_bench(
     protocol: str = "full",
     resume: bool = True,
     threads: int | None = None,
+    codistill: bool = False,
 ) -> dict:
     """Train ``members`` seqrec runs (seeds ``cfg.seed``, ``cfg.seed + 1``, …) at once; score their ensemble.
 
@@ -162,13 +167,19 @@ def run_seqrec_ensemble_bench(
         protocol: as :func:`training.seqrec.run_seqrec_bench`.
         resume: members continue from their checkpoints.
         threads: CPU threads in all (default: this process's); each member gets an equal share (≥ 1).
+        codistill: each member also distils from the others (training.distill.PeerTeacher,
+            weight ``cfg.objective.distill``); the line then reports one model, the member
+            with the best validation NDCG@10, and the ensemble under ``ensemble``.
 
     Returns:
         The benchmark line of the ensemble (test metrics, validation NDCG@10, the published
-        ratio), with each member's own line under ``members``.
+        ratio), with each member's own line under ``members``; with ``codistill``, the line
+        of the best-validation member, with the ensemble's figures under ``ensemble``.
     """
     if members < 2:
         raise ValueError(f"an ensemble needs members ≥ 2, got {members}; run 'afm bench seqrec' without --members")
+    if codistill and cfg.objective.distill <= 0:
+        raise ValueError("codistillation needs objective.distill > 0 (the weight of the distillation loss)")
     t0 = time.perf_counter()
     data = SeqRecData.load(data_path)
     batches_per_epoch = SeqRecBatches(data.train_sequences(), cfg.batch_size, cfg.max_len, cfg.seed).per_epoch
@@ -193,6 +204,7 @@ def run_seqrec_ensemble_bench(
                 run_dir / n,
                 resume,
                 f"seqrec {n}",
+                [run_dir / other for other in names if other != n] if codistill else [],
             )
             for s, n in zip(seeds, names, strict=True)
         ]
@@ -204,31 +216,45 @@ def run_seqrec_ensemble_bench(
             raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
         lines = [f.result() for f in futures]
     train_seconds = time.perf_counter() - t0
+    for n in names:
+        remove_snapshots(run_dir / n)  # every member has finished: the exchanged weights serve no one
 
     loaded = load_members([run_dir], cfg.device)
     test = retrieval_metrics(ensemble_ranks(loaded, data, "test", protocol), DEFAULT_KS)
     valid = retrieval_metrics(ensemble_ranks(loaded, data, "valid", protocol), (10,))
-    out = {
-        "bench": "seqrec-ensemble",
+    ensemble = {
         **bench_figures(data_path, data, protocol, cfg.max_len, test),
         "valid_ndcg@10": round(valid["ndcg@10"], 5),
+    }
+    member_lines = [
+        {"run_dir": str(run_dir / n), "seed": s, **{k: m[k] for k in ("hr@10", "ndcg@10", "best_valid_ndcg@10", "train_seconds")}}
+        for n, s, m in zip(names, seeds, lines, strict=True)
+    ]  # fmt: skip
+    common = {
         "n_members": members,
         "member_mean_ndcg@10": round(float(np.mean([m["ndcg@10"] for m in lines])), 5),
         "member_mean_hr@10": round(float(np.mean([m["hr@10"] for m in lines])), 5),
-        "members": [
-            {"run_dir": str(run_dir / n), "seed": s, **{k: m[k] for k in ("hr@10", "ndcg@10", "best_valid_ndcg@10", "train_seconds")}}
-            for n, s, m in zip(names, seeds, lines, strict=True)
-        ],
+        "members": member_lines,
         "threads_per_member": per_member,
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "device": device_name(resolve_device(cfg.device)),  # the threads in all; threads_per_member each
-    }  # fmt: skip
-    out.update(published_comparison(data_path, protocol, cfg.max_len, test))
+    }
+    if codistill:
+        # one model is the product: the member that validates best (the test never picks it)
+        best = max(range(members), key=lambda i: lines[i]["best_valid_ndcg@10"])
+        chosen = {k: v for k, v in lines[best].items() if k in ensemble and k != "valid_ndcg@10"}
+        chosen["best_valid_ndcg@10"] = lines[best]["best_valid_ndcg@10"]
+        out = {"bench": "seqrec-codistill", **chosen, "model": names[best], "ensemble": ensemble, **common}
+        out.update(published_comparison(data_path, protocol, cfg.max_len, lines[best]))
+    else:
+        out = {"bench": "seqrec-ensemble", **ensemble, **common}
+        out.update(published_comparison(data_path, protocol, cfg.max_len, test))
     out["config"] = cfg.to_dict()
     (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
     log.info(
-        "seqrec ensemble of %d: test hr@10=%.4f ndcg@10=%.4f (members' mean ndcg@10 %.4f) in %.0f s",
-        members, test["hr@10"], test["ndcg@10"], out["member_mean_ndcg@10"], out["seconds"],
+        "seqrec %s of %d: test hr@10=%.4f ndcg@10=%.4f (ensemble %.4f, members' mean ndcg@10 %.4f) in %.0f s",
+        "codistillation" if codistill else "ensemble", members, out["hr@10"], out["ndcg@10"], test["ndcg@10"],
+        out["member_mean_ndcg@10"], out["seconds"],
     )  # fmt: skip
     return out
