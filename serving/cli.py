@@ -10,6 +10,7 @@ Common options: ``--home`` (or ``AFM_HOME``) picks the data root, default ``./va
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -425,9 +426,17 @@ def _apply_overrides(cfg, overrides: tuple[str, ...]):
     help="With --members N: each model also learns from the others' predictions (codistillation); "
     "the line reports the one that validates best, the ensemble under 'ensemble'.",
 )
+@click.option(
+    "--teacher",
+    "teachers",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="A finished 'afm bench seqrec' run (plain or --members) to distil from; repeat it for several "
+    "(their mean logit teaches).",
+)
 def bench_seqrec(
     home, data_path, fmt, protocol, max_len, device, preset, epochs, losses, negatives, seed, run_dir, fresh, out_path,
-    overrides, members, codistill,
+    overrides, members, codistill, teachers,
 ):  # fmt: skip
     """Train PinFM on a leave-one-out split, select on validation, report test HR/NDCG/MRR.
 
@@ -435,7 +444,8 @@ def bench_seqrec(
     With --members N the N models' summed logits rank the items (each member's own
     figures are in the line too). With --members N --codistill the N models also learn
     from each other (distillation weight: objective.distill, 1 unless set) and the line
-    reports the single model that validates best.
+    reports the single model that validates best. With --teacher RUN the model also
+    learns from a finished run's predictions (distillation).
     """
     from training.seqrec import SeqRecConfig, run_seqrec_bench
 
@@ -449,15 +459,25 @@ def bench_seqrec(
     cfg = SeqRecConfig.from_dict(
         {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
     )
-    if codistill:
-        if members < 2:
-            raise click.UsageError("--codistill needs --members N with N ≥ 2 (the models learn from each other)")
+    if codistill and members < 2:
+        raise click.UsageError("--codistill needs --members N with N ≥ 2 (the models learn from each other)")
+    if teachers and (members > 1 or codistill):
+        raise click.UsageError("--teacher trains one model: it does not combine with --members or --codistill")
+    if codistill or teachers:
         cfg = cfg.__class__.from_dict({**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), "distill": 1.0}})
     cfg = _apply_overrides(cfg, overrides)
     kind = "seqrec" if members == 1 else f"seqrec{members}x" + ("-codistill" if codistill else "")
+    if teachers:  # the teachers are part of what the run is
+        sources = json.dumps(sorted(str(Path(t).resolve()) for t in teachers))
+        kind = f"seqrec-distill{hashlib.sha256(sources.encode()).hexdigest()[:6]}"
     run = Path(run_dir) if run_dir else _layout(home).runs / f"{kind}-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
     if members == 1:
-        out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh)
+        teacher = None
+        if teachers:
+            from training.seqrec_ensemble import ensemble_teacher
+
+            teacher = ensemble_teacher(teachers, device)
+        out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh, teacher=teacher)
     else:
         from training.seqrec_ensemble import run_seqrec_ensemble_bench
 

@@ -60,6 +60,7 @@ class EnsembleTeacher:
 
     Args:
         members: the models, each with its logit temperature and similarity.
+        sources: where the models came from (run directories), for the record.
 
     Example:
         >>> teacher = EnsembleTeacher([TeacherModel(model, 0.05)])
@@ -67,10 +68,11 @@ class EnsembleTeacher:
         >>> pos, cand = teacher.scores(rows, q_pos, pos_ids, cand_ids)   # (N,), (N, C)
     """
 
-    def __init__(self, members: Sequence[TeacherModel]) -> None:
+    def __init__(self, members: Sequence[TeacherModel], sources: Sequence[str] = ()) -> None:
         if not members:
             raise ValueError("a teacher needs at least one model")
         self.members = list(members)
+        self.sources = [str(s) for s in sources]
         self._hidden: list[torch.Tensor] = []
 
     @property
@@ -164,7 +166,7 @@ class PeerTeacher(EnsembleTeacher):
     ) -> None:
         if len(peer_dirs) != len(peer_models) or not peer_dirs:
             raise ValueError("PeerTeacher needs one model per peer directory, and at least one peer")
-        super().__init__([TeacherModel(m, 1.0, similarity) for m in peer_models])
+        super().__init__([TeacherModel(m, 1.0, similarity) for m in peer_models], [str(d) for d in peer_dirs])
         self.model, self.log_temp = model, objective_log_temp
         self.run_dir, self.peer_dirs = Path(run_dir), [Path(d) for d in peer_dirs]
         self.per_epoch, self.start_epoch = per_epoch, start_epoch

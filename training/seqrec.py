@@ -641,6 +641,8 @@ def run_seqrec_bench(
         "device": device_name(device),
     }
     out.update(published_comparison(data_path, protocol, cfg.max_len, test))
+    if objective.teacher is not None:
+        out["codistill_peers" if peers is not None else "teachers"] = objective.teacher.sources
     out["config"] = cfg.to_dict()
     if run_dir is not None and main:
         (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.distill import remove_snapshots
+from training.distill import EnsembleTeacher, TeacherModel, remove_snapshots
 from training.model import device_name, resolve_device
 from training.retrieval import DEFAULT_KS, retrieval_metrics
 from training.seqrec import (
@@ -67,6 +67,15 @@ def member_dirs(run_dir: Path | str) -> list[Path]:
 def load_members(run_dirs: Sequence[Path | str], device: str = "auto") -> list[SeqRecMember]:
     """Every member of the given runs (plain or ensemble run directories, in order)."""
     return [load_seqrec_member(d, device) for run_dir in run_dirs for d in member_dirs(run_dir)]
+
+
+def ensemble_teacher(run_dirs: Sequence[Path | str], device: str = "auto") -> EnsembleTeacher:
+    """The members of finished runs as one frozen distillation teacher (their mean logit)."""
+    members = load_members(run_dirs, device)
+    return EnsembleTeacher(
+        [TeacherModel(m.model, m.temperature, m.cfg.objective.similarity) for m in members],
+        [str(m.run_dir) for m in members],
+    )
 
 
 @torch.no_grad()

@@ -120,7 +120,7 @@ def test_objective_adds_the_distillation_loss_only_with_a_ready_teacher(chain_fi
     assert all(p.grad is None for p in teacher_model.parameters())  # the teacher is not trained
     assert "teacher" not in "".join(objective.state_dict())  # nor saved with the objective
     # a teacher that equals the student (dropout off, the student's temperature) adds nothing
-    objective.teacher = EnsembleTeacher([TeacherModel(student, float(objective.temperature))])
+    objective.teacher = EnsembleTeacher([TeacherModel(student, float(objective.temperature.detach()))])
     torch.manual_seed(0)
     _, stats = objective(student.eval(), batch)
     assert stats["loss_distill"] == pytest.approx(0.0, abs=1e-5)
@@ -197,3 +197,21 @@ def test_bench_codistill_reports_the_best_validating_member_and_resumes(tmp_path
     assert json.loads(again.output.strip().splitlines()[-1])["ndcg@10"] == line["ndcg@10"]
     usage = CliRunner().invoke(cli, ["bench", "seqrec", "--data", str(data), "--codistill"])
     assert usage.exit_code != 0 and "--codistill needs --members" in usage.output
+
+
+def test_bench_teacher_distils_one_model_from_finished_runs(tmp_path: Path, chain_file) -> None:
+    data = chain_file()
+    base = ["bench", "seqrec", "--data", str(data), "--preset", "tiny", "--max-len", "10", "--device", "cpu",
+            "--epochs", "2"]  # fmt: skip
+    assert CliRunner().invoke(cli, [*base, "--run-dir", str(tmp_path / "t")]).exit_code == 0
+    res = CliRunner().invoke(
+        cli, [*base, "--seed", "1", "--teacher", str(tmp_path / "t"), "--home", str(tmp_path / "h")]
+    )
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.output.strip().splitlines()[-1])
+    assert line["teachers"] == [str(tmp_path / "t")] and line["config"]["objective"]["distill"] == 1.0
+    assert Path(line["run_dir"]).name.startswith("seqrec-distill")
+    logged = [json.loads(ln) for ln in (Path(line["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_distill"] > 0 for r in logged if "loss" in r)
+    both = CliRunner().invoke(cli, [*base, "--teacher", str(tmp_path / "t"), "--members", "2"])
+    assert both.exit_code != 0 and "--teacher trains one model" in both.output
