@@ -9,6 +9,9 @@ state at one position and the positive is an item the user later acted on positi
   the downstream ranker reads) must pick each positive item after it. With an embedding
   computed offline and used for a day, this is what the ranker needs the state to know.
 
+With a teacher (training.distill), a distillation loss pulls the student's softmax over
+the next-token loss's candidates towards the teacher's (:func:`distillation_loss`).
+
 Candidates are the positives of (up to K of) the other pairs in the batch (in-batch negatives) plus M
 negatives sampled once per step from the catalog (uniformly or by popularity). Because
 those candidates are not drawn uniformly, every candidate's logit is corrected by the log
@@ -255,10 +258,6 @@ class SampledLogits:
         log_norm = torch.logaddexp(self.pos.float(), torch.logsumexp(self.cand, dim=1))  # (N,)
         return (log_norm - self.pos.float()).mean()
 
-    def log_probs(self) -> torch.Tensor:
-        """(N, 1 + C) log softmax over [positive, candidates]; removed candidates get ≈ −1e30."""
-        return torch.log_softmax(torch.cat([self.pos.float()[:, None], self.cand], dim=1), dim=1)
-
 
 def sampled_softmax_logits(
     queries: torch.Tensor,
@@ -274,8 +273,34 @@ def sampled_softmax_logits(
     in_batch_max: int | None = None,
     groups: torch.Tensor | None = None,
 ) -> SampledLogits:
-    """The logits of :func:`sampled_softmax_loss` (same arguments), kept for a second use
-    such as distillation, which needs the student's whole distribution over the candidates."""
+    """The logits of a softmax of each query's positive against in-batch and sampled candidates.
+
+    Query i's candidates are: its own positive, the positives of the other pairs (in-batch
+    keys; at most ``in_batch_max`` of them, a random subset, so the cost stays
+    O(N · (K + M)) and not O(N²)) and the sampled negatives. A candidate with the same id as
+    query i's positive is removed (an accidental hit is no negative). With log-Q,
+    ``pos_logq``/``neg_logq`` (log expected draw counts) are subtracted from every logit,
+    the positive's included.
+
+    Args:
+        queries: (N, D).
+        pos_ids: (N,) int64 id of each pair's positive.
+        pos_emb: (N, D) embedding of each pair's positive.
+        neg_ids: (M,) int64 ids of sampled negatives, or None.
+        neg_emb: (M, D) their embeddings, or None.
+        temperature: scalar > 0; logits are similarities / temperature.
+        pos_logq: (N,) log-Q of each pair's positive, or None (no correction).
+        neg_logq: (M,) log-Q of each sampled candidate, or None.
+        in_batch: use the other pairs' positives as negatives.
+        similarity: "cosine" or "dot".
+        in_batch_max: K, the most in-batch keys (None = all N).
+        groups: (N,) int64 group of each pair (e.g. its sequence row), or None. An in-batch
+            key of query i's own group is left out of i's candidates.
+
+    Returns:
+        the logits; ``.cross_entropy()`` is the sampled-softmax loss (mean over the N pairs),
+        and :func:`distillation_loss` compares the softmax with a teacher's.
+    """
     if similarity == "cosine":
         queries = F.normalize(queries, dim=-1)
         pos_emb = F.normalize(pos_emb, dim=-1)
@@ -319,53 +344,6 @@ def sampled_softmax_logits(
         own = groups[:, None] == groups[keys][None, :]  # (N, K): keys of the query's own group
         logits[:, : keys.numel()].masked_fill_(own, MASKED_LOGIT)
     return SampledLogits(pos_logit, logits, ids, bias, pos_bias)
-
-
-def sampled_softmax_loss(
-    queries: torch.Tensor,
-    pos_ids: torch.Tensor,
-    pos_emb: torch.Tensor,
-    neg_ids: torch.Tensor | None,
-    neg_emb: torch.Tensor | None,
-    temperature: torch.Tensor | float,
-    pos_logq: torch.Tensor | None = None,
-    neg_logq: torch.Tensor | None = None,
-    in_batch: bool = True,
-    similarity: str = "cosine",
-    in_batch_max: int | None = None,
-    groups: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax cross-entropy of each query's positive against in-batch and sampled candidates.
-
-    Query i's candidates are: its own positive, the positives of the other pairs (in-batch
-    keys; at most ``in_batch_max`` of them, a random subset, so the cost stays
-    O(N · (K + M)) and not O(N²)) and the sampled negatives. A candidate with the same id as
-    query i's positive is removed (an accidental hit is no negative). With log-Q,
-    ``pos_logq``/``neg_logq`` (log expected draw counts) are subtracted from every logit,
-    the positive's included.
-
-    Args:
-        queries: (N, D).
-        pos_ids: (N,) int64 id of each pair's positive.
-        pos_emb: (N, D) embedding of each pair's positive.
-        neg_ids: (M,) int64 ids of sampled negatives, or None.
-        neg_emb: (M, D) their embeddings, or None.
-        temperature: scalar > 0; logits are similarities / temperature.
-        pos_logq: (N,) log-Q of each pair's positive, or None (no correction).
-        neg_logq: (M,) log-Q of each sampled candidate, or None.
-        in_batch: use the other pairs' positives as negatives.
-        similarity: "cosine" or "dot".
-        in_batch_max: K, the most in-batch keys (None = all N).
-        groups: (N,) int64 group of each pair (e.g. its sequence row), or None. An in-batch
-            key of query i's own group is left out of i's candidates.
-
-    Returns:
-        scalar mean cross-entropy over the N pairs.
-    """
-    return sampled_softmax_logits(
-        queries, pos_ids, pos_emb, neg_ids, neg_emb, temperature, pos_logq, neg_logq, in_batch, similarity,
-        in_batch_max, groups,
-    ).cross_entropy()  # fmt: skip
 
 
 class LogitTeacher(Protocol):

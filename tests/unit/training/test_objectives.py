@@ -19,7 +19,7 @@ from training.objectives import (
     multi_token_pairs,
     next_token_pairs,
     read_positions,
-    sampled_softmax_loss,
+    sampled_softmax_logits,
     shared_full_softmax_losses,
 )
 
@@ -59,22 +59,24 @@ def test_sampled_softmax_perfect_alignment_is_near_zero_and_random_is_log_n() ->
     n, d = 16, 32
     keys = torch.eye(n, d)
     ids = torch.arange(n)
-    assert float(sampled_softmax_loss(keys.clone(), ids, keys, None, None, 0.01)) < 1e-3
+    assert float(sampled_softmax_logits(keys.clone(), ids, keys, None, None, 0.01).cross_entropy()) < 1e-3
     torch.manual_seed(0)
     n = 256
-    loss = sampled_softmax_loss(torch.randn(n, 64), torch.arange(n), torch.randn(n, 64), None, None, 1.0)
+    loss = sampled_softmax_logits(
+        torch.randn(n, 64), torch.arange(n), torch.randn(n, 64), None, None, 1.0
+    ).cross_entropy()
     assert abs(float(loss) - math.log(n)) < 0.05  # cosine / 1.0: logits ≈ 0
 
 
 def test_accidental_hits_are_not_negatives() -> None:
     q = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     ids = torch.tensor([7, 7, 9])
-    masked = sampled_softmax_loss(q, ids, q.clone(), None, None, 0.05)
-    unmasked = sampled_softmax_loss(q, torch.arange(3), q.clone(), None, None, 0.05)
+    masked = sampled_softmax_logits(q, ids, q.clone(), None, None, 0.05).cross_entropy()
+    unmasked = sampled_softmax_logits(q, torch.arange(3), q.clone(), None, None, 0.05).cross_entropy()
     assert float(masked) < 1e-3 < float(unmasked)
     # a sampled negative that is the positive item is dropped too
     neg_ids, neg_emb = torch.tensor([7]), torch.tensor([[1.0, 0.0]])
-    with_hit = sampled_softmax_loss(q, ids, q.clone(), neg_ids, neg_emb, 0.05)
+    with_hit = sampled_softmax_logits(q, ids, q.clone(), neg_ids, neg_emb, 0.05).cross_entropy()
     assert float(with_hit) < 1e-3
 
 
@@ -84,12 +86,14 @@ def test_keys_of_the_own_sequence_are_left_out_with_groups() -> None:
     keys = torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.2, 0.1]])
     ids = torch.tensor([1, 2, 3])
     neg_ids, neg = torch.tensor([9]), torch.tensor([[0.3, 0.3]])
-    got = sampled_softmax_loss(q, ids, keys, neg_ids, neg, 1.0, similarity="dot", groups=torch.tensor([0, 0, 1]))
+    got = sampled_softmax_logits(
+        q, ids, keys, neg_ids, neg, 1.0, similarity="dot", groups=torch.tensor([0, 0, 1])
+    ).cross_entropy()
     logits = q @ torch.cat([keys, neg]).T  # (3, 4): in-batch keys 0..2, then the sampled one
     cand = [[0, 3, 2], [1, 3, 2], [2, 3, 0, 1]]  # the positive first; own-row keys left out
     want = torch.stack([-torch.log_softmax(logits[i, c], 0)[0] for i, c in enumerate(cand)]).mean()
     assert float(got) == pytest.approx(float(want), abs=1e-6)
-    plain = sampled_softmax_loss(q, ids, keys, neg_ids, neg, 1.0, similarity="dot")
+    plain = sampled_softmax_logits(q, ids, keys, neg_ids, neg, 1.0, similarity="dot").cross_entropy()
     assert float(plain) > float(got)  # the left-out keys were competitors
 
 
@@ -98,9 +102,9 @@ def test_logq_correction_matches_a_hand_computed_case() -> None:
     pos = torch.tensor([[1.0, 0.0]])
     neg = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
     pos_logq, neg_logq = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25), math.log(2.0)])
-    got = sampled_softmax_loss(
+    got = sampled_softmax_logits(
         q, torch.tensor([1]), pos, torch.tensor([2, 3]), neg, 1.0, pos_logq, neg_logq, similarity="dot"
-    )
+    ).cross_entropy()
     logits = torch.tensor([1.0 - math.log(0.5), 0.0 - math.log(0.25), 1.0 - math.log(2.0)])
     want = -torch.log_softmax(logits, 0)[0]
     assert float(got) == pytest.approx(float(want), abs=1e-6)
@@ -118,10 +122,14 @@ def test_sampled_softmax_with_logq_estimates_the_full_softmax() -> None:
     neg = torch.randint(0, n_items, (m,))
     logq = torch.full((m,), math.log(m / n_items))
     sampled = float(
-        sampled_softmax_loss(q, pos, emb[pos], neg, emb[neg], 1.0, None, logq, in_batch=False, similarity="dot")
+        sampled_softmax_logits(
+            q, pos, emb[pos], neg, emb[neg], 1.0, None, logq, in_batch=False, similarity="dot"
+        ).cross_entropy()
     )
     raw = float(
-        sampled_softmax_loss(q, pos, emb[pos], neg, emb[neg], 1.0, None, None, in_batch=False, similarity="dot")
+        sampled_softmax_logits(
+            q, pos, emb[pos], neg, emb[neg], 1.0, None, None, in_batch=False, similarity="dot"
+        ).cross_entropy()
     )
     assert abs(sampled - full) < 0.1 * full
     assert raw > full + 1.0  # uncorrected: 10× more copies of every negative
@@ -297,7 +305,7 @@ def test_sampled_softmax_all_candidates_masked_has_finite_gradients() -> None:
     q = torch.randn(2, 4, requires_grad=True)
     pos_ids = torch.tensor([7, 7])
     pos_emb = torch.randn(2, 4, requires_grad=True)
-    loss = sampled_softmax_loss(q, pos_ids, pos_emb, None, None, 0.1, in_batch=True, similarity="dot")
+    loss = sampled_softmax_logits(q, pos_ids, pos_emb, None, None, 0.1, in_batch=True, similarity="dot").cross_entropy()
     loss.backward()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(q.grad).all() and torch.isfinite(pos_emb.grad).all()
