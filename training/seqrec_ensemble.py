@@ -202,6 +202,9 @@ def run_seqrec_ensemble_bench(
     if total < members:
         log.warning("%d members on %d threads: the members share cores", members, total)
     log.info("seqrec ensemble: %d members (seeds %s), %d thread(s) each, in %s", members, seeds, per_member, run_dir)
+    if codistill and not resume:
+        for n in names:  # before any member starts: none may read an earlier run's weights
+            remove_snapshots(run_dir / n)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
     with ProcessPoolExecutor(members, mp_context=ctx, initializer=_init_member_process, initargs=(per_member,)) as pool:
         futures = [
