@@ -451,7 +451,13 @@ def bench_seqrec(
 
     base = SeqRecConfig.preset(preset).to_dict()
     cfg = SeqRecConfig.from_dict({**base, "max_len": max_len, "device": device, "seed": seed})
+    if codistill and members < 2:
+        raise click.UsageError("--codistill needs --members N with N ≥ 2 (the models learn from each other)")
+    if teachers and (members > 1 or codistill):
+        raise click.UsageError("--teacher trains one model: it does not combine with --members or --codistill")
     obj = {}
+    if codistill or teachers:
+        obj["distill"] = 1.0
     if losses:
         obj.update(zip(("next_token", "multi_token", "future_token"), LOSS_CHOICES[losses], strict=True))
     if negatives is not None:
@@ -459,12 +465,6 @@ def bench_seqrec(
     cfg = SeqRecConfig.from_dict(
         {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
     )
-    if codistill and members < 2:
-        raise click.UsageError("--codistill needs --members N with N ≥ 2 (the models learn from each other)")
-    if teachers and (members > 1 or codistill):
-        raise click.UsageError("--teacher trains one model: it does not combine with --members or --codistill")
-    if codistill or teachers:
-        cfg = cfg.__class__.from_dict({**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), "distill": 1.0}})
     cfg = _apply_overrides(cfg, overrides)
     kind = "seqrec" if members == 1 else f"seqrec{members}x" + ("-codistill" if codistill else "")
     if teachers:  # the teachers are part of what the run is

@@ -29,7 +29,6 @@ Shapes: B batch, L length, D model dim, N (query, positive) pairs, C candidates.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from training.model import PinFM
-from training.objectives import temperature_from_log
+from training.objectives import batch_hidden, temperature_from_log
+from training.trainer import save_atomic
 
 SNAPSHOT_DIR = "peer-snapshots"
 FINAL_SNAPSHOT = "final.pt"
@@ -84,19 +84,7 @@ class EnsembleTeacher:
     @torch.no_grad()
     def observe(self, batch: dict) -> None:
         """Run every member on the step's batch (the student's inputs, the same padding)."""
-        self._hidden = []
-        for m in self.members:
-            m.model.eval()
-            self._hidden.append(
-                m.model(
-                    batch["item_ids"],
-                    batch["action_ids"],
-                    batch["surface_ids"],
-                    batch.get("content"),
-                    None,
-                    time_gaps=batch.get("time_gaps"),
-                )
-            )  # (B, L, D_m)
+        self._hidden = [batch_hidden(m.model.eval(), batch) for m in self.members]  # (B, L, D_m) each
 
     @torch.no_grad()
     def scores(
@@ -123,13 +111,6 @@ class EnsembleTeacher:
 # ---------------------------------------------------------------- codistillation
 def snapshot_path(run_dir: Path, step: int) -> Path:
     return run_dir / SNAPSHOT_DIR / f"step-{step:07d}.pt"
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a reader never sees a torn snapshot
 
 
 class PeerTeacher(EnsembleTeacher):
@@ -206,7 +187,7 @@ class PeerTeacher(EnsembleTeacher):
         """Exchange weights at an epoch start; load the teachers a resumed run needs."""
         epoch, boundary = divmod(step, self.per_epoch)
         if boundary == 0 and epoch >= self.start_epoch:
-            _save_atomic(self._own_state(step), snapshot_path(self.run_dir, step))
+            save_atomic(self._own_state(step), snapshot_path(self.run_dir, step))
         if epoch < self.start_epoch:
             return
         wanted = epoch * self.per_epoch
@@ -223,15 +204,11 @@ class PeerTeacher(EnsembleTeacher):
 
     def finish(self, step: int) -> None:
         """Leave this member's last weights for peers that are still training."""
-        _save_atomic(self._own_state(step), self.run_dir / SNAPSHOT_DIR / FINAL_SNAPSHOT)
-
-    def cleanup(self) -> None:
-        """Remove this member's snapshots (a fresh start must not read an earlier run's)."""
-        remove_snapshots(self.run_dir)
+        save_atomic(self._own_state(step), self.run_dir / SNAPSHOT_DIR / FINAL_SNAPSHOT)
 
 
 def remove_snapshots(run_dir: Path) -> None:
-    """Delete a member's weight snapshots (once every member has finished, they serve no one)."""
+    """Delete a member's weight snapshots: after every member has finished, and before a fresh start."""
     snap_dir = Path(run_dir) / SNAPSHOT_DIR
     if snap_dir.exists():
         for p in snap_dir.glob("*.pt"):

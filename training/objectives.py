@@ -346,6 +346,18 @@ def sampled_softmax_logits(
     return SampledLogits(pos_logit, logits, ids, bias, pos_bias)
 
 
+def batch_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The backbone's hidden states (B, L, D) of a training batch (see PinFMObjective)."""
+    return model(
+        batch["item_ids"],
+        batch["action_ids"],
+        batch["surface_ids"],
+        batch.get("content"),
+        None,  # right padded: the causal mask alone keeps real tokens away from padding
+        time_gaps=batch.get("time_gaps"),
+    )
+
+
 class LogitTeacher(Protocol):
     """What distillation needs of a teacher (training.distill.EnsembleTeacher is one)."""
 
@@ -695,15 +707,7 @@ class PinFMObjective(nn.Module):
         return self.catalog.log_prob(ids)
 
     def forward(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        hidden = model(
-            batch["item_ids"],
-            batch["action_ids"],
-            batch["surface_ids"],
-            batch.get("content"),
-            None,  # right padded: the causal mask alone keeps real tokens away from padding
-            time_gaps=batch.get("time_gaps"),
-        )  # (B, L, D)
-        return self.loss_from_hidden(model, hidden, batch)
+        return self.loss_from_hidden(model, batch_hidden(model, batch), batch)
 
     def loss_from_hidden(self, model: nn.Module, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """The weighted losses given the backbone's hidden states (B, L, D) of ``batch``.

@@ -571,9 +571,7 @@ def run_seqrec_bench(
             batches.per_epoch,
             cfg.distill_start_epoch,
         )
-        if not resume:
-            peers.cleanup()
-        objective.teacher = peers
+        objective.teacher = peers  # a fresh ensemble's parent has removed earlier snapshots
     elif teacher is not None:
         objective.teacher = teacher
 

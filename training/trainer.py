@@ -115,6 +115,14 @@ class TrainResult:
         return self.tokens / max(self.seconds, 1e-9)
 
 
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write, or a reader, never sees a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
     """LR multiplier: linear warm-up to 1, then cosine down to ``floor``."""
     if step < warmup:
@@ -262,10 +270,7 @@ class Trainer:
         path = self._path(name)
         if path is None or not self.is_main:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a torn checkpoint
+        save_atomic(obj, path)
 
     def _log(self, record: dict) -> None:
         path = self._path("metrics.jsonl")
