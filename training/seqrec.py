@@ -340,7 +340,7 @@ def _sample_unseen(rng: np.random.Generator, n_items: int, seen: set[int], k: in
 # --------------------------------------------------------------------------- bench
 #: next- + multi-token losses, dot-product scores, in-batch (≤ 1,024) + 1,024 negatives drawn by popularity, log-Q
 BENCH_OBJECTIVE = ObjectiveConfig(
-    similarity="dot", negatives=1024, in_batch_max=1024, multi_token=1.0, sampler="popularity"
+    similarity="dot", negatives=1024, in_batch_max=1024, multi_token=1.0, multi_token_window=3, sampler="popularity"
 )
 
 
@@ -384,12 +384,12 @@ class SeqRecConfig:
     mlp_ratio: int = 4
     block_layout: str = "pre_ln"
     n_hash_tables: int = 2
-    hash_buckets: int = 1 << 20
+    hash_buckets: int = 1 << 21
     sparse_item_grads: bool = True
     scale_item_input: bool = True
     objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.0
     adam_beta2: float = 0.999
     sparse_lr_scale: float = 1.0
