@@ -338,7 +338,7 @@ def _sample_unseen(rng: np.random.Generator, n_items: int, seen: set[int], k: in
 
 
 # --------------------------------------------------------------------------- bench
-#: next- + multi-token losses, dot-product scores, in-batch (≤ 1,024) + 1,024 negatives drawn by popularity, log-Q
+#: next- + multi-token (L′ = 3) losses, dot-product scores, in-batch (≤ 1,024) + 1,024 negatives drawn by popularity, log-Q
 BENCH_OBJECTIVE = ObjectiveConfig(
     similarity="dot", negatives=1024, in_batch_max=1024, multi_token=1.0, multi_token_window=3, sampler="popularity"
 )
