@@ -14,7 +14,8 @@ Layout under the root::
     features/ranking_examples/ds=…/ one row per impression, labels per action
     features/request_sequences/ds=…/ the user's sequence as of each request, once per request
     features/pretrain_corpus/ds=…/  fixed-length segments for pretraining
-    features/reports/ds=…/          JSON summaries (row counts, GX results)
+    features/reports/ds=…/          JSON summaries (row counts, GX results) of successful runs
+    failed/ds=…/<step>/             the last failed run of a step: its report and rejected outputs
     feast/                          Feast registry, online store, offline parquet sources
     gx/                             Great Expectations project (suites, results, data docs)
     models/pinfm/<version>/         pretrained backbones
@@ -105,6 +106,11 @@ class Layout:
     @property
     def reports(self) -> Path:
         return self.root / "features" / "reports"
+
+    @property
+    def failed(self) -> Path:
+        """Failed runs, kept aside: ``failed/ds=…/<step>/`` (published outputs are never touched by a failure)."""
+        return self.root / "failed"
 
     # stores and models
     @property

@@ -7,8 +7,8 @@ from here, so a change to the contract is one edit.
 Raw events (parquet, partitioned by ``ds=YYYY-MM-DD``)::
 
     event_id    string   unique over all events
-    user_id     int64
-    item_id     int64
+    user_id     int64    in the id domain [MIN_ID, MAX_ID]
+    item_id     int64    in the id domain [MIN_ID, MAX_ID]
     action      string   one of ACTIONS ("impression" = shown; every other = explicit)
     surface     string   one of SURFACES
     ts          timestamp (UTC), inside the partition's day
@@ -55,6 +55,26 @@ ACTION_IDS: dict[str, int] = {a: i + 1 for i, a in enumerate(ACTIONS)}
 SURFACE_IDS: dict[str, int] = {s: i + 1 for i, s in enumerate(SURFACES)}
 
 CONTENT_DIM = 16
+
+#: The id domain of user and item ids: positive signed 64-bit integers. Item id 0 is the
+#: models' padding id (sequence tensors are padded with 0), so no real item may have it,
+#: and a negative id has no meaning in any source we import; user ids share the domain so
+#: that one rule covers every id column. The gate quarantines rows outside it, the service
+#: refuses such candidates, and the importers map a source's ids into it.
+MIN_ID = 1
+MAX_ID = 2**63 - 1
+ID_COLUMNS: tuple[str, ...] = ("user_id", "item_id")
+
+
+def id_in_domain(value: object) -> bool:
+    """Whether ``value`` is an int (not a bool) inside ``[MIN_ID, MAX_ID]``."""
+    return isinstance(value, int) and not isinstance(value, bool) and MIN_ID <= value <= MAX_ID
+
+
+def id_domain_reason(column: str) -> str:
+    """The reason code a row gets when ``column`` (``user_id`` / ``item_id``) is outside the id domain."""
+    return f"{column}_out_of_domain"
+
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "event_id",
@@ -157,6 +177,9 @@ def validate_event_record(record: dict) -> list[str]:
     for col in REQUIRED_EVENT_COLUMNS:
         if record.get(col) is None:
             reasons.append(f"null_{col}")
+    for col in ID_COLUMNS:
+        if record.get(col) is not None and not id_in_domain(record[col]):
+            reasons.append(id_domain_reason(col))
     if record.get("action") is not None and record["action"] not in ACTIONS:
         reasons.append("unknown_action")
     if record.get("surface") is not None and record["surface"] not in SURFACES:

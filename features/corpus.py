@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from features import quality
 from features.config import Layout
 from features.sequences import SEQ_COLUMNS
-from features.spark import configure_session, conform, finish_step, read_partition, write_partition
+from features.spark import (
+    StagedPartition,
+    configure_session,
+    conform,
+    finish_step,
+    read_partition,
+    write_partition,
+)
 from features.tables import PRETRAIN_CORPUS_SCHEMA, SEGMENT_LEN
 
 if TYPE_CHECKING:
@@ -71,7 +78,7 @@ def build_pretrain_corpus(
 
     Raises:
         FileNotFoundError: the ds snapshot is missing (build sequences first).
-        quality.QualityError: the output fails the ``pretrain_corpus`` suite (the partition is removed).
+        quality.QualityError: the output fails the ``pretrain_corpus`` suite (nothing is published; see ``finish_step``).
     """
     from pyspark.sql import functions as F
 
@@ -84,8 +91,9 @@ def build_pretrain_corpus(
     )
     corpus = conform(segment_sequences(snapshot, segment_len), PRETRAIN_CORPUS_SCHEMA, f"pretrain_corpus ds={ds}")
     path = Layout.partition(layout.pretrain_corpus, ds)
-    write_partition(corpus, path, ["user_id", "segment"])
-    out = spark.read.parquet(str(path))
+    staged = StagedPartition.beside(path)
+    write_partition(corpus, staged.staged, ["user_id", "segment"])
+    out = spark.read.parquet(str(staged.staged))
     stats = out.agg(
         F.count(F.lit(1)).alias("segments"),
         F.countDistinct("user_id").alias("users"),
@@ -111,4 +119,4 @@ def build_pretrain_corpus(
         "gx_results": [summary],
         "path": str(path),
     }
-    return finish_step(layout, ds, "corpus", result, [(summary, path)])
+    return finish_step(layout, ds, "corpus", result, [(summary, staged)])

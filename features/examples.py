@@ -32,6 +32,7 @@ from features.sequences import (
     unzip_events,
 )
 from features.spark import (
+    StagedPartition,
     configure_session,
     conform,
     finish_step,
@@ -179,7 +180,7 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
         FileNotFoundError: valid events of ds are missing.
         SequenceError: the ds-1 snapshot is missing while earlier data exists.
         PointInTimeError: a sequence event is at or after its request time (nothing is written).
-        quality.QualityError: an output fails its GX suite (the partition is removed).
+        quality.QualityError: an output fails its GX suite (nothing is published; see ``finish_step``).
     """
     from pyspark.sql import functions as F
 
@@ -187,6 +188,7 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
     valid = read_valid_events(spark, layout, ds).persist()
     ex_path = Layout.partition(layout.ranking_examples, ds)
     seq_path = Layout.partition(layout.request_sequences, ds)
+    ex_out_staged, seq_out_staged = StagedPartition.beside(ex_path), StagedPartition.beside(seq_path)
     seq = None
     try:
         prev = previous_snapshot(spark, layout, ds)
@@ -199,15 +201,15 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
                 f"request_sequences ds={ds}: {violations} requests hold sequence events at or after the request time"
             )
         no_request = valid.where((F.col("action") == IMPRESSION) & F.col("request_id").isNull()).count()
-        write_partition(examples, ex_path, ["request_id", "item_id"])
-        write_partition(seq, seq_path, ["request_id"])
+        write_partition(examples, ex_out_staged.staged, ["request_id", "item_id"])
+        write_partition(seq, seq_out_staged.staged, ["request_id"])
     finally:
         valid.unpersist()
         if seq is not None:
             seq.unpersist()
 
-    ex_out = spark.read.parquet(str(ex_path))
-    seq_out = spark.read.parquet(str(seq_path))
+    ex_out = spark.read.parquet(str(ex_out_staged.staged))
+    seq_out = spark.read.parquet(str(seq_out_staged.staged))
 
     counts = ex_out.agg(
         F.count(F.lit(1)).alias("examples"), *[F.sum(f"label_{a}").alias(a) for a in LABEL_ACTIONS]
@@ -248,4 +250,6 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
         "request_sequences_path": str(seq_path),
     }
     failure = f"{orphans} examples have no request_sequences row" if orphans else None
-    return finish_step(layout, ds, "examples", result, [(ex_summary, ex_path), (seq_summary, seq_path)], failure)
+    return finish_step(
+        layout, ds, "examples", result, [(ex_summary, ex_out_staged), (seq_summary, seq_out_staged)], failure
+    )

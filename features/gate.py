@@ -2,26 +2,32 @@
 
 For day ``ds``:
 
-1. Read ``raw/events/ds=…``; a missing partition or a schema that is not the event
-   contract fails with a message naming the path / the columns.
+1. List ``raw/events/ds=…`` and check **every** data file's parquet footer against the
+   event contract (missing, unexpected or mistyped columns, unreadable files), naming
+   the file. Names starting with ``_`` or ``.`` (which Spark skips) are listed in the
+   report; such a file holding parquet data is refused, since its rows would be lost.
 2. Tag every row with reason codes (several may apply; ``reason`` joins them with ";"):
-   ``null_<col>`` for each required column, ``unknown_action``, ``unknown_surface``,
+   ``null_<col>`` for each required column, ``user_id_out_of_domain`` /
+   ``item_id_out_of_domain`` (below ``MIN_ID``: 0 is the models' padding id),
+   ``unknown_action``, ``unknown_surface``,
    ``ts_out_of_day`` (not in ``[ds 00:00, ds+1 00:00)`` UTC — catches future timestamps),
    ``duplicate_event_id`` (every occurrence of an ``event_id`` but the earliest, by
    ``ts`` and then file order, within the partition).
 3. Run the GX ``raw_events`` suite on the raw partition and record its unexpected
    counts next to the gate's counts (they must agree per reason; GX's uniqueness check
    counts every copy of a duplicated id, the gate keeps the first copy valid).
-4. Write quarantined rows (raw columns + ``reason``) and valid rows, each partition
-   overwritten as one sorted file, so a rerun writes the same content.
-5. Check ``rows_in == rows_valid + rows_quarantined`` (raises if not), fail when no
-   row is valid (after writing the quarantine), and run the same GX suite on the
-   valid output, which must pass.
+4. Write quarantined rows (raw columns + ``reason``) and valid rows aside (staged), each
+   as one sorted file, so a rerun writes the same content.
+5. Check ``rows_in == rows_valid + rows_quarantined``, fail when no row is valid, and run
+   the same GX suite on the valid output, which must pass. Only then are both outputs
+   published; a failed run leaves the day's earlier outputs exactly as they were and keeps
+   its own under ``failed/ds=…/gate/``.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features import quality
@@ -29,18 +35,23 @@ from features.config import Layout, day_window
 from features.contract import (
     ACTIONS,
     EVENT_COLUMNS,
+    ID_COLUMNS,
+    MIN_ID,
     REQUIRED_EVENT_COLUMNS,
     SURFACES,
     ContractError,
     check_event_schema,
+    id_domain_reason,
 )
 from features.spark import (
+    StagedPartition,
+    arrow_to_spark_type,
     configure_session,
     conform,
-    has_parquet,
-    remove_partition,
+    named_spark_errors,
+    publish_outputs,
+    reject_outputs,
     write_partition,
-    write_report,
 )
 from features.tables import QUARANTINE_SCHEMA
 
@@ -50,10 +61,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUITE = "raw_events"
+PARQUET_MAGIC = b"PAR1"
 DUPLICATE = "duplicate_event_id"
 #: Every reason code the gate can give, in the order they are joined.
 REASONS: tuple[str, ...] = (
     *(f"null_{c}" for c in REQUIRED_EVENT_COLUMNS),
+    *(id_domain_reason(c) for c in ID_COLUMNS),
     "unknown_action",
     "unknown_surface",
     "ts_out_of_day",
@@ -83,6 +96,7 @@ def tag_reasons(raw: DataFrame, ds: str) -> DataFrame:
     first = Window.partitionBy("event_id").orderBy(F.col("ts").asc_nulls_last(), "_file", "_pos")
     ts = F.col("ts")
     checks = [F.when(F.col(c).isNull(), F.lit(f"null_{c}")) for c in REQUIRED_EVENT_COLUMNS]
+    checks += [F.when(F.col(c) < F.lit(MIN_ID), F.lit(id_domain_reason(c))) for c in ID_COLUMNS]  # int64: ≤ MAX_ID
     checks += [
         F.when(F.col("action").isNotNull() & ~F.col("action").isin(*ACTIONS), F.lit("unknown_action")),
         F.when(F.col("surface").isNotNull() & ~F.col("surface").isin(*SURFACES), F.lit("unknown_surface")),
@@ -95,18 +109,97 @@ def tag_reasons(raw: DataFrame, ds: str) -> DataFrame:
     return df.withColumn("reason", F.concat_ws(";", *checks))  # concat_ws skips the NULLs of passing checks
 
 
-def _read_raw(spark: SparkSession, layout: Layout, ds: str) -> DataFrame:
+def _is_parquet_file(path: Path) -> bool:
+    """Whether ``path`` starts with the parquet magic bytes."""
+    with path.open("rb") as fh:
+        return fh.read(4) == PARQUET_MAGIC
+
+
+def list_raw_files(path: Path) -> tuple[list[Path], list[str]]:
+    """The data files of a raw partition, every one checked against the event contract.
+
+    Spark skips names that start with ``_`` or ``.``; so does the gate, but never silently:
+    such a file that holds parquet data is refused (its rows would be lost), and any other
+    (``_SUCCESS``, ``.crc`` checksums) is returned by name so the report lists it.
+
+    Args:
+        path: the raw partition folder ``raw/events/ds=…``.
+
+    Returns:
+        ``(data files, ignored names)``, each sorted.
+
+    Raises:
+        FileNotFoundError: the partition has no data file.
+        ContractError: a hidden file holds parquet data, the partition has a sub-folder, a file
+            is not readable parquet, or a file's schema is not the event contract (the message
+            names the file).
+    """
+    if not path.is_dir():
+        raise FileNotFoundError(f"raw events partition not found: {path} (generate or import this day)")
+    files: list[Path] = []
+    ignored: list[str] = []
+    for entry in sorted(path.iterdir()):
+        hidden = entry.name.startswith(("_", "."))
+        if entry.is_dir():
+            if hidden:
+                ignored.append(entry.name + "/")
+                continue
+            raise ContractError(f"{entry}: raw partitions hold parquet files only, not folders")
+        if hidden:
+            if _is_parquet_file(entry):
+                raise ContractError(
+                    f"{entry}: a parquet file whose name starts with '_' or '.' would be skipped by Spark and its "
+                    "rows lost; rename it (or remove it if it is not data)"
+                )
+            ignored.append(entry.name)
+            continue
+        files.append(entry)
+    if not files:
+        raise FileNotFoundError(f"raw events partition has no data files: {path} (generate or import this day)")
+    for f in files:
+        check_event_file(f)
+    if ignored:
+        log.warning("raw partition %s: ignoring %d non-data entries %s", path, len(ignored), ignored)
+    return files, ignored
+
+
+def check_event_file(path: Path) -> None:
+    """Raise ContractError naming ``path`` when it is not readable parquet or its schema is not the event contract.
+
+    Reads the parquet footer only. Nanosecond timestamps are refused (Spark cannot read them).
+
+    Args:
+        path: one raw data file.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(f"{path}: not a readable parquet file ({first})") from exc
+    dtypes = []
+    for field in schema:
+        try:
+            dtypes.append((field.name, arrow_to_spark_type(field.type).simpleString()))
+        except TypeError:
+            dtypes.append((field.name, str(field.type)))
+        if field.name == "ts" and pa.types.is_timestamp(field.type) and field.type.unit == "ns":
+            raise ContractError(
+                f"{path}: column 'ts' holds nanosecond timestamps, which Spark cannot read; write microseconds"
+            )
+    check_event_schema(dtypes, str(path))
+
+
+def _read_raw(spark: SparkSession, layout: Layout, ds: str) -> tuple[DataFrame, list[Path], list[str]]:
     from pyspark.sql import functions as F
 
-    path = Layout.partition(layout.raw_events, ds)
-    if not has_parquet(path):
-        raise FileNotFoundError(
-            f"raw events partition not found: {path} has no parquet files (generate or import ds={ds})"
-        )
-    raw = spark.read.parquet(str(path))
-    check_event_schema(raw.dtypes, str(path))
+    files, ignored = list_raw_files(Layout.partition(layout.raw_events, ds))
+    raw = spark.read.parquet(*[str(f) for f in files])
     # timestamp_ntz is accepted by the contract and read as UTC (the session time zone)
-    return raw.select(*[F.col(c).cast("timestamp").alias(c) if c == "ts" else F.col(c) for c in EVENT_COLUMNS])
+    cols = [F.col(c).cast("timestamp").alias(c) if c == "ts" else F.col(c) for c in EVENT_COLUMNS]
+    return raw.select(*cols), files, ignored
 
 
 def run_gate(spark: SparkSession, layout: Layout, ds: str) -> dict[str, Any]:
@@ -122,24 +215,29 @@ def run_gate(spark: SparkSession, layout: Layout, ds: str) -> dict[str, Any]:
         gx_unexpected_raw: {reason: n}, gx_agrees, ...}`` (also written to ``reports/ds=…/gate.json``).
 
     Raises:
-        FileNotFoundError: the raw partition is missing.
-        ContractError: the raw partition's schema is not the event contract.
-        GateError: no valid row, counts that do not reconcile, or the valid output fails GX.
+        FileNotFoundError: the raw partition is missing or has no data file.
+        ContractError: a file of the raw partition is unreadable or its schema is not the event
+            contract, or a hidden file holds data (the message names the file).
+        GateError: no valid row, counts that do not reconcile, or the valid output fails GX
+            (nothing is published; the run is kept under ``failed/ds=…/gate/``).
+        SparkJobError: Spark could not read the data (one line, naming the file).
     """
     configure_session(spark)
-    raw = _read_raw(spark, layout, ds)
-    tagged = tag_reasons(raw, ds).persist()
-    try:
-        return _gate(spark, layout, ds, tagged)
-    finally:
-        tagged.unpersist()
+    with named_spark_errors(f"gate ds={ds}"):
+        raw, files, ignored = _read_raw(spark, layout, ds)
+        tagged = tag_reasons(raw, ds).persist()
+        try:
+            return _gate(spark, layout, ds, tagged, {"files": len(files), "ignored_files": ignored})
+        finally:
+            tagged.unpersist()
 
 
-def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame) -> dict[str, Any]:
+def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame, inputs: dict[str, Any]) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
-    valid_path = Layout.partition(layout.valid_events, ds)
-    quarantine_path = Layout.partition(layout.quarantine_events, ds)
+    valid_out = StagedPartition.beside(Layout.partition(layout.valid_events, ds))
+    quarantine_out = StagedPartition.beside(Layout.partition(layout.quarantine_events, ds))
+    outputs = [valid_out, quarantine_out]
 
     stats = tagged.agg(
         F.count(F.lit(1)).alias("rows_in"),
@@ -171,13 +269,14 @@ def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame) -> di
         )
 
     order = ["ts", "event_id", "_file", "_pos"]
-    conform(bad, QUARANTINE_SCHEMA, str(quarantine_path))
-    write_partition(bad, quarantine_path, order, columns=QUARANTINE_SCHEMA.names)
-    rows_quarantined = spark.read.parquet(str(quarantine_path)).count()
+    conform(bad, QUARANTINE_SCHEMA, str(quarantine_out.final))
+    write_partition(bad, quarantine_out.staged, order, columns=QUARANTINE_SCHEMA.names)
+    rows_quarantined = spark.read.parquet(str(quarantine_out.staged)).count()
 
     result: dict[str, Any] = {
         "step": "gate",
         "ds": ds,
+        **inputs,
         "rows_in": rows_in,
         "rows_quarantined": rows_quarantined,
         "by_reason": by_reason,
@@ -185,30 +284,29 @@ def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame) -> di
         "gx": {f"{SUITE}:raw": raw_summary["success"]},
         "gx_unexpected_raw": gx_unexpected,
         "gx_agrees": gx_agrees,
-        "valid_path": str(valid_path),
-        "quarantine_path": str(quarantine_path),
+        "valid_path": str(valid_out.final),
+        "quarantine_path": str(quarantine_out.final),
         "gx_results": [raw_summary],
     }
 
     if rows_valid_expected == 0:
-        remove_partition(valid_path)  # a stale valid partition from an earlier run must not survive
-        result.update(rows_valid=0, status="failed")
-        write_report(layout, ds, "gate", result)
+        result["rows_valid"] = 0
+        where = reject_outputs(layout, ds, "gate", result, outputs)
         raise GateError(
-            f"gate ds={ds}: no valid rows among {rows_in} raw events (all quarantined to {quarantine_path}; "
-            f"reasons {by_reason})"
+            f"gate ds={ds}: no valid rows among {rows_in} raw events (reasons {by_reason}); nothing published, "
+            f"earlier outputs of ds={ds} are unchanged; the quarantined rows are kept in {where}"
         )
 
-    write_partition(good, valid_path, order, columns=list(EVENT_COLUMNS))
-    valid = spark.read.parquet(str(valid_path)).persist()
+    write_partition(good, valid_out.staged, order, columns=list(EVENT_COLUMNS))
+    valid = spark.read.parquet(str(valid_out.staged)).persist()
     try:
         rows_valid = valid.count()
         result["rows_valid"] = rows_valid
         if rows_in != rows_valid + rows_quarantined:
-            remove_partition(valid_path)
+            where = reject_outputs(layout, ds, "gate", result, outputs)
             raise GateError(
                 f"gate ds={ds}: counts do not reconcile: rows_in {rows_in} != valid {rows_valid} + quarantined "
-                f"{rows_quarantined}"
+                f"{rows_quarantined}; nothing published, the rejected run is kept in {where}"
             )
         valid_summary = quality.validate_output(
             valid, SUITE, quality.raw_events_expectations(ds), ds, layout=layout, label="valid"
@@ -218,16 +316,15 @@ def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame) -> di
     result["gx"][f"{SUITE}:valid"] = valid_summary["success"]
     result["gx_results"].append(valid_summary)
     if not valid_summary["success"]:
-        remove_partition(valid_path)
-        result["status"] = "failed"
-        write_report(layout, ds, "gate", result)
+        where = reject_outputs(layout, ds, "gate", result, outputs)
         try:
-            quality.require_success(valid_summary, str(valid_path))
+            quality.require_success(valid_summary, str(valid_out.final))
         except quality.QualityError as exc:
-            raise GateError(f"gate ds={ds} failed: {exc}") from exc
+            raise GateError(
+                f"gate ds={ds} failed: {exc}; nothing published, the rejected run is kept in {where}"
+            ) from exc
 
-    result["status"] = "ok"
-    write_report(layout, ds, "gate", result)
+    publish_outputs(layout, ds, "gate", result, outputs)
     return result
 
 

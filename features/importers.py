@@ -8,6 +8,9 @@ two writers:
   ``(ts, event_id)``;
 - :func:`write_items` writes ``raw/items/items.parquet`` ordered by ``item_id``.
 
+Importers call :func:`write_events_and_items`, which checks both tables before it writes
+either, so an input that breaks the contract leaves the data root as it was.
+
 Both write with fixed parquet options and no wall-clock metadata, so the same input gives
 the same bytes. A data root holds one raw data set at a time: writing events replaces every
 existing ``ds=…`` partition under ``raw/events`` (stale days of an earlier, larger data set
@@ -26,6 +29,13 @@ Action mappings (all imported events have surface ``"import"``, no ``request_id`
   ``pv`` -> ``click``, ``fav`` -> ``save``, ``cart`` -> ``share``, ``buy`` -> ``download``
   (four distinct contract actions; the contract has no ``cart``/``buy`` actions).
   ``event_id`` = ``tb-<line>``.
+
+Ids: the contract's id domain is ``[MIN_ID, MAX_ID]`` (0 is the models' padding id). A
+source whose user or item ids reach below ``MIN_ID`` (0-based or negative ids) has that
+column shifted by one offset, ``MIN_ID - smallest id``, for events and items alike, so the
+order and the distinctness of ids are kept; the import summary reports it under
+``id_offsets`` (subtract it to get the source id back). :func:`write_events` and
+:func:`write_items` refuse ids outside the domain.
 """
 
 from __future__ import annotations
@@ -48,7 +58,10 @@ from features.contract import (
     ACTIONS,
     CONTENT_DIM,
     EVENT_SCHEMA,
+    ID_COLUMNS,
     ITEM_SCHEMA,
+    MAX_ID,
+    MIN_ID,
     REQUIRED_EVENT_COLUMNS,
     SURFACES,
     ContractError,
@@ -110,7 +123,51 @@ def _check_events(table: pa.Table, source: str) -> pa.Table:
             )
     if pc.count_distinct(table.column("event_id")).as_py() != table.num_rows:
         raise ContractError(f"{source}: event_id is not unique")
+    _check_id_domain(table, ID_COLUMNS, source)
     return table
+
+
+def _check_id_domain(table: pa.Table, columns: tuple[str, ...], source: str) -> None:
+    """Raise ContractError when a value of ``columns`` is below MIN_ID (int64 columns cannot exceed MAX_ID)."""
+    for col in columns:
+        below = pc.sum(pc.less(table.column(col), MIN_ID)).as_py() or 0
+        if below:
+            lowest = pc.min(table.column(col)).as_py()
+            raise ContractError(
+                f"{source}: {below} {col} values are outside the id domain {MIN_ID}..{MAX_ID} (lowest {lowest}; "
+                f"0 is the padding id); the importers shift such ids into the domain"
+            )
+
+
+def domain_offset(column: str, source: str, *ids: np.ndarray | list[int]) -> int:
+    """The shift that brings a source's ids into the id domain: 0 when they are already in it.
+
+    Args:
+        column: ``user_id`` or ``item_id`` (for messages).
+        source: the input, for messages.
+        *ids: every id of that column the source holds (events and catalogue).
+
+    Returns:
+        ``MIN_ID - smallest id`` when the smallest id is below MIN_ID, else 0.
+
+    Raises:
+        ContractError: the shift would push the largest id past MAX_ID.
+    """
+    present = [np.asarray(a, dtype=np.int64) for a in ids if len(a)]
+    if not present:
+        return 0
+    lo = min(int(a.min()) for a in present)
+    hi = max(int(a.max()) for a in present)
+    if lo >= MIN_ID:
+        return 0
+    offset = MIN_ID - lo
+    if hi > MAX_ID - offset:
+        raise ContractError(
+            f"{source}: {column} values span {lo}..{hi}; shifting them into the id domain {MIN_ID}..{MAX_ID} "
+            "would overflow int64"
+        )
+    log.warning("%s: %s values start at %d; shifted by %+d into the id domain", source, column, lo, offset)
+    return offset
 
 
 def clear_partitions(table_dir: Path) -> None:
@@ -182,19 +239,19 @@ def write_events(layout: Layout, table: pa.Table, source: str = "events", replac
     return write_day_partitions(table, layout.raw_events, "ts", ["ts", "event_id"], replace_all=replace_all)
 
 
-def write_items(layout: Layout, table: pa.Table, source: str = "items") -> Path:
-    """Check items against ITEM_SCHEMA and write ``raw/items/items.parquet`` ordered by item_id.
+def check_items(table: pa.Table, source: str = "items") -> pa.Table:
+    """Cast ``table`` to ITEM_SCHEMA and raise ContractError naming what breaks it.
 
     Args:
-        layout: data root.
         table: items with the ITEM_SCHEMA columns.
         source: name of the input, used in error messages.
 
     Returns:
-        The written file.
+        The items, cast to ITEM_SCHEMA.
 
     Raises:
-        ContractError: missing columns, wrong types, null ids/created_at or repeated item ids.
+        ContractError: missing columns, wrong types, null ids/created_at, repeated item ids,
+            or ids outside the id domain.
     """
     missing = [f.name for f in ITEM_SCHEMA if f.name not in table.column_names]
     if missing:
@@ -209,9 +266,43 @@ def write_items(layout: Layout, table: pa.Table, source: str = "items") -> Path:
         raise ContractError(f"{source}: items do not cast to the item schema: {exc}") from exc
     if pc.count_distinct(table.column("item_id")).as_py() != table.num_rows:
         raise ContractError(f"{source}: item_id is not unique")
+    _check_id_domain(table, ("item_id",), source)
+    return table
+
+
+def write_items(layout: Layout, table: pa.Table, source: str = "items") -> Path:
+    """Check items against ITEM_SCHEMA (:func:`check_items`) and write ``raw/items/items.parquet`` ordered by item_id.
+
+    Args:
+        layout: data root.
+        table: items with the ITEM_SCHEMA columns.
+        source: name of the input, used in error messages.
+
+    Returns:
+        The written file.
+
+    Raises:
+        ContractError: see :func:`check_items`.
+    """
+    table = check_items(table, source)
     path = layout.items / ITEMS_FILE
     write_parquet(table.sort_by([("item_id", "ascending")]), path)
     return path
+
+
+def write_events_and_items(layout: Layout, events: pa.Table, items: pa.Table, source: str) -> dict[str, int]:
+    """Check both tables first, then replace the raw events and the item catalogue (an importer's last step).
+
+    A contract error in either table leaves the data root as it was.
+
+    Returns:
+        ``{ds: number of events}`` in day order.
+    """
+    events = _check_events(events, source)
+    items = check_items(items, source)
+    per_day = write_day_partitions(events, layout.raw_events, "ts", ["ts", "event_id"])
+    write_items(layout, items, source)
+    return per_day
 
 
 def _summary(fmt: str, layout: Layout, per_day: dict[str, int], actions: pa.Array, n_users: int, n_items: int) -> dict:
@@ -389,8 +480,11 @@ def import_movielens(src_dir: Path, layout: Layout) -> dict:
 
     n_r, n_t = len(ratings["userId"]), len(tags["userId"])
     event_ids = [f"ml-r-{i}" for i in range(n_r)] + [f"ml-t-{i}" for i in range(n_t)]
-    users = np.array(ratings["userId"] + tags["userId"], dtype=np.int64)
-    items = np.array(ratings["movieId"] + tags["movieId"], dtype=np.int64)
+    user_off = domain_offset("user_id", f"movielens {src_dir}", ratings["userId"], tags["userId"])
+    item_off = domain_offset("item_id", f"movielens {src_dir}", ratings["movieId"], tags["movieId"], movies["movieId"])
+    users = np.array(ratings["userId"] + tags["userId"], dtype=np.int64) + user_off
+    items = np.array(ratings["movieId"] + tags["movieId"], dtype=np.int64) + item_off
+    movies["movieId"] = [m + item_off for m in movies["movieId"]]
     ts = np.array(ratings["timestamp"] + tags["timestamp"], dtype=np.int64)
     actions = [rating_action(r) for r in ratings["rating"]] + ["tag"] * n_t
     events = _events_table(event_ids, users, items, actions, ts)
@@ -418,10 +512,9 @@ def import_movielens(src_dir: Path, layout: Layout) -> dict:
             "content": pa.array([rows[i][2] for i in ids], pa.list_(pa.float32())),
         }
     )
-    per_day = write_events(layout, events, source=f"movielens {src_dir}")
-    write_items(layout, items_table, source=f"movielens {src_dir / 'movies.csv'}")
+    per_day = write_events_and_items(layout, events, items_table, source=f"movielens {src_dir}")
     out = _summary("movielens", layout, per_day, events.column("action"), len(set(users.tolist())), len(ids))
-    out.update({"n_ratings": n_r, "n_tags": n_t})
+    out.update({"n_ratings": n_r, "n_tags": n_t, "id_offsets": {"user_id": user_off, "item_id": item_off}})
     return out
 
 
@@ -459,6 +552,9 @@ def import_sasrec(path: Path, layout: Layout, start_ds: str) -> dict:
                 raise ContractError(f"{path}, line {lineno}: user and item must be integers: {line.strip()!r}") from exc
     users = np.array(users_l, dtype=np.int64)
     items = np.array(items_l, dtype=np.int64)
+    user_off = domain_offset("user_id", f"sasrec {path}", users)
+    item_off = domain_offset("item_id", f"sasrec {path}", items)
+    users, items = users + user_off, items + item_off
     # k = position of the line among the user's lines (stable sort keeps file order per user).
     order = np.argsort(users, kind="stable")
     su = users[order]
@@ -477,9 +573,10 @@ def import_sasrec(path: Path, layout: Layout, start_ds: str) -> dict:
             "content": pa.nulls(len(item_ids), pa.list_(pa.float32())),
         }
     )
-    per_day = write_events(layout, events, source=f"sasrec {path}")
-    write_items(layout, items_table, source=f"sasrec {path}")
-    return _summary("sasrec", layout, per_day, events.column("action"), len(np.unique(users)), len(item_ids))
+    per_day = write_events_and_items(layout, events, items_table, source=f"sasrec {path}")
+    out = _summary("sasrec", layout, per_day, events.column("action"), len(np.unique(users)), len(item_ids))
+    out["id_offsets"] = {"user_id": user_off, "item_id": item_off}
+    return out
 
 
 # ------------------------------------------------------------------------- Taobao
@@ -527,8 +624,11 @@ def import_taobao(path: Path, layout: Layout) -> dict:
                 ) from exc
             cats.append(row[2].strip())
             behaviors.append(b)
-    users = np.array(users_l, dtype=np.int64)
-    items = np.array(items_l, dtype=np.int64)
+    user_off = domain_offset("user_id", f"taobao {path}", users_l)
+    item_off = domain_offset("item_id", f"taobao {path}", items_l)
+    users = np.array(users_l, dtype=np.int64) + user_off
+    items = np.array(items_l, dtype=np.int64) + item_off
+    items_l = items.tolist()
     ts = np.array(ts_l, dtype=np.int64)
     events = _events_table(
         [f"tb-{i}" for i in range(len(users))], users, items, [TAOBAO_ACTIONS[b] for b in behaviors], ts
@@ -546,8 +646,8 @@ def import_taobao(path: Path, layout: Layout) -> dict:
             "content": pa.nulls(len(ids), pa.list_(pa.float32())),
         }
     )
-    per_day = write_events(layout, events, source=f"taobao {path}")
-    write_items(layout, items_table, source=f"taobao {path}")
+    per_day = write_events_and_items(layout, events, items_table, source=f"taobao {path}")
     out = _summary("taobao", layout, per_day, events.column("action"), len(np.unique(users)), len(ids))
     out["behaviors"] = {b: behaviors.count(b) for b in TAOBAO_ACTIONS}
+    out["id_offsets"] = {"user_id": user_off, "item_id": item_off}
     return out

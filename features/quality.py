@@ -10,7 +10,8 @@ project and the data docs under ``layout.gx`` are rebuilt once per day (``build_
 
 Suites:
 
-- ``raw_events``: the contract's columns, required columns not null, ``action`` in
+- ``raw_events``: the contract's columns, required columns not null, ids in the id
+  domain ``[MIN_ID, MAX_ID]``, ``action`` in
   ACTIONS, ``surface`` in SURFACES, ``ts`` inside the partition's day, unique
   ``event_id``. Run on the raw partition (its unexpected counts are recorded next to
   the gate's quarantine counts) and on the valid output (which must pass).
@@ -35,7 +36,17 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from features.config import Layout, day_window
-from features.contract import ACTIONS, EVENT_COLUMNS, LABEL_ACTIONS, REQUIRED_EVENT_COLUMNS, SURFACES
+from features.contract import (
+    ACTIONS,
+    EVENT_COLUMNS,
+    ID_COLUMNS,
+    LABEL_ACTIONS,
+    MAX_ID,
+    MIN_ID,
+    REQUIRED_EVENT_COLUMNS,
+    SURFACES,
+    id_domain_reason,
+)
 
 if TYPE_CHECKING:
     from great_expectations.data_context import FileDataContext
@@ -49,6 +60,7 @@ BATCH_DEFINITION_NAME = "whole_dataframe"
 #: Which gate reason code each raw_events expectation counts, keyed by (expectation type, column).
 RAW_EXPECTATION_REASONS: dict[tuple[str, str | None], str] = {
     **{("expect_column_values_to_not_be_null", c): f"null_{c}" for c in REQUIRED_EVENT_COLUMNS},
+    **{("expect_column_values_to_be_between", c): id_domain_reason(c) for c in ID_COLUMNS},
     ("expect_column_values_to_be_in_set", "action"): "unknown_action",
     ("expect_column_values_to_be_in_set", "surface"): "unknown_surface",
     ("expect_column_values_to_be_between", "ts"): "ts_out_of_day",
@@ -291,6 +303,7 @@ def raw_events_expectations(ds: str) -> list[Any]:
     return [
         gxe.ExpectTableColumnsToMatchSet(column_set=list(EVENT_COLUMNS), exact_match=True),
         *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REQUIRED_EVENT_COLUMNS],
+        *[gxe.ExpectColumnValuesToBeBetween(column=c, min_value=MIN_ID, max_value=MAX_ID) for c in ID_COLUMNS],
         gxe.ExpectColumnValuesToBeInSet(column="action", value_set=list(ACTIONS)),
         gxe.ExpectColumnValuesToBeInSet(column="surface", value_set=list(SURFACES)),
         gxe.ExpectColumnValuesToBeBetween(column="ts", min_value=start, max_value=end, strict_max=True),

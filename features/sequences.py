@@ -19,6 +19,7 @@ from features import quality
 from features.config import Layout, previous_ds
 from features.contract import IMPRESSION
 from features.spark import (
+    StagedPartition,
     configure_session,
     conform,
     finish_step,
@@ -247,7 +248,7 @@ def build_user_sequences(
     Raises:
         FileNotFoundError: the valid events of ds are missing (run the gate).
         SequenceError: the ds-1 snapshot is missing while earlier data exists.
-        quality.QualityError: the output fails the ``user_sequences`` suite (the partition is removed).
+        quality.QualityError: the output fails the ``user_sequences`` suite (nothing is published; see ``finish_step``).
     """
     from pyspark.sql import functions as F
 
@@ -263,8 +264,9 @@ def build_user_sequences(
     )
 
     path = Layout.partition(layout.user_sequences, ds)
-    write_partition(seq, path, ["user_id"])
-    out = spark.read.parquet(str(path))
+    staged = StagedPartition.beside(path)
+    write_partition(seq, staged.staged, ["user_id"])
+    out = spark.read.parquet(str(staged.staged))
     stats = out.agg(
         F.count(F.lit(1)).alias("users"),
         F.sum(F.when(F.col("n_events") > F.size("item_ids"), 1).otherwise(0)).alias("capped"),
@@ -286,4 +288,4 @@ def build_user_sequences(
         "gx_results": [summary],
         "path": str(path),
     }
-    return finish_step(layout, ds, "sequences", result, [(summary, path)])
+    return finish_step(layout, ds, "sequences", result, [(summary, staged)])

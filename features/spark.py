@@ -14,8 +14,10 @@ import logging
 import os
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +129,55 @@ def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterat
         spark.stop()
 
 
+class SparkJobError(RuntimeError):
+    """A Spark job failed; the message is the first line of Spark's error (it names the file it could not read)."""
+
+
+def is_spark_error(exc: BaseException) -> bool:
+    try:
+        from py4j.protocol import Py4JJavaError
+        from pyspark.errors import PySparkException
+    except ImportError:  # pragma: no cover - pyspark is a dependency
+        return False
+    return isinstance(exc, Py4JJavaError | PySparkException)
+
+
+def spark_error_line(exc: BaseException) -> str:
+    """The first meaningful line of a Spark/JVM error, without the Java stack trace.
+
+    Args:
+        exc: an exception raised by a Spark action.
+    """
+    try:
+        from py4j.protocol import Py4JJavaError
+
+        if isinstance(exc, Py4JJavaError):
+            text = str(exc.java_exception.toString())
+        else:
+            text = str(exc)
+    except Exception:  # noqa: BLE001 - the JVM may be gone: fall back to the Python text
+        text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("at ")]
+    return lines[0] if lines else type(exc).__name__
+
+
+@contextmanager
+def named_spark_errors(what: str) -> Iterator[None]:
+    """Turn a Spark/JVM failure inside the block into one :class:`SparkJobError` line prefixed with ``what``.
+
+    Errors the project raises itself pass through unchanged.
+
+    Args:
+        what: the job and day, e.g. ``"gate ds=2026-01-05"``.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if is_spark_error(exc):
+            raise SparkJobError(f"{what}: Spark failed: {spark_error_line(exc)}") from exc
+        raise
+
+
 # ------------------------------------------------------------------------- schemas
 def arrow_to_spark_type(arrow_type: pa.DataType) -> DataType:
     """The Spark SQL type that holds values of a pyarrow type (as the tables use them).
@@ -215,13 +266,14 @@ def read_partition(spark: SparkSession, path: Path, what: str, hint: str = "") -
 
 
 def write_partition(df: DataFrame, path: Path, order_by: list[str], columns: list[str] | None = None) -> None:
-    """Overwrite one partition with ``df`` as a single parquet file, rows sorted by ``order_by``.
+    """Overwrite the folder ``path`` with ``df`` as a single parquet file, rows sorted by ``order_by``.
 
-    Sorting and one file make a rerun give the same rows in the same order.
+    Sorting and one file make a rerun give the same rows in the same order. Jobs write into
+    a :class:`StagedPartition`'s ``staged`` folder, never straight into a published partition.
 
     Args:
         df: rows to write.
-        path: the partition directory; replaced as a whole.
+        path: the folder to write; replaced as a whole.
         order_by: column names that order the rows deterministically (may include helper columns).
         columns: the columns to write, in order (default: all of ``df``'s); selected after sorting.
     """
@@ -233,7 +285,7 @@ def write_partition(df: DataFrame, path: Path, order_by: list[str], columns: lis
 
 
 def remove_partition(path: Path) -> None:
-    """Delete a partition directory if present (used when an output fails its checks).
+    """Delete a partition directory if present.
 
     Args:
         path: the partition directory.
@@ -242,19 +294,147 @@ def remove_partition(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def write_report(layout: Layout, ds: str, step: str, result: dict[str, Any]) -> Path:
-    """Write a step's result as ``reports/ds=DS/<step>.json`` and log a one-line summary.
+def replace_dir(new: Path, final: Path) -> None:
+    """Swap the folder ``new`` into place as ``final``; the old ``final`` (if any) is removed after the swap.
+
+    The old folder is first renamed aside (``.<name>.old-<id>``), so a crash between the two
+    renames leaves it on disk, and :meth:`StagedPartition.beside` puts it back on the next run.
+
+    Args:
+        new: the fully written folder.
+        final: where it is published.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(final)
+
+
+@dataclass(frozen=True)
+class StagedPartition:
+    """An output written aside (``staged``) and published as ``final`` only when its step succeeds.
+
+    A failed or crashed run therefore leaves the previously published ``final`` exactly as it
+    was. The staging folder's name starts with ``.``, which Spark and pyarrow skip when they
+    read the table folder above it.
+
+    Args:
+        final: the published partition folder.
+        staged: the folder the job writes (see :meth:`beside`).
+
+    Example::
+
+        out = StagedPartition.beside(Layout.partition(layout.user_sequences, ds))
+        write_partition(df, out.staged, ["user_id"])
+        ...  # checks read out.staged
+        out.publish()
+    """
+
+    final: Path
+    staged: Path
+
+    @classmethod
+    def beside(cls, final: Path) -> StagedPartition:
+        """A fresh staging folder next to ``final`` (what a crashed run left behind is cleared first)."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if not final.exists():  # a crash between replace_dir's two renames: the old output is put back
+            aside = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+            if aside:
+                aside[-1].rename(final)
+                log.warning("restored %s from %s (left by an interrupted swap)", final, aside[-1].name)
+        staged = final.with_name(f".{final.name}.staging")
+        remove_partition(staged)
+        return cls(final, staged)
+
+    def publish(self) -> None:
+        """Swap the staged output in as ``final``."""
+        replace_dir(self.staged, self.final)
+
+    def set_aside(self, folder: Path) -> Path:
+        """Move the staged output (if written) to ``folder`` for inspection; ``final`` is untouched.
+
+        Returns:
+            ``folder``.
+        """
+        remove_partition(folder)
+        if self.staged.exists():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            self.staged.rename(folder)
+        return folder
+
+
+def failed_run_dir(layout: Layout, ds: str, step: str) -> Path:
+    """Where a failed run of ``step`` for ``ds`` keeps its report and rejected outputs: ``failed/ds=…/<step>/``."""
+    return Layout.partition(layout.failed, ds) / step
+
+
+def publish_outputs(layout: Layout, ds: str, step: str, result: dict[str, Any], outputs: list[StagedPartition]) -> None:
+    """Publish every staged output of a successful step, then its report (``status: ok``).
+
+    A report of an earlier failed run of the same step and day is removed.
+
+    Args:
+        layout: the data root.
+        ds: partition day.
+        step: step name.
+        result: the step's result (``status`` is set here).
+        outputs: the step's staged outputs.
+    """
+    result["status"] = "ok"
+    for out in outputs:
+        out.publish()
+    write_report(layout, ds, step, result)
+    remove_partition(failed_run_dir(layout, ds, step))
+
+
+def reject_outputs(layout: Layout, ds: str, step: str, result: dict[str, Any], outputs: list[StagedPartition]) -> Path:
+    """Keep a failed step's staged outputs and report under ``failed/ds=…/<step>/``; published data is untouched.
+
+    Each output goes to ``failed/ds=…/<step>/<table path under the data root>``, the report to
+    ``failed/ds=…/<step>/<step>.json`` (``status: failed``). The previous successful run's
+    outputs and report stay exactly as they were.
+
+    Args:
+        layout: the data root.
+        ds: partition day.
+        step: step name.
+        result: the step's result (``status`` is set here).
+        outputs: the step's staged outputs.
+
+    Returns:
+        The folder that holds the failed run.
+    """
+    result["status"] = "failed"
+    where = failed_run_dir(layout, ds, step)
+    remove_partition(where)
+    for out in outputs:
+        try:
+            table = out.final.parent.relative_to(layout.root)
+        except ValueError:
+            table = Path(out.final.parent.name)
+        out.set_aside(where / table)
+    write_report(layout, ds, step, result, path=where / f"{step}.json")
+    return where
+
+
+def write_report(layout: Layout, ds: str, step: str, result: dict[str, Any], path: Path | None = None) -> Path:
+    """Write a step's result as ``reports/ds=DS/<step>.json`` (or ``path``) and log a one-line summary.
 
     Args:
         layout: the data root.
         ds: partition day.
         step: step name (file name without ``.json``).
         result: JSON-serialisable result (datetimes are written as strings).
+        path: where to write instead (a failed run's report, see :func:`reject_outputs`).
 
     Returns:
         The report path.
     """
-    out = Layout.partition(layout.reports, ds) / f"{step}.json"
+    out = path or Layout.partition(layout.reports, ds) / f"{step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
     flat = {k: v for k, v in result.items() if isinstance(v, int | float | str | bool) and k not in ("ds", "step")}
@@ -268,34 +448,40 @@ def finish_step(
     ds: str,
     step: str,
     result: dict[str, Any],
-    outputs: list[tuple[dict[str, Any], Path]],
+    outputs: list[tuple[dict[str, Any], StagedPartition]],
     failure: str | None = None,
 ) -> dict[str, Any]:
-    """Record a step's report; if an output's GX suite failed (or ``failure`` says why), reject its outputs.
+    """Publish a step's staged outputs when every GX suite passed; otherwise set them aside and raise.
 
-    A rejected step removes every output partition it wrote and raises, so nothing
-    downstream reads data that failed its checks; the report stays, with ``status: failed``.
+    A rejected step publishes nothing: the previous run's outputs and report stay as they
+    were, and the rejected outputs and a ``status: failed`` report are kept under
+    ``failed/ds=…/<step>/`` (see :func:`reject_outputs`).
 
     Args:
         layout: the data root.
         ds: partition day.
         step: step name (report file name).
         result: the step's result; ``status`` is set here.
-        outputs: ``(GX summary, partition path)`` of every output the step wrote.
+        outputs: ``(GX summary, staged output)`` of every output the step wrote.
         failure: a non-GX reason the step failed (None when there is none).
 
     Returns:
         ``result`` when every check passed.
+
+    Raises:
+        quality.QualityError: a suite failed or ``failure`` was given; the message names the
+            failed expectations and the folder that keeps the rejected run.
     """
     from features import quality
 
-    ok = failure is None and all(summary["success"] for summary, _ in outputs)
-    result["status"] = "ok" if ok else "failed"
-    write_report(layout, ds, step, result)
-    if ok:
+    staged = [out for _, out in outputs]
+    if failure is None and all(summary["success"] for summary, _ in outputs):
+        publish_outputs(layout, ds, step, result, staged)
         return result
-    for _, path in outputs:
-        remove_partition(path)
-    for summary, path in outputs:
-        quality.require_success(summary, str(path))
-    raise quality.QualityError(f"{step} ds={ds}: {failure}")
+    where = reject_outputs(layout, ds, step, result, staged)
+    for summary, out in outputs:
+        try:
+            quality.require_success(summary, str(out.final))
+        except quality.QualityError as exc:
+            raise quality.QualityError(f"{exc} (nothing published; the rejected run is kept in {where})") from exc
+    raise quality.QualityError(f"{step} ds={ds}: {failure} (nothing published; the rejected run is kept in {where})")

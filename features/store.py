@@ -33,11 +33,8 @@ import importlib
 import logging
 import os
 import re
-import shutil
 import string
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -49,6 +46,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from features.config import Layout, day_window, parse_ds
+from features.spark import StagedPartition
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -146,18 +144,6 @@ def _source_dir(layout: Layout, relative: str) -> Path:
     return Path(layout.feast) / relative
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap ``tmp`` into place as ``final`` (rerun-safe: the old content is removed)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-
-
 def _require_columns(have: list[str], need: tuple[str, ...], where: str) -> None:
     missing = [c for c in need if c not in have]
     if missing:
@@ -242,13 +228,14 @@ def export_feast_sources(spark: SparkSession, layout: Layout, ds: str) -> dict:
     spark.conf.set(conf_key, "TIMESTAMP_MICROS")  # INT96 would lose the UTC marker for pandas/dask
     try:
         counts = {}
+        staged = []  # both sources are written aside first; either both are published or neither
         for df, final, name in ((seq_out, seq_dir, "user_sequence_rows"), (items_out, item_dir, "item_rows")):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-            tmp.rmdir()
-            df.write.mode("overwrite").parquet(str(tmp))
-            _replace_dir(tmp, final)
-            counts[name] = pq.ParquetDataset(str(final)).read(columns=[df.columns[0]]).num_rows
+            out = StagedPartition.beside(final)
+            df.write.mode("overwrite").parquet(str(out.staged))
+            counts[name] = pq.ParquetDataset(str(out.staged)).read(columns=[df.columns[0]]).num_rows
+            staged.append(out)
+        for out in staged:
+            out.publish()
     finally:
         if previous is None:
             spark.conf.unset(conf_key)
@@ -478,9 +465,8 @@ def write_user_embeddings(layout: Layout, df: pd.DataFrame) -> None:
 
     root = _source_dir(layout, defs.USER_EMBEDDING_DIR)
     for version, part in frame.groupby("model_version", sort=True):
-        final = root / _safe_version(str(version))
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        out = StagedPartition.beside(root / _safe_version(str(version)))
+        out.staged.mkdir(parents=True)
         rows = matrix[part["_row"].to_numpy()]  # (n, D)
         n, d = rows.shape
         embedding = pa.ListArray.from_arrays(
@@ -495,8 +481,8 @@ def write_user_embeddings(layout: Layout, df: pd.DataFrame) -> None:
             ],
             schema=USER_EMBEDDING_SOURCE_SCHEMA,
         )
-        pq.write_table(table, tmp / "part-0.parquet")
-        _replace_dir(tmp, final)
+        pq.write_table(table, out.staged / "part-0.parquet")
+        out.publish()
 
     start = ts.min().to_pydatetime()
     end = ts.max().to_pydatetime() + dt.timedelta(microseconds=1)

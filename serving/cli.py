@@ -816,10 +816,16 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except USER_ERRORS as exc:
-        if "-v" in sys.argv or "--verbose" in sys.argv:
+    except Exception as exc:
+        from features.spark import is_spark_error, spark_error_line
+
+        spark_failed = is_spark_error(exc)
+        if not (spark_failed or isinstance(exc, USER_ERRORS)) or "-v" in sys.argv or "--verbose" in sys.argv:
             raise
-        click.echo(f"afm: error: {type(exc).__name__}: {exc}", err=True)
+        message = (
+            f"SparkJobError: Spark failed: {spark_error_line(exc)}" if spark_failed else f"{type(exc).__name__}: {exc}"
+        )
+        click.echo(f"afm: error: {message}", err=True)
         sys.exit(1)
 
 

@@ -153,19 +153,21 @@ def test_schema_change_fails_naming_columns(spark, tmp_path, raw):
     assert not Layout.partition(layout.valid_events, DS).exists()
 
 
-def test_all_bad_partition_fails_after_quarantining(spark, tmp_path, raw):
+def test_all_bad_partition_fails_keeping_quarantine_aside_and_earlier_output(spark, tmp_path, raw):
     layout = Layout(tmp_path)
-    rows = [raw.event(f"b{i}", 1, i, "like", raw.at(DS, 5, i)) for i in range(3)]
+    rows = [raw.event(f"b{i}", 1, i + 1, "like", raw.at(DS, 5, i)) for i in range(3)]
     raw.write_raw(layout, DS, rows)
-    stale = Layout.partition(layout.valid_events, DS)
-    stale.mkdir(parents=True)
-    (stale / "old.parquet").write_bytes(b"stale")
+    earlier = Layout.partition(layout.valid_events, DS)
+    earlier.mkdir(parents=True)
+    (earlier / "old.parquet").write_bytes(b"earlier")
     with pytest.raises(GateError, match="no valid rows among 3 raw events"):
         run_gate(spark, layout, DS)
-    q = raw.read_table(Layout.partition(layout.quarantine_events, DS))
+    failed = Layout.partition(layout.failed, DS) / "gate"
+    q = raw.read_table(failed / "quarantine" / "events")
     assert len(q) == 3 and set(q["reason"]) == {"unknown_action"}
-    assert not stale.exists()
-    report = json.loads((Layout.partition(layout.reports, DS) / "gate.json").read_text())
+    assert (earlier / "old.parquet").read_bytes() == b"earlier"  # a failed run never touches published data
+    assert not Layout.partition(layout.quarantine_events, DS).exists()
+    report = json.loads((failed / "gate.json").read_text())
     assert report["status"] == "failed" and report["rows_quarantined"] == 3
 
 

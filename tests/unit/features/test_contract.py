@@ -139,3 +139,21 @@ def test_written_partition_matches_contract_in_spark(tmp_path):
     finally:
         if existing is None:
             spark.stop()
+
+
+def test_id_domain_reserves_the_padding_id_and_negatives():
+    from features.contract import MAX_ID, MIN_ID, id_in_domain
+
+    assert MIN_ID == 1 and MAX_ID == 2**63 - 1
+    assert [id_in_domain(v) for v in (0, -5, 1, MAX_ID, MAX_ID + 1, True, "3", 2.0)] == [
+        False,
+        False,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert validate_event_record(_record(item_id=0)) == ["item_id_out_of_domain"]
+    assert validate_event_record(_record(user_id=-3, item_id=-1)) == ["user_id_out_of_domain", "item_id_out_of_domain"]

@@ -257,3 +257,69 @@ def test_realdata_beauty(tmp_path):
     summary = import_sasrec(src, Layout(tmp_path), start_ds="2026-01-01")
     assert summary["n_events"] == 353_962
     assert summary["n_users"] == 40_226 and summary["n_items"] == 54_542
+
+
+def test_write_events_and_items_refuse_ids_outside_the_domain(tmp_path):
+    layout = Layout(tmp_path)
+    with pytest.raises(ContractError, match=r"1 item_id values are outside the id domain 1\.\.\d+ \(lowest 0"):
+        write_events(layout, _event_table(item_id=[0, 4]))
+    with pytest.raises(ContractError, match=r"1 user_id values are outside the id domain .*lowest -7"):
+        write_events(layout, _event_table(user_id=[-7, 2]))
+    assert not layout.raw_events.exists()  # nothing was written
+
+
+def test_importers_shift_zero_based_ids_into_the_domain(tmp_path):
+    from features.contract import MIN_ID
+
+    src = _write(tmp_path / "seq.txt", "0 0\n0 3\n1 0\n")  # 0-based users and items
+    layout = Layout(tmp_path / "home")
+    summary = import_sasrec(src, layout, start_ds="2026-03-01")
+    assert summary["id_offsets"] == {"user_id": 1, "item_id": 1}
+    ev = _events(layout).set_index("event_id")
+    assert ev["user_id"].to_dict() == {"sr-0": 1, "sr-1": 1, "sr-2": 2}
+    assert ev["item_id"].to_dict() == {"sr-0": 1, "sr-1": 4, "sr-2": 1}
+    assert sorted(_items(layout).index) == [1, 4] and ev["item_id"].min() >= MIN_ID
+
+    tb = _write(tmp_path / "tb.csv", "-2,0,7,pv,1511544070\n5,-4,8,fav,1511544090\n")
+    summary = import_taobao(tb, Layout(tmp_path / "tb"))
+    assert summary["id_offsets"] == {"user_id": 3, "item_id": 5}
+    ev = _events(Layout(tmp_path / "tb")).set_index("event_id")
+    assert ev.loc["tb-0", "user_id"] == 1 and ev.loc["tb-0", "item_id"] == 5
+    assert ev.loc["tb-1", "user_id"] == 8 and ev.loc["tb-1", "item_id"] == 1
+    assert sorted(_items(Layout(tmp_path / "tb")).index) == [1, 5]
+
+
+def test_movielens_ids_already_in_the_domain_are_kept(tmp_path, movielens_dir):
+    summary = import_movielens(movielens_dir, Layout(tmp_path / "home"))
+    assert summary["id_offsets"] == {"user_id": 0, "item_id": 0}
+
+
+def test_movielens_zero_movie_id_is_shifted_in_events_and_catalogue(tmp_path):
+    src = tmp_path / "ml0"
+    _write(src / "ratings.csv", "userId,movieId,rating,timestamp\n1,0,4.0,1577836800\n1,2,3.0,1577836860\n")
+    _write(src / "movies.csv", "movieId,title,genres\n0,Zero (1999),Drama\n2,Two (2001),Comedy\n")
+    layout = Layout(tmp_path / "home")
+    summary = import_movielens(src, layout)
+    assert summary["id_offsets"] == {"user_id": 0, "item_id": 1}
+    items = _items(layout)
+    assert sorted(items.index) == [1, 3] and items.loc[1, "category"] == "Drama"
+    assert sorted(_events(layout)["item_id"]) == [1, 3]
+
+
+def test_bad_items_leave_the_earlier_raw_data_as_it_was(tmp_path, movielens_dir):
+    from features.importers import write_events_and_items
+
+    layout = Layout(tmp_path / "home")
+    import_movielens(movielens_dir, layout)
+    before = {p: p.read_bytes() for p in sorted(layout.root.rglob("*")) if p.is_file()}
+    items = pa.table(
+        {
+            "item_id": pa.array([3, 4], pa.int64()),
+            "created_at": pa.array([None, None], pa.timestamp("us", tz="UTC")),
+            "category": pa.array([None, None], pa.string()),
+            "content": pa.array([None, None], pa.list_(pa.float32())),
+        }
+    )
+    with pytest.raises(ContractError, match="'created_at' has 2 null values"):
+        write_events_and_items(layout, _event_table(), items, "test")
+    assert {p: p.read_bytes() for p in sorted(layout.root.rglob("*")) if p.is_file()} == before
