@@ -61,6 +61,7 @@ CONTENT_DIM = 16
 #: and a negative id has no meaning in any source we import; user ids share the domain so
 #: that one rule covers every id column. The gate quarantines rows outside it, the service
 #: refuses such candidates, and the importers map a source's ids into it.
+PADDING_ID = 0
 MIN_ID = 1
 MAX_ID = 2**63 - 1
 ID_COLUMNS: tuple[str, ...] = ("user_id", "item_id")

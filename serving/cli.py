@@ -760,13 +760,22 @@ def model_rollback(home) -> None:
 @home_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, type=int, show_default=True)
-def serve(home, host, port) -> None:
+@click.option(
+    "--max-body-bytes",
+    envvar="AFM_MAX_BODY_BYTES",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Refuse request bodies larger than this with 413, before reading them "
+    "(default: room for the largest valid /v1/rank request; env AFM_MAX_BODY_BYTES).",
+)
+def serve(home, host, port, max_body_bytes) -> None:
     """Run the scoring HTTP service (POST /v1/rank, GET /health)."""
     import uvicorn
 
     from serving.app import create_app
 
-    uvicorn.run(create_app(_layout(home)), host=host, port=port, log_level="info")
+    limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+    uvicorn.run(create_app(_layout(home), **limits), host=host, port=port, log_level="info")
 
 
 @cli.command("publish-embeddings")

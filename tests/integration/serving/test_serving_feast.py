@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -141,9 +142,10 @@ def test_publish_then_rank_uses_precomputed_only_for_the_same_version(layout):
 
     # Same version: the stored embedding is used.
     model_r1 = SeqModel("r1")
-    client = TestClient(create_app(layout, model_loader=lambda: model_r1))
+    client = TestClient(create_app(layout, model_loader=lambda: model_r1, warm_up_in_background=False))
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["feature_store"] == "ok"
+    assert health.json()["status"] == "ok"
     r = client.post("/v1/rank", json={"user_id": 3, "candidates": [11, 15, 10], "surface": "home"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -169,6 +171,30 @@ def test_publish_then_rank_uses_precomputed_only_for_the_same_version(layout):
     assert _online_embeddings(layout, [1])["model_version"] == ["r2"]
     body = client.post("/v1/rank", json={"user_id": 3, "candidates": [11], "surface": "home"}).json()
     assert body["embedding_source"] == "precomputed"
+
+
+def test_warm_up_opens_the_feast_store(layout):
+    features = FeastOnlineFeatures(layout)
+    assert not features.is_open
+    features.warm_up()
+    assert features.is_open
+
+
+def test_warm_up_without_a_registry_names_the_fix(tmp_path):
+    features = FeastOnlineFeatures(Layout(tmp_path))
+    with pytest.raises(FeatureStoreError, match="run `afm features register`"):
+        features.warm_up()
+    assert not features.is_open
+
+
+def test_service_is_ready_once_the_store_is_open(layout):
+    features = FeastOnlineFeatures(layout)
+    client = TestClient(create_app(layout, model_loader=lambda: SeqModel("r1"), online_features=features))
+    deadline = time.monotonic() + 60
+    while client.get("/v2/health/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get("/v2/health/ready").status_code == 200
+    assert features.is_open  # opened by the warm-up, not by the first request
 
 
 def test_real_serving_model_through_the_service(layout):

@@ -157,3 +157,9 @@ def test_id_domain_reserves_the_padding_id_and_negatives():
     ]
     assert validate_event_record(_record(item_id=0)) == ["item_id_out_of_domain"]
     assert validate_event_record(_record(user_id=-3, item_id=-1)) == ["user_id_out_of_domain", "item_id_out_of_domain"]
+
+
+def test_the_padding_id_lies_outside_the_id_domain():
+    from features.contract import MIN_ID, PADDING_ID, id_in_domain
+
+    assert PADDING_ID < MIN_ID and not id_in_domain(PADDING_ID)
