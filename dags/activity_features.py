@@ -4,7 +4,7 @@ import datetime as dt
 
 from airflow.sdk import DAG, chain
 
-from serving.orchestration import START_DATE, afm_step, daily_after_midnight
+from afm.orchestration import START_DATE, afm_step, daily_after_midnight
 
 with DAG(
     dag_id="activity_features",

@@ -1,13 +1,13 @@
 """Weekly: pretrain the PinFM backbone on the corpus of the week's first day.
 
-Next-, multi- and future-token losses (training/objectives.py) through the shared trainer
+Next-, multi- and future-token losses (training/model/objectives.py) through the shared trainer
 (training/trainer.py): the run checkpoints under $AFM_HOME/runs, so a retried task resumes
 where the failed try stopped instead of starting over.
 """
 
 from airflow.sdk import DAG, CronDataIntervalTimetable
 
-from serving.orchestration import START_DATE, afm_step
+from afm.orchestration import START_DATE, afm_step
 
 with DAG(
     dag_id="foundation_pretrain",

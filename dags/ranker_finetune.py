@@ -2,7 +2,7 @@
 
 from airflow.sdk import DAG
 
-from serving.orchestration import START_DATE, afm_step, daily_after_midnight
+from afm.orchestration import START_DATE, afm_step, daily_after_midnight
 
 with DAG(
     dag_id="ranker_finetune",

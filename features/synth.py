@@ -54,7 +54,6 @@ import pyarrow.parquet as pq
 from features.config import Layout, day_window, parse_ds
 from features.contract import CONTENT_DIM, EVENT_SCHEMA, LABEL_ACTIONS, ContractError
 from features.importers import PART_FILE, clear_partitions, write_events, write_items, write_parquet
-from training.metrics import roc_auc
 
 _US = 1_000_000
 _DAY_US = 86_400 * _US
@@ -572,6 +571,8 @@ def best_auc(layout: Layout, ds: str) -> dict[str, float]:
         raise FileNotFoundError(f"best_auc: no ground truth for ds={ds} at {truth_path} (generate a synthetic world)")
     if not events_path.is_dir():
         raise FileNotFoundError(f"best_auc: no raw events for ds={ds} at {events_path}")
+    from sklearn.metrics import roc_auc_score
+
     truth = pq.read_table(truth_path).to_pandas()
     events = pq.read_table(events_path, columns=["request_id", "item_id", "action"]).to_pandas()
     events = events[events["request_id"].notna()]
@@ -581,6 +582,7 @@ def best_auc(layout: Layout, ds: str) -> dict[str, float]:
         pos["label"] = 1
         merged = truth.merge(pos, on=["request_id", "item_id"], how="left")
         labels = merged["label"].fillna(0).to_numpy(dtype=np.int64)
-        out[action] = roc_auc(labels, merged[f"p_{action}"].to_numpy())
+        both_classes = 0 < labels.sum() < len(labels)
+        out[action] = float(roc_auc_score(labels, merged[f"p_{action}"].to_numpy())) if both_classes else float("nan")
     out["n_impressions"] = int(len(truth))
     return out

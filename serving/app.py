@@ -149,7 +149,7 @@ ItemId = Annotated[StrictInt, AfterValidator(_item_in_domain), Field(json_schema
 
 
 class RankingModel(Protocol):
-    """What the service needs from a ranker (``training.serving_model.ServingModel`` implements it)."""
+    """What the service needs from a ranker (``serving.model.ServingModel`` implements it)."""
 
     version: str
     actions: tuple[str, ...]
@@ -530,7 +530,7 @@ def _problem(err: dict[str, Any]) -> str:
 
 def _default_loader(layout: Layout) -> Callable[[], RankingModel]:
     def load() -> RankingModel:
-        from training.artifacts import load_ranker
+        from serving.model import load_ranker
 
         return load_ranker(layout)
 
@@ -638,7 +638,7 @@ def create_app(
     Args:
         layout: The data root (models under ``layout.models``, Feast under ``layout.feast``).
         model_loader: Returns the model to serve; default loads CURRENT with
-            ``training.artifacts.load_ranker(layout)``. Called at start and on ``/admin/reload``.
+            ``serving.model.load_ranker(layout)``. Called at start and on ``/admin/reload``.
         online_features: Feature reader; default reads the Feast online store of ``layout``.
         warm_up_in_background: Warm up (open the feature store, one scoring pass) in a thread,
             ready when it finished (default); ``False`` warms up before returning.

@@ -96,7 +96,7 @@ def publish_user_embeddings(
 
     Args:
         layout: The data root.
-        model_loader: Returns the model (default: ``training.artifacts.load_ranker(layout)``).
+        model_loader: Returns the model (default: ``serving.model.load_ranker(layout)``).
         batch_size: Users per forward pass.
 
     Returns:
@@ -104,7 +104,7 @@ def publish_user_embeddings(
     """
     t0 = time.perf_counter()
     if model_loader is None:
-        from training.artifacts import load_ranker
+        from serving.model import load_ranker
 
         model = load_ranker(layout)
     else:

@@ -2,7 +2,7 @@
 bf16 autocast on GPU, checkpoints with exact resume, validation with early stopping, DDP.
 
 The loop never owns data state: ``batch_fn(step)`` must return the global batch of a step
-as a pure function of the step (see :class:`training.seqrec.SeqRecBatches`). Together with
+as a pure function of the step (see :class:`training.bench.seqrec.SeqRecBatches`). Together with
 the saved RNG, optimizer and scheduler state this makes a resumed run take exactly the
 steps (and losses) of an uninterrupted one.
 
@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from training.config_fields import replace_fields
-from training.model import resolve_device
+from training.model.backbone import resolve_device
+from training.model.config_fields import replace_fields
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Trainer:
     """Train ``model`` with ``objective`` on ``batch_fn(step)`` batches.
 
     Args:
-        model: the network (e.g. :class:`training.model.PinFM`).
+        model: the network (e.g. :class:`training.model.backbone.PinFM`).
         objective: module with ``forward(model, batch) -> (loss, stats)``.
         batch_fn: global batch of a step, a pure function of the step.
         cfg: settings.

@@ -11,8 +11,8 @@ import httpx
 import pandas as pd
 import pytest
 
+from afm.demo import pick_request, start_service
 from features.config import Layout
-from serving.demo import pick_request, start_service
 
 pytestmark = pytest.mark.slow
 

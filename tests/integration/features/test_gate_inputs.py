@@ -99,7 +99,7 @@ def _corrupt_pages(path: Path) -> None:
 
 
 def test_corrupt_pages_give_one_line_naming_the_file(spark, tmp_path, raw, monkeypatch, capsys):
-    from serving.cli import main
+    from afm.cli import main
 
     layout = Layout(tmp_path)
     bad = raw.write_raw(layout, DS, _good_rows(raw, 50), "broken.parquet")

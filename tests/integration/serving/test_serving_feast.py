@@ -201,10 +201,10 @@ def test_real_serving_model_through_the_service(layout):
     try:
         import torch
 
-        from training.interaction import InteractionConfig
-        from training.model import PinFMConfig
-        from training.ranker import Ranker, RankerConfig
-        from training.serving_model import ServingModel
+        from serving.model import ServingModel
+        from training.model.backbone import PinFMConfig
+        from training.model.interaction import InteractionConfig
+        from training.model.ranker import Ranker, RankerConfig
     except ImportError as exc:  # the training package is developed in parallel
         pytest.skip(f"training package not importable: {exc}")
     torch.manual_seed(0)
@@ -227,9 +227,9 @@ CANDIDATES = [10, 11, 12, 77]  # 77: not in the catalogue (no content)
 def _tiny_ranker(sequence: str, time_gaps: bool):
     import torch
 
-    from training.interaction import InteractionConfig
-    from training.model import PinFMConfig
-    from training.ranker import Ranker, RankerConfig
+    from training.model.backbone import PinFMConfig
+    from training.model.interaction import InteractionConfig
+    from training.model.ranker import Ranker, RankerConfig
 
     torch.manual_seed(0)
     cfg = RankerConfig(
@@ -242,8 +242,8 @@ def _tiny_ranker(sequence: str, time_gaps: bool):
 
 
 def _serving_model(ranker, layout: Layout, version: str):
+    from serving.model import ServingModel
     from training.data import ContentTable, ItemCreatedAt
-    from training.serving_model import ServingModel
 
     content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
     return ServingModel(ranker, version, content, ItemCreatedAt.from_layout(layout))
@@ -255,7 +255,7 @@ def _offline_probs(ranker, layout: Layout, user_id: int, with_ts: bool = True) -
 
     from features.contract import LABEL_ACTIONS, SURFACE_IDS
     from training.data import ContentTable, ItemCreatedAt, RankingData, encode_sequence_frame, read_partition
-    from training.finetune import ItemFacts, batch_tensors, ranker_logits
+    from training.jobs.finetune import ItemFacts, batch_tensors, ranker_logits
 
     snap = read_partition(layout.user_sequences, DS)
     row = snap[snap["user_id"] == user_id].reset_index(drop=True)

@@ -13,7 +13,7 @@ from serving.app import UserRow
 
 
 class TinyModel:
-    """Test double of training.serving_model.ServingModel: embedding = [len(seq), sum(item_ids)]."""
+    """Test double of serving.model.ServingModel: embedding = [len(seq), sum(item_ids)]."""
 
     actions = ("click", "save", "hide")
     embedding_dim = 2

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from features.contract import SURFACE_IDS, ContractError
+from serving.model import ServingModel
 from training.data import ContentTable, SequenceArrays, encode_sequences
-from training.finetune import FinetuneConfig, _ranker_time_gaps
-from training.model import PinFMConfig, bucketize_time_gaps
-from training.pretrain import CorpusBatches, PretrainConfig
-from training.ranker import NewItemConfig, Ranker, RankerConfig
-from training.serving_model import ServingModel
+from training.jobs.finetune import FinetuneConfig, _ranker_time_gaps
+from training.jobs.pretrain import CorpusBatches, PretrainConfig
+from training.model.backbone import PinFMConfig, bucketize_time_gaps
+from training.model.ranker import NewItemConfig, Ranker, RankerConfig
 
 BACKBONE = PinFMConfig(d_model=32, n_layers=2, n_heads=4, max_len=12, hash_buckets=1 << 16)
 T0 = 1_767_600_000  # unix seconds

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.model import PinFM, PinFMConfig
-from training.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
-from training.seqrec import SeqRecBatches, SeqRecData
+from training.bench.seqrec import SeqRecBatches, SeqRecData
+from training.model.backbone import PinFM, PinFMConfig
+from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.trainer import Trainer, TrainerConfig, clip_grad_norm, warmup_cosine
 
 REPO = Path(__file__).resolve().parents[3]
@@ -128,7 +128,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path: Path, chain_file) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "serving.cli", "bench", "seqrec", "--data", str(data), "--preset", "tiny", "--epochs", "2",
+        "-m", "afm.cli", "bench", "seqrec", "--data", str(data), "--preset", "tiny", "--epochs", "2",
         "--device", "cpu", "--max-len", "10", "--run-dir", str(tmp_path / "run"), "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

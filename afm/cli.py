@@ -1,0 +1,112 @@
+"""``afm`` — one command per pipeline step, grouped by the package that owns the step.
+
+Every step a DAG task runs is a command here, so on-call runs exactly the same step by
+hand (``afm features run-day --ds 2026-01-05``). Each package owns its command group
+(``features.cli``, ``training.cli``, ``serving.cli``); this module mounts them under one
+root and adds what spans them all (``afm demo``, ``afm report``). Commands import their
+modules lazily, so ``afm --help`` stays fast.
+
+Common options: ``--home`` (or ``AFM_HOME``) picks the data root, default ``./var``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from features import cli as features_cli
+from features.cli_options import home_option, layout_of
+from serving import cli as serving_cli
+from training import cli as training_cli
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """ActivityFM: activity sequences → foundation model → rankings."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+for _command in (
+    features_cli.data,
+    features_cli.features,
+    training_cli.train,
+    training_cli.bench,
+    training_cli.eval_,
+    training_cli.model,
+    serving_cli.serve,
+    serving_cli.publish_embeddings,
+):
+    cli.add_command(_command)
+
+
+@cli.command("demo")
+@home_option
+@click.option("--size", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)
+def demo(home, size) -> None:
+    """Run the whole pipeline on a fresh synthetic world through the Airflow DAGs and query the service."""
+    from afm.demo import run_demo
+
+    sys.exit(run_demo(layout_of(home), size=size))
+
+
+@cli.command("report")
+@click.option("--check", is_flag=True, help="Write nothing; fail when a table is out of date with its JSON lines.")
+@click.argument("directory", default="docs/experiments", type=click.Path(file_okay=False, path_type=Path))
+def report(check: bool, directory: Path) -> None:
+    """Regenerate the result tables of docs/experiments/*.md from their results/*.jsonl."""
+    from afm.report import main as report_main
+
+    sys.exit(report_main([*(["--check"] if check else []), str(directory)]))
+
+
+def run_afm(*args: str) -> None:
+    """Run one ``afm`` command in this process (what DAG tasks call); raises when it fails.
+
+    Example: ``run_afm("features", "gate", "--ds", "2026-01-05")``.
+    """
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    logging.getLogger(__name__).info("afm %s", " ".join(args))
+    try:
+        cli.main(list(args), prog_name="afm", standalone_mode=False)
+    except SystemExit as exc:  # `afm demo` and click's own exits
+        if exc.code not in (0, None):
+            raise RuntimeError(f"afm {' '.join(args)} exited with {exc.code}") from exc
+
+
+#: Errors that carry a complete, user-facing message: printed as one line (traceback with -v).
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+
+def main() -> None:
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    try:
+        cli.main(prog_name="afm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("afm: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        from features.spark import is_spark_error, spark_error_line
+
+        spark_failed = is_spark_error(exc)
+        if not (spark_failed or isinstance(exc, USER_ERRORS)) or "-v" in sys.argv or "--verbose" in sys.argv:
+            raise
+        message = (
+            f"SparkJobError: Spark failed: {spark_error_line(exc)}" if spark_failed else f"{type(exc).__name__}: {exc}"
+        )
+        click.echo(f"afm: error: {message}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""What the scoring service holds: one ranker version on CPU, eval mode, no autograd.
+
+Two calls: :meth:`ServingModel.user_embeddings` (once per user, can be precomputed and
+published) and :meth:`ServingModel.score` (per request, for any number of candidates). An
+early-fusion ranker (``pinfm_early``, DCAT) or a TransAct ranker also reads the request's
+sequence in :meth:`score`: one context pass, then every candidate cross-attends to it.
+
+A sequence may carry ``"ts"``, each event's time (unix seconds or datetimes, oldest first,
+aligned with ``item_ids``): a ranker trained with ``RankerConfig.time_gaps`` then gets the
+same log-time-gap buckets as in offline scoring (:func:`training.jobs.finetune.batch_tensors`).
+A sequence without ``"ts"`` (or ``None``) has unknown gaps: it is scored without them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from features.config import Layout
+from features.contract import SURFACE_IDS, ContractError
+from training.data import ContentTable, ItemCreatedAt, SequenceArrays, encode_sequences
+from training.model.ranker import Ranker, RankerConfig
+
+
+class ServingModel:
+    """A loaded ranker version.
+
+    Attributes:
+        version: the ranker version string.
+        actions: action names of the score columns.
+        embedding_dim: size of a user embedding.
+        max_len: sequences are truncated to their newest ``max_len`` events.
+    """
+
+    def __init__(
+        self,
+        ranker: Ranker,
+        version: str,
+        content: ContentTable | None = None,
+        created: ItemCreatedAt | None = None,
+    ) -> None:
+        self.ranker = ranker.cpu().eval()
+        self.version = version
+        self.actions: tuple[str, ...] = tuple(ranker.cfg.actions)
+        self.embedding_dim: int = ranker.cfg.backbone.d_model
+        # early fusion appends the candidate after the sequence: one position stays free (as in training)
+        self.max_len: int = ranker.cfg.backbone.max_len - (1 if ranker.cfg.sequence == "pinfm_early" else 0)
+        self.content = content if content is not None else ContentTable.empty(ranker.cfg.backbone.content_dim)
+        # creation times: items created after the ranker's training data are scored from content
+        self.created = created if created is not None else ItemCreatedAt(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self.chunk = 1024  # users per backbone pass in user_embeddings
+
+    @classmethod
+    def from_artifact(cls, layout: Layout, artifact: dict) -> ServingModel:
+        """Build from :func:`training.jobs.registry.load_artifact` output (``config["ranker"]`` holds the shape)."""
+        cfg_dict = artifact["config"].get("ranker")
+        if cfg_dict is None:
+            raise ContractError(f"{artifact['path']}/config.json has no 'ranker' section; is it a ranker artifact?")
+        ranker = Ranker(RankerConfig.from_dict(cfg_dict))
+        ranker.load_state_dict(artifact["state_dict"])
+        content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
+        return cls(ranker, artifact["version"], content, ItemCreatedAt.from_layout(layout))
+
+    def _event_times(self, seq: dict, where: str) -> list | None:
+        """The sequence's per-event times when the ranker reads them, else None (unknown or unused).
+
+        Raises:
+            ContractError: when ``seq["ts"]`` is given but not aligned with ``seq["item_ids"]``.
+        """
+        if not self.ranker.cfg.time_gaps:
+            return None  # a ranker without time gaps never reads them
+        ts = seq.get("ts")
+        if ts is None:
+            return None
+        ts = list(ts)
+        n = 0 if seq["item_ids"] is None else len(seq["item_ids"])
+        if len(ts) != n:
+            raise ContractError(f"{where} has {len(ts)} event times for {n} events; 'ts' must align with 'item_ids'")
+        return ts
+
+    def _encode(self, sequences: Sequence[dict], times: Sequence[list] | None) -> SequenceArrays:
+        """Right-padded arrays of the newest ``max_len`` events; ``ts`` (N, L) seconds when ``times`` is given."""
+        return encode_sequences(
+            [s["item_ids"] for s in sequences],
+            [s["actions"] for s in sequences],
+            [s["surfaces"] for s in sequences],
+            self.max_len,
+            times,
+        )
+
+    def user_embeddings(self, sequences: Sequence[dict]) -> np.ndarray:
+        """User embeddings of a batch of sequences.
+
+        Args:
+            sequences: dicts with "item_ids", "actions", "surfaces" lists (oldest first,
+                newest last; empty lists allowed) and optionally "ts", the events' times
+                (unix seconds, aligned with "item_ids"; absent or None = unknown).
+
+        Returns:
+            (U, D) float32.
+        """
+        if not sequences:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        for i, s in enumerate(sequences):
+            missing = [k for k in ("item_ids", "actions", "surfaces") if k not in s]
+            if missing:
+                raise ContractError(f"sequence {i} lacks keys {missing}")
+        times = [self._event_times(s, f"sequence {i}") for i, s in enumerate(sequences)]
+        known = np.array([t is not None for t in times])  # (U,)
+        out = np.zeros((len(sequences), self.embedding_dim), np.float32)
+        # sequences with and without times in separate passes: unknown times mean no gaps, not zero gaps
+        for group in (np.flatnonzero(known), np.flatnonzero(~known)):
+            if not len(group):
+                continue
+            arrays = self._encode([sequences[i] for i in group], [times[i] for i in group] if known[group[0]] else None)
+            for start in range(0, len(arrays), self.chunk):
+                rows = np.arange(start, min(start + self.chunk, len(arrays)))
+                b = arrays.tensors(rows, self.content)
+                with torch.no_grad():
+                    emb = self.ranker.user_embedding(
+                        b["item_ids"], b["action_ids"], b["surface_ids"], b["content"], b["pad_mask"], b.get("ts")
+                    )  # (chunk, D)
+                out[group[rows]] = emb.numpy()
+        return out
+
+    def score(
+        self,
+        user_embedding: np.ndarray,
+        candidates: Sequence[int],
+        surface: str,
+        content: dict[int, Sequence[float]] | None = None,
+        sequence: dict | None = None,
+        request_ts: int | None = None,
+    ) -> np.ndarray:
+        """Per-action probabilities of each candidate.
+
+        Args:
+            user_embedding: (D,) from :meth:`user_embeddings`.
+            candidates: C item ids.
+            surface: one of features.contract.SURFACES.
+            content: optional item_id → content vector, overriding the catalogue's.
+            sequence: the user's sequence ("item_ids", "actions", "surfaces", optionally "ts"
+                as in :meth:`user_embeddings`), read by early-fusion and TransAct rankers
+                (None = an unknown user's empty sequence).
+            request_ts: the request time in unix seconds (default: now); with the catalogue's
+                creation times it tells which candidates are newer than the ranker's training data.
+
+        Returns:
+            (C, A) float32 probabilities, columns in ``self.actions`` order.
+        """
+        if surface not in SURFACE_IDS:
+            raise ContractError(f"unknown surface {surface!r}; expected one of {sorted(SURFACE_IDS)}")
+        user = np.asarray(user_embedding, dtype=np.float32).reshape(-1)
+        if user.shape != (self.embedding_dim,):
+            raise ContractError(
+                f"user embedding has {user.size} values, model {self.version} expects {self.embedding_dim}"
+            )
+        if len(candidates) == 0:
+            return np.zeros((0, len(self.actions)), np.float32)
+        ids = np.asarray(candidates, dtype=np.int64)  # (C,)
+        cand_content = self.content.lookup(ids)  # (C, Cd)
+        for j, item in enumerate(ids.tolist()):
+            vec = (content or {}).get(item)
+            if vec is not None:
+                vec = np.asarray(vec, dtype=np.float32)
+                if vec.shape != (self.content.dim,):
+                    raise ContractError(f"content of item {item} has {vec.size} values, expected {self.content.dim}")
+                cand_content[j] = vec
+        surf = torch.full((1, len(ids)), SURFACE_IDS[surface], dtype=torch.long)  # (1, C)
+        now = int(time.time()) if request_ts is None else int(request_ts)
+        created = self.created.lookup(ids)  # (C,) -1 = unknown
+        age = torch.from_numpy(np.where(created >= 0, now - created, -1))[None]  # (1, C) seconds
+        ts = torch.tensor([now], dtype=torch.long)  # (1,)
+        with torch.no_grad():
+            if self.ranker.uses_sequence_per_candidate:
+                seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
+                missing = [k for k in ("item_ids", "actions", "surfaces") if k not in seq]
+                if missing:
+                    raise ContractError(f"the sequence lacks keys {missing}")
+                times = self._event_times(seq, "the sequence")
+                arrays = self._encode([seq], None if times is None else [times])
+                logits = self.ranker(
+                    arrays.tensors(np.arange(1), self.content),  # (1, L) each, "ts" (1, L) seconds when known
+                    torch.from_numpy(ids)[None, :],  # (1, C)
+                    surf,
+                    torch.from_numpy(cand_content)[None],  # (1, C, Cd)
+                    cand_age_s=age,
+                    request_ts=ts,
+                )  # (1, C, A)
+            else:
+                logits = self.ranker.score_from_user_embedding(
+                    torch.from_numpy(user)[None, :],  # (1, D)
+                    torch.from_numpy(ids)[None, :],  # (1, C)
+                    torch.from_numpy(cand_content)[None],  # (1, C, Cd)
+                    surf,
+                    cand_age_s=age,
+                    request_ts=ts,
+                )  # (1, C, A)
+        return torch.sigmoid(logits[0]).numpy().astype(np.float32)
+
+
+def load_ranker(layout: Layout, version: str | None = None) -> ServingModel:
+    """Load a registered ranker for serving (CPU, eval mode).
+
+    Args:
+        layout: data root (item content is read from ``layout.items`` when present).
+        version: a ranker version; None = CURRENT.
+
+    Raises:
+        training.jobs.registry.RegistryError: nothing is promoted, or the version does not exist.
+    """
+    from training.jobs.registry import RegistryError, current_file, current_version, load_artifact
+
+    if version is None:
+        version = current_version(layout)
+        if version is None:
+            raise RegistryError(
+                f"no ranker is promoted: {current_file(layout)} does not exist "
+                "(run `afm train finetune` or `afm model promote VERSION`)"
+            )
+    return ServingModel.from_artifact(layout, load_artifact(layout, "ranker", version))

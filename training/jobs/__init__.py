@@ -1,0 +1,1 @@
+"""The jobs the DAGs run: pretraining, fine-tuning and the model registry."""

@@ -1,0 +1,501 @@
+"""Fine-tune the ranker on ranking examples, evaluate on the last day, register and gate.
+
+``afm train finetune`` → :func:`finetune` → ``models/ranker/<version>`` (+ CURRENT when it passes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from features.config import Layout, day_window
+from features.contract import ACTION_IDS, LABEL_ACTIONS, POSITIVE_ACTIONS
+from training.data import ContentTable, ItemCreatedAt, RankingData, candidate_slots, load_ranking_data
+from training.jobs import registry
+from training.metrics import hit_at_k, roc_auc
+from training.model.backbone import PinFMConfig, resolve_device
+from training.model.config_fields import replace_fields
+from training.model.interaction import default_label_weights, weighted_bce
+from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
+from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig, init_from_backbone
+from training.model.transact import next_action_loss
+from training.trainer import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+#: The new model is promoted when its click AUC ≥ the current one's minus this.
+PROMOTION_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning settings.
+
+    Attributes:
+        epochs: passes over the training days.
+        batch_size: impressions per step (whole requests are kept together).
+        lr: peak AdamW learning rate of the head.
+        backbone_lr_scale: the backbone's learning rate is ``lr × backbone_lr_scale`` (PinFM: 1/10).
+        weight_decay: AdamW weight decay.
+        warmup: linear warm-up steps.
+        grad_clip: max gradient norm.
+        label_weights: (A, A) rows = heads, columns = labels of LABEL_ACTIONS
+            (:func:`training.model.interaction.weighted_bce`); None = identity (plain BCE).
+        sequence: the ranker's sequence module (:data:`training.model.ranker.SEQUENCE_MODES`).
+        next_action_weight: TransAct V2's Next Action Loss (impression negatives) weight; 0 = off.
+        aux_next_token_weight: the backbone's next-token loss on the request sequences; 0 = off.
+        new_items: candidate-ID randomization and age-dependent ID dropout (NewItemConfig.off() = none).
+        lifelong_top_k: ``transact`` only: TransAct V2's per-candidate selection of the
+            ``lifelong_recent_r`` most recent + ``lifelong_top_k`` most content-similar actions
+            (0 = TransAct over the whole sequence).
+        time_gaps: the ranker's ``RankerConfig.time_gaps`` (log-time-gap buckets of the sequence
+            into the backbone); None = as the backbone was pretrained (``PretrainConfig.time_gaps``),
+            or the ``RankerConfig`` default without a pretrained backbone.
+        model: backbone preset when starting from random weights (a pretrained backbone brings its own shape).
+        device: 'auto', 'cpu' or 'cuda'.
+        seed: RNG seed.
+    """
+
+    epochs: int = 2
+    batch_size: int = 512
+    lr: float = 2e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 0.01
+    warmup: int = 20
+    grad_clip: float = 1.0
+    label_weights: tuple[tuple[float, ...], ...] | None = None
+    sequence: str = "pinfm_early"
+    next_action_weight: float = 0.01
+    aux_next_token_weight: float = 0.0
+    new_items: NewItemConfig = dataclasses.field(default_factory=NewItemConfig)
+    lifelong_top_k: int = 0
+    lifelong_recent_r: int = 8
+    time_gaps: bool | None = None
+    model: str = "small"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sequence not in SEQUENCE_MODES:
+            raise ValueError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
+        if self.label_weights is not None:
+            a = len(LABEL_ACTIONS)
+            if len(self.label_weights) != a or any(len(r) != a for r in self.label_weights):
+                raise ValueError(f"label_weights must be {a} × {a} (actions {LABEL_ACTIONS})")
+
+    def replace(self, **kw) -> FinetuneConfig:
+        """A copy with some fields changed; ValueError naming unknown fields."""
+        return replace_fields(self, **kw)
+
+    def label_weight_matrix(self) -> torch.Tensor:
+        if self.label_weights is None:
+            return default_label_weights(LABEL_ACTIONS)
+        return torch.tensor(self.label_weights, dtype=torch.float32)
+
+
+def _resolve_backbone(layout: Layout, backbone: str, preset: str) -> tuple[PinFMConfig, dict | None]:
+    """(backbone config, pinfm artifact or None) for 'none' | 'latest' | a version."""
+    if backbone == "none":
+        return PinFMConfig.preset(preset), None
+    if backbone == "latest":
+        version = registry.latest_version(layout, "pinfm")
+        if version is None:
+            log.info("finetune: no pretrained pinfm under %s; starting from random weights", layout.models / "pinfm")
+            return PinFMConfig.preset(preset), None
+    else:
+        version = backbone
+    art = registry.load_artifact(layout, "pinfm", version)
+    return PinFMConfig.from_dict(art["config"]["model"]), art
+
+
+def _ranker_time_gaps(cfg: FinetuneConfig, backbone: dict | None) -> bool:
+    """Whether the ranker feeds time gaps: ``cfg.time_gaps``, else what the backbone was pretrained with."""
+    pretrained = None
+    if backbone is not None:
+        # a pinfm artifact whose pretraining settings lack the field was pretrained without gaps
+        pretrained = bool((backbone["config"].get("pretrain") or {}).get("time_gaps", False))
+    if cfg.time_gaps is None:
+        return RankerConfig().time_gaps if pretrained is None else pretrained
+    if pretrained is not None and cfg.time_gaps != pretrained:
+        log.warning(
+            "finetune: time_gaps=%s, but backbone %s was pretrained with time_gaps=%s",
+            cfg.time_gaps,
+            backbone["version"],
+            pretrained,
+        )
+    return cfg.time_gaps
+
+
+@dataclass
+class ItemFacts:
+    """What fine-tuning and evaluation know about items: content vectors and creation times."""
+
+    content: ContentTable
+    created: ItemCreatedAt
+
+    @classmethod
+    def from_layout(cls, layout: Layout, content_dim: int) -> ItemFacts:
+        return cls(ContentTable.from_layout(layout, content_dim), ItemCreatedAt.from_layout(layout))
+
+
+def batch_tensors(data: RankingData, idx: np.ndarray, items: ItemFacts, device: torch.device) -> dict:
+    """Impressions ``idx`` grouped by request: each unique sequence once, its candidates in one row.
+
+    Returns:
+        ``seq`` (the U sequences' tensors), candidate grids (U, C): ``cand_ids``,
+        ``cand_surface_ids``, ``cand_mask``, ``cand_age_s``, ``labels`` (U, C, A),
+        ``cand_content`` (U, C, Cd) or None, ``request_ts`` (U,), and ``inverse``/``slot``
+        (N,) mapping every impression of ``idx`` to its cell.
+    """
+    reqs, inverse = np.unique(data.req_index[idx], return_inverse=True)
+    inverse = inverse.reshape(-1)
+    slot, width = candidate_slots(inverse, len(reqs))
+    U = len(reqs)
+    ids = data.item_ids[idx]
+
+    def grid(values: np.ndarray, fill: float | int = 0) -> np.ndarray:
+        out = np.full((U, width, *values.shape[1:]), fill, dtype=values.dtype)
+        out[inverse, slot] = values
+        return out
+
+    request_ts = data.request_ts[reqs] if data.request_ts is not None else np.zeros(U, np.int64)
+    created = items.created.lookup(ids)  # (N,)
+    age = np.where(created >= 0, request_ts[inverse] - created, -1)
+    cand_ids = grid(ids)
+    out = {
+        "seq": data.sequences.tensors(reqs, items.content, device),
+        "cand_ids": torch.from_numpy(cand_ids).to(device),  # (U, C)
+        "cand_surface_ids": torch.from_numpy(grid(data.surface_ids[idx])).to(device),  # (U, C)
+        "cand_mask": torch.from_numpy(grid(np.ones(len(idx), bool), False)).to(device),  # (U, C)
+        "cand_age_s": torch.from_numpy(grid(age.astype(np.int64), -1)).to(device),  # (U, C)
+        "labels": torch.from_numpy(grid(data.labels[idx])).to(device),  # (U, C, A)
+        "cand_content": None,
+        "request_ts": torch.from_numpy(request_ts.astype(np.int64)).to(device),  # (U,)
+        "inverse": torch.from_numpy(inverse).to(device),  # (N,)
+        "slot": torch.from_numpy(slot).to(device),  # (N,)
+    }
+    if len(items.content):
+        out["cand_content"] = torch.from_numpy(items.content.lookup(cand_ids)).to(device)  # (U, C, Cd)
+    return out
+
+
+def ranker_logits(model: Ranker, b: dict, return_user: bool = False):
+    """(U, C, A) logits of a :func:`batch_tensors` batch (and the late user vector)."""
+    return model(
+        b["seq"],
+        b["cand_ids"],
+        b["cand_surface_ids"],
+        b["cand_content"],
+        b["cand_mask"],
+        b["cand_age_s"],
+        b["request_ts"],
+        return_user=return_user,
+    )
+
+
+def next_action_term(model: Ranker, b: dict, user: torch.Tensor | None) -> torch.Tensor | None:
+    """TransAct V2's Next Action Loss of a batch: each request's engaged item vs its other impressions.
+
+    Positive: the request's first impression with any positive label (not ``hide``); negatives:
+    its impressions with no label at all. Requests without both are skipped. None without a
+    backbone user vector (modes ``none`` and ``transact``).
+    """
+    if user is None:
+        return None
+    actions = list(model.actions)
+    pos_cols = [j for j, a in enumerate(actions) if a != "hide"]
+    engaged = b["labels"][..., pos_cols].amax(-1) > 0  # (U, C)
+    engaged = engaged & b["cand_mask"]
+    silent = (b["labels"].amax(-1) == 0) & b["cand_mask"]  # (U, C) impressed, nothing done
+    valid = engaged.any(1) & silent.any(1)  # (U,)
+    if not bool(valid.any()):
+        return None
+    first = engaged.float().argmax(1)  # (U,) first engaged slot
+    rows = torch.arange(len(first), device=first.device)
+    content = b["cand_content"]
+    pos_ids = b["cand_ids"][rows, first]  # (U,)
+    pos_emb = model.backbone.item_embedding(pos_ids, content[rows, first] if content is not None else None)  # (U, D)
+    neg_emb = model.backbone.item_embedding(b["cand_ids"], content)  # (U, C, D)
+    return next_action_loss(user, pos_emb, neg_emb, silent, valid=valid)
+
+
+def predict(model: Ranker, data: RankingData, items: ItemFacts, device: torch.device, batch: int = 2048):
+    """(N, A) probabilities of every impression of ``data`` (eval mode, no grad)."""
+    model.eval()
+    out = np.zeros((len(data), len(model.actions)), np.float32)
+    with torch.no_grad():
+        for idx in data.request_batches(batch, rng=None):
+            b = batch_tensors(data, idx, items, device)
+            logits = ranker_logits(model, b)[b["inverse"], b["slot"]]  # (N, A)
+            out[idx] = torch.sigmoid(logits).cpu().numpy()
+    return out
+
+
+def new_item_mask(data: RankingData, items: ItemFacts, cutoff_s: int | None) -> np.ndarray | None:
+    """(N,) True where the impression's item was created after ``cutoff_s`` (None: unknown)."""
+    if cutoff_s is None or not len(items.created):
+        return None
+    created = items.created.lookup(data.item_ids)
+    return created > cutoff_s
+
+
+def evaluate(
+    model: Ranker,
+    data: RankingData,
+    items: ItemFacts,
+    device: torch.device,
+    cutoff_s: int | None = None,
+    probs: np.ndarray | None = None,
+) -> dict:
+    """Per-action AUC and HIT@3, overall and sliced by new vs old items.
+
+    Keys: ``auc_<action>``, ``hit3_<action>`` and, when item creation times and a cutoff are
+    known, the same with ``_new`` / ``_old`` suffixes (new = created after ``cutoff_s``, the
+    end of the backbone's pretraining data); ``n_eval``, ``n_eval_new``. NaN where a slice has
+    one class only. ``probs`` (N, A): the model's predictions on ``data`` when already computed.
+    """
+    if probs is None:
+        probs = predict(model, data, items, device)
+    groups = data.req_index
+    new = new_item_mask(data, items, cutoff_s)
+    metrics: dict = {"n_eval": len(data)}
+    slices = {"": np.ones(len(data), bool)}
+    if new is not None:
+        slices.update({"_new": new, "_old": ~new})
+        metrics["n_eval_new"] = int(new.sum())
+    for suffix, m in slices.items():
+        for j, a in enumerate(model.actions):
+            y, p = data.labels[m, j], probs[m, j]
+            metrics[f"auc_{a}{suffix}"] = roc_auc(y, p) if m.any() else float("nan")
+            metrics[f"hit3_{a}{suffix}"] = hit_at_k(y, p, groups[m], k=3) if m.any() else float("nan")
+    return metrics
+
+
+def _json_number(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _gate(layout: Layout, new_auc: float | None) -> dict:
+    cur = registry.current_version(layout)
+    if cur is None:
+        return {"pass": True, "reason": "no CURRENT ranker yet", "current_version": None, "new_auc_click": new_auc}
+    cur_auc = registry.load_artifact(layout, "ranker", cur)["metrics"].get("auc_click")
+    out = {"current_version": cur, "current_auc_click": cur_auc, "new_auc_click": new_auc}
+    if new_auc is None:
+        return {**out, "pass": False, "reason": "new click AUC undefined (one class on the eval day)"}
+    if cur_auc is None:
+        return {**out, "pass": True, "reason": "current ranker has no click AUC"}
+    ok = new_auc >= cur_auc - PROMOTION_TOLERANCE
+    rel = "≥" if ok else "<"
+    return {**out, "pass": ok, "reason": f"auc_click {new_auc:.4f} {rel} {cur_auc:.4f} - {PROMOTION_TOLERANCE}"}
+
+
+def train_ranker(
+    train: RankingData,
+    test: RankingData,
+    items: ItemFacts,
+    cfg: FinetuneConfig,
+    rcfg: RankerConfig,
+    backbone_state: dict | None,
+    cutoff_s: int | None,
+    device: torch.device,
+) -> tuple[Ranker, dict, list[float]]:
+    """Fine-tune a ranker on in-memory ranking data and evaluate it (the loop behind :func:`finetune`).
+
+    Args:
+        train: training impressions grouped by request (sequences of ``max_len - 1`` events
+            for ``pinfm_early``: early fusion appends the candidate).
+        test: evaluation impressions.
+        items: content vectors and creation times of the items.
+        cfg: optimisation settings (``cfg.seed`` seeds the weights' init and the batch order).
+        rcfg: the ranker's shape (``rcfg.id_cutoff_s``: end of the fine-tuning data).
+        backbone_state: pretrained PinFM weights for ``ranker.backbone``, or None (random).
+        cutoff_s: new items = created after this (unix seconds; the backbone's pretraining
+            cutoff), for the ``_new``/``_old`` slices of :func:`evaluate`; None = no slices.
+        device: where to train.
+
+    Returns:
+        (the trained ranker, metrics = :func:`evaluate`'s keys (NaN → None) + ``n_train`` and
+        ``final_train_loss``, the loss of every step).
+    """
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"empty ranking data: {len(train)} train impressions, {len(test)} eval impressions")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = Ranker(rcfg)
+    if backbone_state is not None:
+        init_from_backbone(model, backbone_state)
+    model.to(device)
+
+    bb_params = list(model.backbone.parameters())
+    bb_ids = {id(p) for p in bb_params}
+    head_params = [p for p in model.parameters() if id(p) not in bb_ids]
+    aux = None
+    if cfg.aux_next_token_weight > 0:
+        catalog = ItemCatalog.from_sequences(train.sequences.item_ids[train.sequences.item_ids > 0])
+        aux = PinFMObjective(ObjectiveConfig(negatives=256), catalog).to(device)
+        head_params += list(aux.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": head_params, "lr": cfg.lr}, {"params": bb_params, "lr": cfg.lr * cfg.backbone_lr_scale}],
+        weight_decay=cfg.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
+    )
+    steps_per_epoch = len(train.request_batches(cfg.batch_size, rng=None))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, total, 0.1))
+    label_weights = cfg.label_weight_matrix().to(device)  # (A, A)
+    positive_ids = torch.tensor([ACTION_IDS[a] for a in POSITIVE_ACTIONS], device=device)
+
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=None)
+    for epoch in range(cfg.epochs):
+        model.train()
+        for idx in train.request_batches(cfg.batch_size, rng):
+            b = batch_tensors(train, idx, items, device)
+            logits, user = ranker_logits(model, b, return_user=True)  # (U, C, A), (U, D)
+            loss = weighted_bce(logits, b["labels"], label_weights, mask=b["cand_mask"])
+            if cfg.next_action_weight > 0:
+                nal = next_action_term(model, b, user)
+                if nal is not None:
+                    loss = loss + cfg.next_action_weight * nal
+            if aux is not None:
+                seq = {k: v for k, v in b["seq"].items() if v is not None and k != "ts"}
+                seq["positive"] = torch.isin(seq["action_ids"], positive_ids) & seq["pad_mask"]
+                gaps = model.time_gaps(b["seq"])  # (U, L): the backbone's input as in scoring
+                if gaps is not None:
+                    seq["time_gaps"] = gaps
+                aux_loss, _ = aux(model.backbone, seq)
+                loss = loss + cfg.aux_next_token_weight * aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+        log.info("finetune epoch %d/%d mean loss %.4f", epoch + 1, cfg.epochs, np.mean(losses[-steps_per_epoch:]))
+    bar.close()
+
+    ev = evaluate(model, test, items, device, cutoff_s)
+    metrics = {k: _json_number(v) for k, v in ev.items()}
+    metrics.update(n_train=len(train), final_train_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])))
+    return model, metrics, losses
+
+
+def finetune(
+    layout: Layout,
+    cfg: FinetuneConfig,
+    ds: str | None = None,
+    backbone: str = "latest",
+    promote: bool = True,
+    register: bool = True,
+) -> dict:
+    """Fine-tune, evaluate, save a "ranker" artifact and promote it when it passes the gate.
+
+    Args:
+        layout: data root.
+        cfg: run settings.
+        ds: evaluation day (default: the latest ranking_examples partition); all earlier days train.
+        backbone: "latest" (newest pinfm, random weights when there is none), "none", or a pinfm version.
+        promote: make the new version CURRENT when the gate passes.
+        register: save the artifact (False: only measure, e.g. for an ablation; nothing is written).
+
+    Returns:
+        {version, metrics, promoted, backbone_version, gate, seconds}.
+    """
+    t0 = time.perf_counter()
+    days = layout.available_days(layout.ranking_examples)
+    if not days:
+        raise FileNotFoundError(f"no ranking examples under {layout.ranking_examples}: run the feature pipeline first")
+    eval_day = ds or days[-1]
+    if eval_day not in days:
+        raise FileNotFoundError(f"no ranking examples for ds={eval_day} under {layout.ranking_examples} (have {days})")
+    train_days = [d for d in days if d < eval_day]
+    if not train_days:
+        raise ValueError(f"fine-tuning needs at least one day before the eval day {eval_day}; have {days}")
+
+    device = resolve_device(cfg.device)
+    bb_cfg, bb_art = _resolve_backbone(layout, backbone, cfg.model)
+    bb_version = bb_art["version"] if bb_art else None
+    # items created after the last fine-tuning day never had a trained ID (content carries them)
+    id_cutoff_s = int(day_window(train_days[-1])[1].timestamp())
+    rcfg = RankerConfig(
+        backbone=bb_cfg,
+        sequence=cfg.sequence,
+        new_items=cfg.new_items,
+        id_cutoff_s=id_cutoff_s,
+        lifelong_top_k=cfg.lifelong_top_k,
+        lifelong_recent_r=cfg.lifelong_recent_r,
+        time_gaps=_ranker_time_gaps(cfg, bb_art),
+    )
+    # new items = created after the backbone's pretraining data (or before any fine-tuning day without one)
+    corpus_ds = bb_art["data_version"].get("corpus_ds") if bb_art else None
+    cutoff = day_window(corpus_ds)[1] if corpus_ds else day_window(train_days[0])[0]
+    cutoff_s = int(cutoff.timestamp())
+
+    items = ItemFacts.from_layout(layout, bb_cfg.content_dim)
+    # early fusion appends the candidate after the sequence: keep one position free for it
+    seq_len = bb_cfg.max_len - 1 if cfg.sequence == "pinfm_early" else bb_cfg.max_len
+    train = load_ranking_data(layout, train_days, seq_len)
+    test = load_ranking_data(layout, [eval_day], seq_len)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"empty ranking examples: {len(train)} train ({train_days}), {len(test)} eval ({eval_day})")
+    log.info(
+        "finetune: train %s (%d impressions, %d requests), eval %s (%d), backbone %s, sequence %s, device %s",
+        train_days, len(train), len(train.sequences), eval_day, len(test), bb_version or "random", cfg.sequence,
+        device,
+    )  # fmt: skip
+
+    model, metrics, _ = train_ranker(
+        train, test, items, cfg, rcfg, bb_art["state_dict"] if bb_art else None, cutoff_s, device
+    )
+    data_version = {
+        "train_days": train_days,
+        "eval_day": eval_day,
+        "backbone_version": bb_version,
+        "corpus_version": corpus_ds,
+        "new_item_cutoff": cutoff.isoformat(),
+        "n_train": len(train),
+        "n_eval": len(test),
+    }
+    if not register:
+        log.info("finetune (not registered): sequence %s metrics %s", cfg.sequence, metrics)
+        return {
+            "version": None,
+            "metrics": metrics,
+            "promoted": False,
+            "backbone_version": bb_version,
+            "gate": None,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    gate = _gate(layout, metrics.get("auc_click"))
+    gate["promote_requested"] = promote
+    version = registry.save_artifact(
+        layout,
+        "ranker",
+        model.state_dict(),
+        config={"ranker": rcfg.to_dict(), "finetune": dataclasses.asdict(cfg), "backbone_version": bb_version},
+        metrics=metrics,
+        data_version=data_version,
+        extra={"gate": gate},
+    )
+    promoted = bool(promote and gate["pass"])
+    if promoted:
+        registry.promote(layout, version, reason=f"gate: {gate['reason']}")
+    log.info("finetune: saved ranker %s metrics %s; gate %s; promoted=%s", version, metrics, gate["reason"], promoted)
+    return {
+        "version": version,
+        "metrics": metrics,
+        "promoted": promoted,
+        "backbone_version": bb_version,
+        "gate": gate,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
