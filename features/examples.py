@@ -163,6 +163,29 @@ def point_in_time_violations(seq: DataFrame) -> int:
     return seq.where(F.exists("ts", lambda t: t >= F.col("request_ts"))).count()
 
 
+def _example_figures(ex_out: DataFrame, seq_out: DataFrame) -> dict[str, Any]:
+    """Counts of the written examples and request sequences, and examples whose request has no sequence row."""
+    from pyspark.sql import functions as F
+
+    counts = ex_out.agg(
+        F.count(F.lit(1)).alias("examples"), *[F.sum(f"label_{a}").alias(a) for a in LABEL_ACTIONS]
+    ).collect()[0]
+    seq_stats = seq_out.agg(
+        F.count(F.lit(1)).alias("requests"),
+        F.sum(F.when(F.size("item_ids") == 0, 1).otherwise(0)).alias("empty"),
+        F.avg(F.size("item_ids")).alias("mean_len"),
+    ).collect()[0]
+    return {
+        "examples": int(counts["examples"]),
+        "positives": {a: int(counts[a] or 0) for a in LABEL_ACTIONS},
+        "requests": int(seq_stats["requests"]),
+        "requests_with_empty_sequence": int(seq_stats["empty"] or 0),
+        "mean_sequence_len": float(seq_stats["mean_len"] or 0.0),
+        # every example's request has a sequence row (they come from the same impressions)
+        "orphans": ex_out.join(seq_out.select("request_id"), "request_id", "left_anti").count(),
+    }
+
+
 def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len: int = MAX_SEQ_LEN) -> dict[str, Any]:
     """Write ``ranking_examples/ds=…`` and ``request_sequences/ds=…`` for day ``ds``.
 
@@ -210,18 +233,8 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
 
     ex_out = spark.read.parquet(str(ex_out_staged.staged))
     seq_out = spark.read.parquet(str(seq_out_staged.staged))
-
-    counts = ex_out.agg(
-        F.count(F.lit(1)).alias("examples"), *[F.sum(f"label_{a}").alias(a) for a in LABEL_ACTIONS]
-    ).collect()[0]
-    seq_stats = seq_out.agg(
-        F.count(F.lit(1)).alias("requests"),
-        F.sum(F.when(F.size("item_ids") == 0, 1).otherwise(0)).alias("empty"),
-        F.avg(F.size("item_ids")).alias("mean_len"),
-    ).collect()[0]
-    # every example's request has a sequence row (they come from the same impressions)
-    orphans = ex_out.join(seq_out.select("request_id"), "request_id", "left_anti").count()
-
+    figures = _example_figures(ex_out, seq_out)
+    orphans = figures.pop("orphans")
     ex_summary = quality.validate_output(
         ex_out, "ranking_examples", quality.ranking_examples_expectations(), ds, layout=layout
     )
@@ -236,11 +249,7 @@ def build_ranking_examples(spark: SparkSession, layout: Layout, ds: str, max_len
         "step": "examples",
         "ds": ds,
         "max_len": max_len,
-        "examples": int(counts["examples"]),
-        "positives": {a: int(counts[a] or 0) for a in LABEL_ACTIONS},
-        "requests": int(seq_stats["requests"]),
-        "requests_with_empty_sequence": int(seq_stats["empty"] or 0),
-        "mean_sequence_len": float(seq_stats["mean_len"] or 0.0),
+        **figures,
         "impressions_without_request": no_request,
         "examples_without_request_sequence": orphans,
         "point_in_time_violations": 0,

@@ -232,12 +232,9 @@ def run_gate(spark: SparkSession, layout: Layout, ds: str) -> dict[str, Any]:
             tagged.unpersist()
 
 
-def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame, inputs: dict[str, Any]) -> dict[str, Any]:
+def _reason_counts(tagged: DataFrame) -> tuple[int, int, int, dict[str, int]]:
+    """``(rows_in, rows that will be valid, duplicated event ids, {reason: rows})`` in one Spark pass."""
     from pyspark.sql import functions as F
-
-    valid_out = StagedPartition.beside(Layout.partition(layout.valid_events, ds))
-    quarantine_out = StagedPartition.beside(Layout.partition(layout.quarantine_events, ds))
-    outputs = [valid_out, quarantine_out]
 
     stats = tagged.agg(
         F.count(F.lit(1)).alias("rows_in"),
@@ -247,14 +244,17 @@ def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame, input
         ).alias("dup_ids"),
         *[F.sum(F.array_contains(F.split("reason", ";"), r).cast("int")).alias(r) for r in REASONS],
     ).collect()[0]
-    rows_in = int(stats["rows_in"])
-    rows_valid_expected = int(stats["valid"] or 0)
-    dup_ids = int(stats["dup_ids"] or 0)
     by_reason = {r: int(stats[r]) for r in sorted(REASONS) if stats[r]}
-    bad = tagged.where(F.col("reason") != "")
-    good = tagged.where(F.col("reason") == "")
+    return int(stats["rows_in"]), int(stats["valid"] or 0), int(stats["dup_ids"] or 0), by_reason
 
-    # GX on the raw partition: recorded, not required to pass (bad rows are what the gate is for).
+
+def _gx_on_raw(
+    layout: Layout, ds: str, tagged: DataFrame, by_reason: dict[str, int], dup_ids: int
+) -> tuple[dict[str, Any], dict[str, int], bool]:
+    """Run GX's ``raw_events`` suite on the raw rows: ``(summary, unexpected per reason, agrees with the gate)``.
+
+    Recorded, not required to pass: bad rows are what the gate is for.
+    """
     raw_summary = quality.run_suite(
         tagged.select(*EVENT_COLUMNS), SUITE, quality.raw_events_expectations(ds), ds, layout=layout, label="raw"
     )
@@ -262,11 +262,25 @@ def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame, input
     expected_from_gate = {r: by_reason.get(r, 0) for r in gx_unexpected}
     if DUPLICATE in expected_from_gate:
         expected_from_gate[DUPLICATE] += dup_ids  # GX counts the kept first copy of each duplicated id too
-    gx_agrees = expected_from_gate == gx_unexpected
-    if not gx_agrees:
+    agrees = expected_from_gate == gx_unexpected
+    if not agrees:
         log.warning(
             "GX raw_events counts %s disagree with the gate's %s for ds=%s", gx_unexpected, expected_from_gate, ds
         )
+    return raw_summary, gx_unexpected, agrees
+
+
+def _gate(spark: SparkSession, layout: Layout, ds: str, tagged: DataFrame, inputs: dict[str, Any]) -> dict[str, Any]:
+    from pyspark.sql import functions as F
+
+    valid_out = StagedPartition.beside(Layout.partition(layout.valid_events, ds))
+    quarantine_out = StagedPartition.beside(Layout.partition(layout.quarantine_events, ds))
+    outputs = [valid_out, quarantine_out]
+
+    rows_in, rows_valid_expected, dup_ids, by_reason = _reason_counts(tagged)
+    bad = tagged.where(F.col("reason") != "")
+    good = tagged.where(F.col("reason") == "")
+    raw_summary, gx_unexpected, gx_agrees = _gx_on_raw(layout, ds, tagged, by_reason, dup_ids)
 
     order = ["ts", "event_id", "_file", "_pos"]
     conform(bad, QUARANTINE_SCHEMA, str(quarantine_out.final))

@@ -51,7 +51,7 @@ from features.spark import StagedPartition
 if TYPE_CHECKING:
     import pandas as pd
     from feast import FeatureStore
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,42 @@ def snapshot_timestamp(ds: str) -> dt.datetime:
     return day_window(ds)[1] - dt.timedelta(microseconds=1)
 
 
+def _sequence_source(seq: DataFrame, snap_ts: dt.datetime) -> DataFrame:
+    """The ``user_sequence`` offline source rows of one snapshot (event times as unix seconds)."""
+    from pyspark.sql import functions as F
+
+    from features.feature_repo import definitions as defs
+
+    return seq.select(
+        F.col("user_id").cast("bigint").alias("user_id"),
+        F.col("item_ids").cast("array<bigint>").alias("item_ids"),
+        F.col("actions").cast("array<string>").alias("actions"),
+        F.col("surfaces").cast("array<string>").alias("surfaces"),
+        # per-event times as unix seconds (what the ranker's time gaps read), aligned with item_ids
+        F.transform("ts", lambda t: F.unix_seconds(t)).cast("array<bigint>").alias(defs.EVENT_TS_FIELD),
+        F.col("n_events").cast("bigint").alias("n_events"),
+        # Spark timestamps are instants; a microsecond literal avoids any session-timezone shift.
+        F.timestamp_micros(F.lit(int(snap_ts.timestamp()) * 1_000_000 + snap_ts.microsecond)).alias(
+            defs.TIMESTAMP_FIELD
+        ),
+    )
+
+
+def _item_source(items: DataFrame) -> DataFrame:
+    """The ``item_features`` offline source rows of the catalogue."""
+    from pyspark.sql import functions as F
+
+    from features.feature_repo import definitions as defs
+
+    return items.select(
+        F.col("item_id").cast("bigint").alias("item_id"),
+        F.col("category").cast("string").alias("category"),
+        F.col("content").cast("array<float>").alias("content"),
+        F.unix_seconds(F.col("created_at")).alias("created_at_s"),
+        F.col("created_at").alias(defs.TIMESTAMP_FIELD),
+    )
+
+
 def export_feast_sources(spark: SparkSession, layout: Layout, ds: str) -> dict:
     """Write the ``ds`` user-sequence snapshot and the item catalogue as Feast offline sources.
 
@@ -182,7 +218,6 @@ def export_feast_sources(spark: SparkSession, layout: Layout, ds: str) -> dict:
     Raises:
         FeatureStoreError: when an input is missing or lacks columns.
     """
-    from pyspark.sql import functions as F
 
     from features.feature_repo import definitions as defs
 
@@ -197,29 +232,10 @@ def export_feast_sources(spark: SparkSession, layout: Layout, ds: str) -> dict:
     snap_ts = snapshot_timestamp(ds)
     seq = spark.read.parquet(str(seq_in))
     _require_columns(seq.columns, USER_SEQUENCE_COLUMNS, f"user_sequences ds={ds}")
-    seq_out = seq.select(
-        F.col("user_id").cast("bigint").alias("user_id"),
-        F.col("item_ids").cast("array<bigint>").alias("item_ids"),
-        F.col("actions").cast("array<string>").alias("actions"),
-        F.col("surfaces").cast("array<string>").alias("surfaces"),
-        # per-event times as unix seconds (what the ranker's time gaps read), aligned with item_ids
-        F.transform("ts", lambda t: F.unix_seconds(t)).cast("array<bigint>").alias(defs.EVENT_TS_FIELD),
-        F.col("n_events").cast("bigint").alias("n_events"),
-        # Spark timestamps are instants; a microsecond literal avoids any session-timezone shift.
-        F.timestamp_micros(F.lit(int(snap_ts.timestamp()) * 1_000_000 + snap_ts.microsecond)).alias(
-            defs.TIMESTAMP_FIELD
-        ),
-    )
-
+    seq_out = _sequence_source(seq, snap_ts)
     items = spark.read.parquet(*[str(p) for p in sorted(items_in.glob("*.parquet"))])
     _require_columns(items.columns, ("item_id", "created_at", "category", "content"), f"items at {items_in}")
-    items_out = items.select(
-        F.col("item_id").cast("bigint").alias("item_id"),
-        F.col("category").cast("string").alias("category"),
-        F.col("content").cast("array<float>").alias("content"),
-        F.unix_seconds(F.col("created_at")).alias("created_at_s"),
-        F.col("created_at").alias(defs.TIMESTAMP_FIELD),
-    )
+    items_out = _item_source(items)
 
     seq_dir = _source_dir(layout, defs.USER_SEQUENCE_DIR) / ds
     item_dir = _source_dir(layout, defs.ITEM_FEATURES_DIR)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request, Security
+from fastapi import APIRouter, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -649,6 +649,11 @@ def create_app(
 
     Raises:
         ValueError: when ``max_body_bytes`` is not positive.
+
+    Example::
+
+        app = create_app(Layout.default(), warm_up_in_background=False)
+        uvicorn.run(app, port=8080)
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive number of bytes, got {max_body_bytes}")
@@ -666,7 +671,6 @@ def create_app(
     else:
         state.warm_up()
     metrics = _Metrics()
-    bearer = HTTPBearer(auto_error=False, description=f"The admin token (${ADMIN_TOKEN_ENV}).")
 
     app = FastAPI(title="ActivityFM scoring service", version="1")
     fastapi_openapi = app.openapi
@@ -680,7 +684,17 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.afm = state
     app.state.metrics = metrics
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)  # inside _observe: 413s are counted too
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)  # inside the metrics middleware: 413s count too
+    _add_request_metrics(app, metrics)
+    _add_error_handlers(app)
+    app.include_router(_health_router(state, metrics))
+    app.include_router(_ranking_router(state, metrics))
+    app.include_router(_admin_router(state))
+    return app
+
+
+def _add_request_metrics(app: FastAPI, metrics: _Metrics) -> None:
+    """Count every request by route, method and status, and time it."""
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -695,6 +709,10 @@ def create_app(
             name = getattr(route, "path", None) or "unmatched"
             metrics.requests.labels(name, request.method, str(status)).inc()
             metrics.latency.labels(name).observe(time.perf_counter() - start)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is ``{"error": str, ...}`` and echoes a client's value only as a short preview."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -713,7 +731,12 @@ def create_app(
         log.exception("unhandled error")
         return _error(500, f"internal error: {_clip(_describe(exc), 4 * PREVIEW_CHARS)}")
 
-    @app.get(
+
+def _health_router(state: _State, metrics: _Metrics) -> APIRouter:
+    """``/health``, the KServe probes and ``/metrics``."""
+    router = APIRouter()
+
+    @router.get(
         "/health",
         response_model=HealthResponse,
         responses={503: {"model": HealthResponse, "description": "No model loaded, or still warming up."}},
@@ -732,11 +755,11 @@ def create_app(
         problems = {k: v for k, v in problems.items() if v is not None}
         return JSONResponse(content={"status": "degraded" if problems else "ok", **body, **problems})
 
-    @app.get("/v2/health/live", response_model=LiveResponse)
+    @router.get("/v2/health/live", response_model=LiveResponse)
     def live() -> dict:
         return {"live": True}
 
-    @app.get(
+    @router.get(
         "/v2/health/ready",
         response_model=ReadyResponse,
         responses={503: {"model": ReadyResponse, "description": "No model loaded, or still warming up."}},
@@ -745,66 +768,86 @@ def create_app(
         ok = state.ready
         return JSONResponse(status_code=200 if ok else 503, content={"ready": ok})
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @router.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/rank", response_model=RankResponse, responses=_error_responses(413, 422, 503))
+    return router
+
+
+def _ranking_router(state: _State, metrics: _Metrics) -> APIRouter:
+    """``POST /v1/rank``."""
+    router = APIRouter()
+
+    @router.post("/v1/rank", response_model=RankResponse, responses=_error_responses(413, 422, 503))
     def rank(req: RankRequest) -> JSONResponse:
         """Rank the candidates for the user by the probability of the primary action (click)."""
-        model = state.model  # one reference for the whole request: a reload cannot mix versions
-        if model is None:
-            return _error(503, f"no model loaded: {state.load_error}")
-        try:
-            user = state.features.user(req.user_id)
-            content = state.features.item_content(req.candidates)
-        except Exception as exc:  # noqa: BLE001 - the store is down or not set up
-            log.warning("feature store read failed: %s", exc)
-            return _error(503, f"feature store unavailable: {_clip(_describe(exc), 4 * PREVIEW_CHARS)}")
+        return _rank(state, metrics, req)
 
-        sequence = user.sequence or dict(_EMPTY_SEQUENCE)
-        if (
-            user.embedding is not None
-            and user.model_version == model.version
-            and len(user.embedding) == model.embedding_dim
-        ):
-            embedding = np.asarray(user.embedding, dtype=np.float32)  # (D,)
-            source = "precomputed"
-        else:
-            embedding = model.user_embeddings([sequence])[0]  # (U=1, D) → (D,)
-            source = "computed"
-        metrics.embedding_source.labels(source).inc()
-        metrics.candidates.observe(len(req.candidates))
+    return router
 
-        # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend
-        probs = np.asarray(
-            model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence)
-        )  # (C, A)
-        if probs.shape != (len(req.candidates), len(model.actions)):
-            return _error(500, f"model returned scores of shape {probs.shape}, expected ({len(req.candidates)}, A)")
-        primary = model.actions.index(PRIMARY_ACTION) if PRIMARY_ACTION in model.actions else 0
-        order = np.argsort(-probs[:, primary], kind="stable")  # (C,)
-        items = [
-            {
-                "item_id": int(req.candidates[j]),
-                "score": float(probs[j, primary]),
-                "scores": {a: float(probs[j, k]) for k, a in enumerate(model.actions)},
-            }
-            for j in order.tolist()
-        ]
-        return JSONResponse(
-            content={
-                "model_version": model.version,
-                "user_id": req.user_id,
-                "surface": req.surface,
-                "user_known": user.sequence is not None,
-                "embedding_source": source,
-                "primary_action": model.actions[primary],
-                "items": items,
-            }
-        )
 
-    @app.post(
+def _rank(state: _State, metrics: _Metrics, req: RankRequest) -> JSONResponse:
+    """Score one validated request with the model loaded now (a reload during the request cannot mix versions)."""
+    model = state.model
+    if model is None:
+        return _error(503, f"no model loaded: {state.load_error}")
+    try:
+        user = state.features.user(req.user_id)
+        content = state.features.item_content(req.candidates)
+    except Exception as exc:  # noqa: BLE001 - the store is down or not set up
+        log.warning("feature store read failed: %s", exc)
+        return _error(503, f"feature store unavailable: {_clip(_describe(exc), 4 * PREVIEW_CHARS)}")
+
+    sequence = user.sequence or dict(_EMPTY_SEQUENCE)
+    if (
+        user.embedding is not None
+        and user.model_version == model.version
+        and len(user.embedding) == model.embedding_dim
+    ):
+        embedding = np.asarray(user.embedding, dtype=np.float32)  # (D,)
+        source = "precomputed"
+    else:
+        embedding = model.user_embeddings([sequence])[0]  # (U=1, D) → (D,)
+        source = "computed"
+    metrics.embedding_source.labels(source).inc()
+    metrics.candidates.observe(len(req.candidates))
+
+    # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend
+    probs = np.asarray(
+        model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence)
+    )  # (C, A)
+    if probs.shape != (len(req.candidates), len(model.actions)):
+        return _error(500, f"model returned scores of shape {probs.shape}, expected ({len(req.candidates)}, A)")
+    primary = model.actions.index(PRIMARY_ACTION) if PRIMARY_ACTION in model.actions else 0
+    order = np.argsort(-probs[:, primary], kind="stable")  # (C,)
+    items = [
+        {
+            "item_id": int(req.candidates[j]),
+            "score": float(probs[j, primary]),
+            "scores": {a: float(probs[j, k]) for k, a in enumerate(model.actions)},
+        }
+        for j in order.tolist()
+    ]
+    return JSONResponse(
+        content={
+            "model_version": model.version,
+            "user_id": req.user_id,
+            "surface": req.surface,
+            "user_known": user.sequence is not None,
+            "embedding_source": source,
+            "primary_action": model.actions[primary],
+            "items": items,
+        }
+    )
+
+
+def _admin_router(state: _State) -> APIRouter:
+    """``POST /admin/reload``, behind the ``$AFM_ADMIN_TOKEN`` bearer token."""
+    router = APIRouter()
+    bearer = HTTPBearer(auto_error=False, description=f"The admin token (${ADMIN_TOKEN_ENV}).")
+
+    @router.post(
         "/admin/reload",
         response_model=ReloadResponse,
         responses=_error_responses(401, 403, 413, 500, 503),
@@ -835,4 +878,4 @@ def create_app(
         assert state.model is not None
         return JSONResponse(content={"reloaded": True, "model_version": state.model.version, "previous": previous})
 
-    return app
+    return router
