@@ -9,6 +9,12 @@ A sequence may carry ``"ts"``, each event's time (unix seconds or datetimes, old
 aligned with ``item_ids``): a ranker trained with ``RankerConfig.time_gaps`` then gets the
 same log-time-gap buckets as in offline scoring (:func:`training.jobs.finetune.batch_tensors`).
 A sequence without ``"ts"`` (or ``None``) has unknown gaps: it is scored without them.
+
+The rules that decide the ranker's inputs are training's own (:mod:`training.model.inputs`):
+the history length, the candidate's age at the request and the time gaps; the sequence
+tensors come from :func:`training.data.encode_sequences` and
+:meth:`training.data.SequenceArrays.tensors`, as in fine-tuning. :meth:`ServingModel.ranker_inputs`
+shows what one request feeds the ranker.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from features.config import Layout
 from features.contract import SURFACE_IDS, ContractError
 from training.data import ContentTable, ItemCreatedAt, SequenceArrays, encode_sequences
+from training.model.inputs import history_len, reads_event_times
 from training.model.ranker import Ranker, RankerConfig
 
 
@@ -32,7 +39,8 @@ class ServingModel:
         version: the ranker version string.
         actions: action names of the score columns.
         embedding_dim: size of a user embedding.
-        max_len: sequences are truncated to their newest ``max_len`` events.
+        max_len: sequences are truncated to their newest ``max_len`` events
+            (:func:`training.model.inputs.history_len`).
     """
 
     def __init__(
@@ -46,8 +54,7 @@ class ServingModel:
         self.version = version
         self.actions: tuple[str, ...] = tuple(ranker.cfg.actions)
         self.embedding_dim: int = ranker.cfg.backbone.d_model
-        # early fusion appends the candidate after the sequence: one position stays free (as in training)
-        self.max_len: int = ranker.cfg.backbone.max_len - (1 if ranker.cfg.sequence == "pinfm_early" else 0)
+        self.max_len: int = history_len(ranker.cfg)  # as fine-tuning reads the ranking examples
         self.content = content if content is not None else ContentTable.empty(ranker.cfg.backbone.content_dim)
         # creation times: items created after the ranker's training data are scored from content
         self.created = created if created is not None else ItemCreatedAt(np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -70,7 +77,7 @@ class ServingModel:
         Raises:
             ContractError: when ``seq["ts"]`` is given but not aligned with ``seq["item_ids"]``.
         """
-        if not self.ranker.cfg.time_gaps:
+        if not reads_event_times(self.ranker.cfg):
             return None  # a ranker without time gaps never reads them
         ts = seq.get("ts")
         if ts is None:
@@ -126,6 +133,57 @@ class ServingModel:
                 out[group[rows]] = emb.numpy()
         return out
 
+    def ranker_inputs(
+        self,
+        candidates: Sequence[int],
+        surface: str,
+        content: dict[int, Sequence[float]] | None = None,
+        sequence: dict | None = None,
+        request_ts: int | None = None,
+    ) -> dict:
+        """What one request feeds the ranker: the inputs of :meth:`score`, laid out as one row of
+        :func:`training.jobs.finetune.batch_tensors`.
+
+        Args: as in :meth:`score`.
+
+        Returns:
+            ``seq`` (the sequence's tensors, (1, L) each: ``item_ids``, ``action_ids``,
+            ``surface_ids``, ``pad_mask``, ``content`` (1, L, Cd) or None, ``ts`` (1, L) seconds
+            when the ranker reads event times and the sequence has them), ``cand_ids``,
+            ``cand_surface_ids``, ``cand_age_s`` (1, C) int64 (-1 = unknown), ``cand_content``
+            (1, C, Cd) float32 and ``request_ts`` (1,) int64.
+
+        Raises:
+            ContractError: an unknown surface, action or candidate content of the wrong size, or
+                a sequence that lacks keys or has misaligned event times.
+        """
+        if surface not in SURFACE_IDS:
+            raise ContractError(f"unknown surface {surface!r}; expected one of {sorted(SURFACE_IDS)}")
+        ids = np.asarray(candidates, dtype=np.int64).reshape(-1)  # (C,)
+        cand_content = self.content.lookup(ids)  # (C, Cd)
+        for j, item in enumerate(ids.tolist()):
+            vec = (content or {}).get(item)
+            if vec is not None:
+                vec = np.asarray(vec, dtype=np.float32)
+                if vec.shape != (self.content.dim,):
+                    raise ContractError(f"content of item {item} has {vec.size} values, expected {self.content.dim}")
+                cand_content[j] = vec
+        now = int(time.time()) if request_ts is None else int(request_ts)
+        seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
+        missing = [k for k in ("item_ids", "actions", "surfaces") if k not in seq]
+        if missing:
+            raise ContractError(f"the sequence lacks keys {missing}")
+        times = self._event_times(seq, "the sequence")
+        arrays = self._encode([seq], None if times is None else [times])
+        return {
+            "seq": arrays.tensors(np.arange(1), self.content),  # (1, L) each, "ts" (1, L) seconds when read
+            "cand_ids": torch.from_numpy(ids)[None, :],  # (1, C)
+            "cand_surface_ids": torch.full((1, len(ids)), SURFACE_IDS[surface], dtype=torch.long),  # (1, C)
+            "cand_age_s": torch.from_numpy(self.created.age_at(ids, now))[None],  # (1, C) seconds, -1 = unknown
+            "cand_content": torch.from_numpy(cand_content)[None],  # (1, C, Cd)
+            "request_ts": torch.tensor([now], dtype=torch.long),  # (1,)
+        }
+
     def score(
         self,
         user_embedding: np.ndarray,
@@ -146,7 +204,8 @@ class ServingModel:
                 as in :meth:`user_embeddings`), read by early-fusion and TransAct rankers
                 (None = an unknown user's empty sequence).
             request_ts: the request time in unix seconds (default: now); with the catalogue's
-                creation times it tells which candidates are newer than the ranker's training data.
+                creation times it gives each candidate's age, which tells which candidates are
+                newer than the ranker's training data.
 
         Returns:
             (C, A) float32 probabilities, columns in ``self.actions`` order.
@@ -160,44 +219,26 @@ class ServingModel:
             )
         if len(candidates) == 0:
             return np.zeros((0, len(self.actions)), np.float32)
-        ids = np.asarray(candidates, dtype=np.int64)  # (C,)
-        cand_content = self.content.lookup(ids)  # (C, Cd)
-        for j, item in enumerate(ids.tolist()):
-            vec = (content or {}).get(item)
-            if vec is not None:
-                vec = np.asarray(vec, dtype=np.float32)
-                if vec.shape != (self.content.dim,):
-                    raise ContractError(f"content of item {item} has {vec.size} values, expected {self.content.dim}")
-                cand_content[j] = vec
-        surf = torch.full((1, len(ids)), SURFACE_IDS[surface], dtype=torch.long)  # (1, C)
-        now = int(time.time()) if request_ts is None else int(request_ts)
-        created = self.created.lookup(ids)  # (C,) -1 = unknown
-        age = torch.from_numpy(np.where(created >= 0, now - created, -1))[None]  # (1, C) seconds
-        ts = torch.tensor([now], dtype=torch.long)  # (1,)
+        per_candidate = self.ranker.uses_sequence_per_candidate
+        b = self.ranker_inputs(candidates, surface, content, sequence if per_candidate else None, request_ts)
         with torch.no_grad():
-            if self.ranker.uses_sequence_per_candidate:
-                seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
-                missing = [k for k in ("item_ids", "actions", "surfaces") if k not in seq]
-                if missing:
-                    raise ContractError(f"the sequence lacks keys {missing}")
-                times = self._event_times(seq, "the sequence")
-                arrays = self._encode([seq], None if times is None else [times])
+            if per_candidate:
                 logits = self.ranker(
-                    arrays.tensors(np.arange(1), self.content),  # (1, L) each, "ts" (1, L) seconds when known
-                    torch.from_numpy(ids)[None, :],  # (1, C)
-                    surf,
-                    torch.from_numpy(cand_content)[None],  # (1, C, Cd)
-                    cand_age_s=age,
-                    request_ts=ts,
+                    b["seq"],
+                    b["cand_ids"],
+                    b["cand_surface_ids"],
+                    b["cand_content"],
+                    cand_age_s=b["cand_age_s"],
+                    request_ts=b["request_ts"],
                 )  # (1, C, A)
             else:
                 logits = self.ranker.score_from_user_embedding(
                     torch.from_numpy(user)[None, :],  # (1, D)
-                    torch.from_numpy(ids)[None, :],  # (1, C)
-                    torch.from_numpy(cand_content)[None],  # (1, C, Cd)
-                    surf,
-                    cand_age_s=age,
-                    request_ts=ts,
+                    b["cand_ids"],
+                    b["cand_content"],
+                    b["cand_surface_ids"],
+                    cand_age_s=b["cand_age_s"],
+                    request_ts=b["request_ts"],
                 )  # (1, C, A)
         return torch.sigmoid(logits[0]).numpy().astype(np.float32)
 

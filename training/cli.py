@@ -7,7 +7,6 @@ runs, and the model registry (list / promote / rollback). Modules load lazily so
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -62,6 +61,8 @@ def train() -> None:
 def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> None:
     """Pretrain the backbone (next-, multi-, future-token losses); saves models/pinfm/<version>.
 
+    The objective and the optimiser are the benchmark's best measured recipe
+    (training/model/recipes.py); --size scales the batch, the steps and the negatives.
     A crashed run started again with the same options resumes from its last checkpoint.
     """
     from training.jobs.pretrain import PretrainConfig, pretrain
@@ -204,44 +205,21 @@ def _apply_overrides(cfg, overrides: tuple[str, ...]):
     type=click.IntRange(min=1),
     help="Train this many models (seeds --seed, --seed + 1, …) at once, sharing the threads, and score their ensemble.",
 )
-@click.option(
-    "--codistill",
-    is_flag=True,
-    help="With --members N: each model also learns from the others' predictions (codistillation); "
-    "the line reports the one that validates best, the ensemble under 'ensemble'.",
-)
-@click.option(
-    "--teacher",
-    "teachers",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="A finished 'afm bench seqrec' run (plain or --members) to distil from; repeat it for several "
-    "(their mean logit teaches).",
-)
 def bench_seqrec(
     home, data_path, fmt, protocol, max_len, device, preset, epochs, losses, negatives, seed, run_dir, fresh, out_path,
-    overrides, members, codistill, teachers,
+    overrides, members,
 ):  # fmt: skip
     """Train PinFM on a leave-one-out split, select on validation, report test HR/NDCG/MRR.
 
     A crashed run started again with the same options resumes from its last epoch.
     With --members N the N models' summed logits rank the items (each member's own
-    figures are in the line too). With --members N --codistill the N models also learn
-    from each other (distillation weight: objective.distill, 1 unless set) and the line
-    reports the single model that validates best. With --teacher RUN the model also
-    learns from a finished run's predictions (distillation).
+    figures are in the line too).
     """
     from training.bench.seqrec import SeqRecConfig, run_seqrec_bench
 
     base = SeqRecConfig.preset(preset).to_dict()
     cfg = SeqRecConfig.from_dict({**base, "max_len": max_len, "device": device, "seed": seed})
-    if codistill and members < 2:
-        raise click.UsageError("--codistill needs --members N with N ≥ 2 (the models learn from each other)")
-    if teachers and (members > 1 or codistill):
-        raise click.UsageError("--teacher trains one model: it does not combine with --members or --codistill")
     obj = {}
-    if codistill or teachers:
-        obj["distill"] = 1.0
     if losses:
         obj.update(zip(("next_token", "multi_token", "future_token"), LOSS_CHOICES[losses], strict=True))
     if negatives is not None:
@@ -250,28 +228,18 @@ def bench_seqrec(
         {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
     )
     cfg = _apply_overrides(cfg, overrides)
-    kind = "seqrec" if members == 1 else f"seqrec{members}x" + ("-codistill" if codistill else "")
-    if teachers:  # the teachers are part of what the run is
-        sources = json.dumps(sorted(str(Path(t).resolve()) for t in teachers))
-        kind = f"seqrec-distill{hashlib.sha256(sources.encode()).hexdigest()[:6]}"
+    kind = "seqrec" if members == 1 else f"seqrec{members}x"
     run = (
         Path(run_dir) if run_dir else layout_of(home).runs / f"{kind}-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
     )
     if members == 1:
-        teacher = None
-        if teachers:
-            from training.experiments.ensemble import ensemble_teacher
-
-            teacher = ensemble_teacher(teachers, device)
-        out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh, teacher=teacher)
+        out = run_seqrec_bench(data_path, cfg, protocol=protocol, run_dir=run, resume=not fresh)
     else:
         from training.experiments.ensemble import run_seqrec_ensemble_bench
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise click.UsageError("--members trains its own processes; run it without torchrun")
-        out = run_seqrec_ensemble_bench(
-            data_path, cfg, members, run, protocol=protocol, resume=not fresh, codistill=codistill
-        )
+        out = run_seqrec_ensemble_bench(data_path, cfg, members, run, protocol=protocol, resume=not fresh)
     out["run_dir"] = str(run)
     if int(os.environ.get("RANK", "0")) == 0:
         echo_json(out)
@@ -504,6 +472,34 @@ def eval_compare(run_dirs, data_path, protocol, part, device) -> None:
     ranks = [ensemble_ranks(load_members([d], device), data, part, protocol) for d in run_dirs]
     out = rounded(paired_comparison(ranks[0], ranks[1]))
     echo_json({"a": str(run_dirs[0]), "b": str(run_dirs[1]), "protocol": protocol, "part": part, **out})
+
+
+@eval_.command("pretrain-retrieval")
+@home_option
+@click.option("--ds", default=None, callback=ds_callback, help="Held-out day (default: the latest day of events).")
+@click.option(
+    "--version",
+    "versions",
+    multiple=True,
+    help="A pinfm version (default: the newest); give it twice for a paired comparison (the second minus the first).",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also write the JSON line here.")
+def eval_pretrain_retrieval(home, ds, versions, device, out_path) -> None:
+    """Next-item retrieval (HR/NDCG@10/50, MRR) of pretrained backbones on a held-out day, full catalogue.
+
+    Each user active on the day is scored with their history before it; the target is their
+    first positive action of the day. The backbone must be pretrained on an earlier day.
+    """
+    from training.bench.pretrain_retrieval import pretrain_retrieval
+
+    if len(versions) > 2:
+        raise click.UsageError(f"give --version at most twice (A, then B); got {len(versions)}")
+    out = pretrain_retrieval(layout_of(home), list(versions), ds=ds, device=device)
+    echo_json(out)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(out, default=str, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # -------------------------------------------------------------------------- model

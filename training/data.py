@@ -3,6 +3,12 @@
 Sequences are right-padded (real tokens first, newest last) and truncated to the newest
 ``max_len`` events. Id 0 is padding for items, actions and surfaces; action and surface
 ids come from :data:`features.contract.ACTION_IDS` / :data:`features.contract.SURFACE_IDS`.
+
+Every sequence the ranker reads, offline (ranking examples) or online (the service's
+sequence dicts), becomes tensors the same way: :func:`encode_sequences`, then
+:meth:`SequenceArrays.tensors`. A ranker reads the newest
+:func:`training.model.inputs.history_len` events; a candidate's age comes from
+:meth:`ItemCreatedAt.age_at`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 
 from features.config import Layout
 from features.contract import ACTION_IDS, CONTENT_DIM, LABEL_ACTIONS, SURFACE_IDS, ContractError
+from training.model.inputs import candidate_age_s
 
 
 # --------------------------------------------------------------------------- reading
@@ -363,3 +370,11 @@ class ItemCreatedAt:
             hit = self.ids[pos] == flat
             out[hit] = self.created[pos[hit]]
         return out.reshape(np.shape(item_ids))
+
+    def age_at(self, item_ids: np.ndarray, request_ts: np.ndarray | int) -> np.ndarray:
+        """(...,) ids → (...,) int64 age in seconds at ``request_ts`` (broadcast), -1 where unknown.
+
+        The one rule of :func:`training.model.inputs.candidate_age_s`, for fine-tuning,
+        evaluation and serving alike.
+        """
+        return candidate_age_s(self.lookup(item_ids), request_ts)

@@ -32,8 +32,9 @@ from collections.abc import Callable
 
 import torch
 
-from training.model.backbone import PinFMConfig, device_name, resolve_device
+from training.model.backbone import PinFM, PinFMConfig, device_name, resolve_device
 from training.model.dcat import dcat_scores, fused_cross_attention_available, naive_candidate_hidden
+from training.model.inputs import history_len
 from training.model.ranker import NewItemConfig, Ranker, RankerConfig
 
 
@@ -107,42 +108,19 @@ def bench_dcat(
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, max_len=seq_len + 1, hash_buckets=65536, dropout=0.0
     )
     ranker = Ranker(RankerConfig(backbone=cfg, sequence="pinfm_early", new_items=NewItemConfig.off())).to(dev).eval()
-    model = ranker.backbone
-    g = torch.Generator().manual_seed(seed)
-    U, L, C = requests, seq_len, candidates
-    seq = {
-        "item_ids": torch.randint(1, 10**9, (U, L), generator=g).to(dev),
-        "action_ids": torch.randint(1, cfg.n_actions, (U, L), generator=g).to(dev),
-        "surface_ids": torch.randint(1, cfg.n_surfaces, (U, L), generator=g).to(dev),
-    }
-    cands = {
-        "cand_ids": torch.randint(1, 10**9, (U, C), generator=g).to(dev),
-        "cand_surface_ids": torch.randint(1, cfg.n_surfaces, (U, C), generator=g).to(dev),
-    }
+    seq, cands = _random_requests(cfg, requests, seq_len, candidates, seed, dev)
     subset = {k: v[:, :n_naive] for k, v in cands.items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    chunk = 256 if cuda else n_naive
+    n_dcat, n_naive_total = requests * candidates, requests * n_naive
 
     def dcat() -> torch.Tensor:
         with autocast:
-            return dcat_scores(model, **seq, **cands)  # (U, C, D)
-
-    def naive() -> torch.Tensor:
-        with autocast:
-            return naive_candidate_hidden(model, **seq, **subset, chunk=chunk)  # (U, n_naive, D)
+            return dcat_scores(ranker.backbone, **seq, **cands)  # (U, C, D)
 
     with torch.inference_mode():
-        dcat_s = _median_seconds(dcat, dev, warmup=3, reps=dcat_reps)
-        naive_s = _median_seconds(naive, dev, warmup=1, reps=naive_reps)
-        # correctness on the naive candidates, fp32 without autocast
-        got = dcat_scores(model, **seq, **subset)
-        want = naive_candidate_hidden(model, **seq, **subset, chunk=chunk)
-        max_abs_diff = float((got - want).abs().max())
-        seq_module = {
-            **_figures(dcat_s, naive_s, U * C, U * n_naive),
-            "naive_candidates": U * n_naive,
-            "max_abs_diff": max_abs_diff,
-        }
+        seq_module, dcat_s = _time_seq_module(
+            ranker.backbone, seq, subset, dcat, autocast, dev, (dcat_reps, naive_reps), (n_dcat, n_naive_total)
+        )
         out = {
             "bench": "dcat",
             "seq_len": seq_len,
@@ -157,30 +135,91 @@ def bench_dcat(
             "crossing_attention": "fused" if fused_cross_attention_available(dev) else "plain",
             "reps": {"dcat": dcat_reps, "naive": naive_reps},
             "seq_module": seq_module,
-            "ratio": seq_module["ratio"],
         }
-        rseq = {**seq, "pad_mask": torch.ones(U, L, dtype=torch.bool, device=dev)}
-
-        def dcat_ranker() -> torch.Tensor:
-            with autocast:
-                return ranker(rseq, cands["cand_ids"], cands["cand_surface_ids"])  # (U, C, A)
-
-        def naive_ranker() -> torch.Tensor:
-            with autocast:
-                return ranker(rseq, subset["cand_ids"], subset["cand_surface_ids"], naive=True)  # (U, n, A)
-
-        dcat_r = _median_seconds(dcat_ranker, dev, warmup=2, reps=dcat_reps)
-        naive_r = _median_seconds(naive_ranker, dev, warmup=1, reps=naive_reps)
-        got = ranker(rseq, subset["cand_ids"], subset["cand_surface_ids"])
-        want = ranker(rseq, subset["cand_ids"], subset["cand_surface_ids"], naive=True)
-        out["ranker"] = {
-            **_figures(dcat_r, naive_r, U * C, U * n_naive),
-            "max_abs_diff": float((got - want).abs().max()),
-        }
+        out["ranker"] = _time_ranker(
+            ranker, seq, cands, subset, autocast, dev, (dcat_reps, naive_reps), (n_dcat, n_naive_total)
+        )
         out["ratio"] = out["ranker"]["ratio"]  # judged by: the whole ranker, DCAT ÷ naive
         if compile:
-            out["seq_module_compiled"] = _compiled_figures(dcat, dev, dcat_s, U * C, dcat_reps)
+            out["seq_module_compiled"] = _compiled_figures(dcat, dev, dcat_s, n_dcat, dcat_reps)
     return out
+
+
+def _random_requests(
+    cfg: PinFMConfig, requests: int, seq_len: int, candidates: int, seed: int, dev: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random full-length user sequences (U, L) and candidates (U, C) with ids over the whole hash range."""
+    g = torch.Generator().manual_seed(seed)
+    U, L, C = requests, seq_len, candidates
+    seq = {
+        "item_ids": torch.randint(1, 10**9, (U, L), generator=g).to(dev),
+        "action_ids": torch.randint(1, cfg.n_actions, (U, L), generator=g).to(dev),
+        "surface_ids": torch.randint(1, cfg.n_surfaces, (U, L), generator=g).to(dev),
+    }
+    cands = {
+        "cand_ids": torch.randint(1, 10**9, (U, C), generator=g).to(dev),
+        "cand_surface_ids": torch.randint(1, cfg.n_surfaces, (U, C), generator=g).to(dev),
+    }
+    return seq, cands
+
+
+def _time_seq_module(
+    model: PinFM,
+    seq: dict[str, torch.Tensor],
+    subset: dict[str, torch.Tensor],
+    dcat: Callable[[], torch.Tensor],
+    autocast: contextlib.AbstractContextManager,
+    dev: torch.device,
+    reps: tuple[int, int],
+    counts: tuple[int, int],
+) -> tuple[dict, float]:
+    """The backbone alone: DCAT over every candidate vs the naive path over ``subset``; and DCAT's seconds."""
+    chunk = 256 if dev.type == "cuda" else subset["cand_ids"].shape[1]
+
+    def naive() -> torch.Tensor:
+        with autocast:
+            return naive_candidate_hidden(model, **seq, **subset, chunk=chunk)  # (U, n_naive, D)
+
+    dcat_s = _median_seconds(dcat, dev, warmup=3, reps=reps[0])
+    naive_s = _median_seconds(naive, dev, warmup=1, reps=reps[1])
+    # correctness on the naive candidates, fp32 without autocast
+    got = dcat_scores(model, **seq, **subset)
+    want = naive_candidate_hidden(model, **seq, **subset, chunk=chunk)
+    figures = {
+        **_figures(dcat_s, naive_s, *counts),
+        "naive_candidates": counts[1],
+        "max_abs_diff": float((got - want).abs().max()),
+    }
+    return figures, dcat_s
+
+
+def _time_ranker(
+    ranker: Ranker,
+    seq: dict[str, torch.Tensor],
+    cands: dict[str, torch.Tensor],
+    subset: dict[str, torch.Tensor],
+    autocast: contextlib.AbstractContextManager,
+    dev: torch.device,
+    reps: tuple[int, int],
+    counts: tuple[int, int],
+) -> dict:
+    """The whole early-fusion ranker, DCAT vs ``naive=True``, and how far their scores are apart (fp32)."""
+    U, L = seq["item_ids"].shape
+    rseq = {**seq, "pad_mask": torch.ones(U, L, dtype=torch.bool, device=dev)}
+
+    def dcat_ranker() -> torch.Tensor:
+        with autocast:
+            return ranker(rseq, cands["cand_ids"], cands["cand_surface_ids"])  # (U, C, A)
+
+    def naive_ranker() -> torch.Tensor:
+        with autocast:
+            return ranker(rseq, subset["cand_ids"], subset["cand_surface_ids"], naive=True)  # (U, n, A)
+
+    dcat_r = _median_seconds(dcat_ranker, dev, warmup=2, reps=reps[0])
+    naive_r = _median_seconds(naive_ranker, dev, warmup=1, reps=reps[1])
+    got = ranker(rseq, subset["cand_ids"], subset["cand_surface_ids"])
+    want = ranker(rseq, subset["cand_ids"], subset["cand_surface_ids"], naive=True)
+    return {**_figures(dcat_r, naive_r, *counts), "max_abs_diff": float((got - want).abs().max())}
 
 
 def _compiled_figures(dcat: Callable[[], torch.Tensor], dev: torch.device, eager_s: float, n: int, reps: int) -> dict:
@@ -234,8 +273,8 @@ def bench_grouping(
     dev = resolve_device(device)
     torch.manual_seed(seed)
     bb = PinFMConfig.preset(preset)
-    seq_len = min(seq_len, bb.max_len - 1)
     cfg = RankerConfig(backbone=bb, sequence="pinfm_early", new_items=NewItemConfig.off())
+    seq_len = min(seq_len, history_len(cfg))
     ranker = Ranker(cfg).to(dev).train()
     opt = torch.optim.AdamW(ranker.parameters(), lr=1e-4)
     W = default_label_weights(cfg.actions).to(dev)

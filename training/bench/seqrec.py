@@ -18,7 +18,6 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -28,10 +27,10 @@ import numpy as np
 import torch
 
 from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
-from training.experiments.distill import EnsembleTeacher, PeerTeacher
 from training.model.backbone import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
 from training.model.config_fields import reject_unknown_fields
 from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective, temperature_from_log
+from training.model.recipes import PINFM
 from training.retrieval import DEFAULT_KS, ranks_full_excluding, ranks_sampled, retrieval_metrics
 from training.trainer import Trainer, TrainerConfig
 
@@ -338,19 +337,19 @@ def _sample_unseen(rng: np.random.Generator, n_items: int, seen: set[int], k: in
 
 
 # --------------------------------------------------------------------------- bench
-#: next- + multi-token (L′ = 3) losses, dot-product scores, in-batch (≤ 1,024) + 1,024 negatives drawn by popularity, log-Q
-BENCH_OBJECTIVE = ObjectiveConfig(
-    similarity="dot", negatives=1024, in_batch_max=1024, multi_token=1.0, multi_token_window=3, sampler="popularity"
-)
-
-
 #: settings taken out of SeqRecConfig, with the value at which they did nothing (runs saved with it still load)
-RETIRED_FIELDS: dict[str, object] = {"full_softmax_epochs": 0}  # the warm start of commit d1b2f19
+RETIRED_FIELDS: dict[str, object] = {
+    "full_softmax_epochs": 0,  # the warm start of commit d1b2f19
+    "distill_start_epoch": 1,  # codistillation, removed in the commit after 66e15b0 (beauty-ensembles.md)
+}
 
 
 @dataclass(frozen=True)
 class SeqRecConfig:
     """Benchmark settings (defaults: the CPU configuration reported in the README).
+
+    The objective, the optimiser and the item embedding are the ``pinfm`` recipe's
+    (:data:`training.model.recipes.PINFM`, where they were measured); the rest is the size.
 
     Attributes:
         max_len: history length (the published protocol uses 50).
@@ -370,8 +369,6 @@ class SeqRecConfig:
         eval_every_epochs: validation frequency (early stopping on NDCG@10).
         eval_users: validate on this many users (a fixed random subset; 0 = all); the test uses all.
         patience: evaluations without improvement before stopping (0 = never stop early).
-        distill_start_epoch: codistillation (``--members N --codistill``) starts at this epoch;
-            before it the members train on their own losses (their peers are still random).
         device, seed.
     """
 
@@ -383,22 +380,21 @@ class SeqRecConfig:
     item_dropout: float = 0.0
     mlp_ratio: int = 4
     block_layout: str = "pre_ln"
-    n_hash_tables: int = 2
-    hash_buckets: int = 1 << 21
-    sparse_item_grads: bool = True
-    scale_item_input: bool = True
-    objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: BENCH_OBJECTIVE)
+    n_hash_tables: int = PINFM.n_hash_tables
+    hash_buckets: int = PINFM.hash_buckets
+    sparse_item_grads: bool = PINFM.sparse_item_grads
+    scale_item_input: bool = PINFM.scale_item_input
+    objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: PINFM.objective)
     batch_size: int = 256
-    lr: float = 1.5e-3
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.999
+    lr: float = PINFM.lr
+    weight_decay: float = PINFM.weight_decay
+    adam_beta2: float = PINFM.adam_beta2
     sparse_lr_scale: float = 1.0
     warmup: int = 200
     epochs: int = 30
     eval_every_epochs: int = 3
     eval_users: int = 0
     patience: int = 3
-    distill_start_epoch: int = 1
     device: str = "auto"
     seed: int = 0
 
@@ -423,12 +419,17 @@ class SeqRecConfig:
 
     @classmethod
     def preset(cls, name: str) -> SeqRecConfig:
-        """``default``: the CPU configuration of the README; ``tiny``: tests (seconds)."""
+        """``default``: the CPU configuration of the README; ``tiny``: tests (seconds).
+
+        ``tiny`` is the recipe at test scale (64 negatives, 2 × 4,096 buckets, 6 epochs) with a
+        higher lr (5e-3): its runs last a few dozen steps.
+        """
         presets = {
             "default": cls(),
             "tiny": cls(
                 d_model=32, n_heads=2, n_layers=1, dropout=0.1, hash_buckets=4096, batch_size=32, epochs=6,
-                eval_every_epochs=2, warmup=10, lr=5e-3, patience=0, eval_users=0, objective=ObjectiveConfig(negatives=64),
+                eval_every_epochs=2, warmup=10, lr=5e-3, patience=0, eval_users=0,
+                objective=PINFM.objective_config(negatives=64),
             ),
         }  # fmt: skip
         if name not in presets:
@@ -444,7 +445,7 @@ class SeqRecConfig:
                     f"the run was trained with {name}={value!r}, a setting this version no longer has "
                     f"(only {name}={inert!r}, which changed nothing, still loads); use the version that trained it"
                 )
-        obj = ObjectiveConfig(**d.pop("objective", {}))
+        obj = ObjectiveConfig.from_dict(d.pop("objective", {}))
         reject_unknown_fields(cls, d)
         d.setdefault("scale_item_input", False)  # runs saved before the field existed did not scale
         return cls(objective=obj, **d)
@@ -524,16 +525,11 @@ def run_seqrec_bench(
     resume: bool = True,
     desc: str = "seqrec",
     progress_bar: bool = True,
-    teacher: EnsembleTeacher | None = None,
-    codistill_peers: Sequence[Path] = (),
 ) -> dict:
     """Train on the leave-one-out split of ``data_path``, select on validation, score the test.
 
     ``desc`` names the run in the progress bar and the log lines; ``progress_bar=False``
-    leaves the bar out (the metrics log still records every 50 steps). With
-    ``cfg.objective.distill > 0``, the model also distils from ``teacher`` (frozen models),
-    or from ``codistill_peers``, the run directories of members training beside it
-    (training.experiments.distill.PeerTeacher).
+    leaves the bar out (the metrics log still records every 50 steps).
 
     Returns:
         The benchmark line: test hr@k/ndcg@k/mrr, best validation ndcg@10, sizes, seconds, device.
@@ -555,31 +551,6 @@ def run_seqrec_bench(
     torch.manual_seed(cfg.seed)
     model = PinFM(cfg.model_config())
     objective = PinFMObjective(cfg.objective, catalog)
-    peers = None
-    if (teacher is not None or codistill_peers) and cfg.objective.distill <= 0:
-        raise ValueError("a teacher was given but objective.distill is 0: set --set objective.distill=W (W > 0)")
-    if codistill_peers:
-        if run_dir is None:
-            raise ValueError("codistillation exchanges weights through the run directories: give a run_dir")
-        peers = PeerTeacher(
-            model,
-            objective.log_temp,
-            Path(run_dir),
-            codistill_peers,
-            [PinFM(cfg.model_config()).to(device) for _ in codistill_peers],
-            cfg.objective.similarity,
-            batches.per_epoch,
-            cfg.distill_start_epoch,
-        )
-        objective.teacher = peers  # a fresh ensemble's parent has removed earlier snapshots
-    elif teacher is not None:
-        objective.teacher = teacher
-
-    def batch_fn(step: int) -> dict[str, torch.Tensor]:
-        if peers is not None:
-            peers.at_step(step)  # at an epoch start: swap weights with the peers
-        return batches(step)
-
     val_users = None
     if cfg.eval_users and cfg.eval_users < len(data.eval_users()):
         val_users = np.sort(
@@ -592,7 +563,7 @@ def run_seqrec_bench(
     trainer = Trainer(
         model,
         objective,
-        batch_fn,
+        batches,
         TrainerConfig(
             steps=steps,
             lr=cfg.lr,
@@ -620,8 +591,6 @@ def run_seqrec_bench(
     )  # fmt: skip
     result = trainer.fit()
     train_seconds = result.seconds
-    if peers is not None:
-        peers.finish(result.steps)  # peers still training use this member's last weights
     trainer.load_best()  # the test is scored with the best validation weights
     best = result.best_step
     test = evaluate_retrieval(model, data, "test", cfg.max_len, cfg.objective.similarity, protocol)
@@ -639,8 +608,6 @@ def run_seqrec_bench(
         "device": device_name(device),
     }
     out.update(published_comparison(data_path, protocol, cfg.max_len, test))
-    if objective.teacher is not None:
-        out["codistill_peers" if peers is not None else "teachers"] = objective.teacher.sources
     out["config"] = cfg.to_dict()
     if run_dir is not None and main:
         (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")

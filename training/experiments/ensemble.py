@@ -43,7 +43,6 @@ from training.bench.seqrec import (
     run_seqrec_bench,
     scoring_vectors,
 )
-from training.experiments.distill import EnsembleTeacher, TeacherModel, remove_snapshots
 from training.model.backbone import device_name, resolve_device
 from training.retrieval import DEFAULT_KS, retrieval_metrics
 
@@ -67,15 +66,6 @@ def member_dirs(run_dir: Path | str) -> list[Path]:
 def load_members(run_dirs: Sequence[Path | str], device: str = "auto") -> list[SeqRecMember]:
     """Every member of the given runs (plain or ensemble run directories, in order)."""
     return [load_seqrec_member(d, device) for run_dir in run_dirs for d in member_dirs(run_dir)]
-
-
-def ensemble_teacher(run_dirs: Sequence[Path | str], device: str = "auto") -> EnsembleTeacher:
-    """The members of finished runs as one frozen distillation teacher (their mean logit)."""
-    members = load_members(run_dirs, device)
-    return EnsembleTeacher(
-        [TeacherModel(m.model, m.temperature, m.cfg.objective.similarity) for m in members],
-        [str(m.run_dir) for m in members],
-    )
 
 
 @torch.no_grad()
@@ -112,14 +102,11 @@ def _init_member_process(threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _train_member(
-    data_path: str, cfg: SeqRecConfig, protocol: str, run_dir: Path, resume: bool, desc: str, peers: list[Path]
-) -> dict:
+def _train_member(data_path: str, cfg: SeqRecConfig, protocol: str, run_dir: Path, resume: bool, desc: str) -> dict:
     # the parent shows one bar for all members; each member's log lines carry its name
     return run_seqrec_bench(
-        data_path, cfg, protocol=protocol, run_dir=run_dir, resume=resume, desc=desc, progress_bar=False,
-        codistill_peers=peers,
-    )  # fmt: skip
+        data_path, cfg, protocol=protocol, run_dir=run_dir, resume=resume, desc=desc, progress_bar=False
+    )
 
 
 def _stop_members(pool: ProcessPoolExecutor) -> None:
@@ -164,7 +151,6 @@ def run_seqrec_ensemble_bench(
     protocol: str = "full",
     resume: bool = True,
     threads: int | None = None,
-    codistill: bool = False,
 ) -> dict:
     """Train ``members`` seqrec runs (seeds ``cfg.seed``, ``cfg.seed + 1``, …) at once; score their ensemble.
 
@@ -176,19 +162,13 @@ def run_seqrec_ensemble_bench(
         protocol: as :func:`training.bench.seqrec.run_seqrec_bench`.
         resume: members continue from their checkpoints.
         threads: CPU threads in all (default: this process's); each member gets an equal share (≥ 1).
-        codistill: each member also distils from the others (training.experiments.distill.PeerTeacher,
-            weight ``cfg.objective.distill``); the line then reports one model, the member
-            with the best validation NDCG@10, and the ensemble under ``ensemble``.
 
     Returns:
         The benchmark line of the ensemble (test metrics, validation NDCG@10, the published
-        ratio), with each member's own line under ``members``; with ``codistill``, the line
-        of the best-validation member, with the ensemble's figures under ``ensemble``.
+        ratio), with each member's own line under ``members``.
     """
     if members < 2:
         raise ValueError(f"an ensemble needs members ≥ 2, got {members}; run 'afm bench seqrec' without --members")
-    if codistill and cfg.objective.distill <= 0:
-        raise ValueError("codistillation needs objective.distill > 0 (the weight of the distillation loss)")
     t0 = time.perf_counter()
     data = SeqRecData.load(data_path)
     batches_per_epoch = SeqRecBatches(data.train_sequences(), cfg.batch_size, cfg.max_len, cfg.seed).per_epoch
@@ -202,9 +182,6 @@ def run_seqrec_ensemble_bench(
     if total < members:
         log.warning("%d members on %d threads: the members share cores", members, total)
     log.info("seqrec ensemble: %d members (seeds %s), %d thread(s) each, in %s", members, seeds, per_member, run_dir)
-    if codistill and not resume:
-        for n in names:  # before any member starts: none may read an earlier run's weights
-            remove_snapshots(run_dir / n)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
     with ProcessPoolExecutor(members, mp_context=ctx, initializer=_init_member_process, initargs=(per_member,)) as pool:
         futures = [
@@ -216,7 +193,6 @@ def run_seqrec_ensemble_bench(
                 run_dir / n,
                 resume,
                 f"seqrec {n}",
-                [run_dir / other for other in names if other != n] if codistill else [],
             )
             for s, n in zip(seeds, names, strict=True)
         ]
@@ -228,8 +204,6 @@ def run_seqrec_ensemble_bench(
             raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
         lines = [f.result() for f in futures]
     train_seconds = time.perf_counter() - t0
-    for n in names:
-        remove_snapshots(run_dir / n)  # every member has finished: the exchanged weights serve no one
 
     loaded = load_members([run_dir], cfg.device)
     test = retrieval_metrics(ensemble_ranks(loaded, data, "test", protocol), DEFAULT_KS)
@@ -242,7 +216,9 @@ def run_seqrec_ensemble_bench(
         {"run_dir": str(run_dir / n), "seed": s, **{k: m[k] for k in ("hr@10", "ndcg@10", "best_valid_ndcg@10", "train_seconds")}}
         for n, s, m in zip(names, seeds, lines, strict=True)
     ]  # fmt: skip
-    common = {
+    out = {
+        "bench": "seqrec-ensemble",
+        **ensemble,
         "n_members": members,
         "member_mean_ndcg@10": round(float(np.mean([m["ndcg@10"] for m in lines])), 5),
         "member_mean_hr@10": round(float(np.mean([m["hr@10"] for m in lines])), 5),
@@ -252,21 +228,11 @@ def run_seqrec_ensemble_bench(
         "seconds": round(time.perf_counter() - t0, 1),
         "device": device_name(resolve_device(cfg.device)),  # the threads in all; threads_per_member each
     }
-    if codistill:
-        # one model is the product: the member that validates best (the test never picks it)
-        best = max(range(members), key=lambda i: lines[i]["best_valid_ndcg@10"])
-        chosen = {k: v for k, v in lines[best].items() if k in ensemble and k != "valid_ndcg@10"}
-        chosen["best_valid_ndcg@10"] = lines[best]["best_valid_ndcg@10"]
-        out = {"bench": "seqrec-codistill", **chosen, "model": names[best], "ensemble": ensemble, **common}
-        out.update(published_comparison(data_path, protocol, cfg.max_len, lines[best]))
-    else:
-        out = {"bench": "seqrec-ensemble", **ensemble, **common}
-        out.update(published_comparison(data_path, protocol, cfg.max_len, test))
+    out.update(published_comparison(data_path, protocol, cfg.max_len, test))
     out["config"] = cfg.to_dict()
     (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
     log.info(
-        "seqrec %s of %d: test hr@10=%.4f ndcg@10=%.4f (ensemble %.4f, members' mean ndcg@10 %.4f) in %.0f s",
-        "codistillation" if codistill else "ensemble", members, out["hr@10"], out["ndcg@10"], test["ndcg@10"],
-        out["member_mean_ndcg@10"], out["seconds"],
+        "seqrec ensemble of %d: test hr@10=%.4f ndcg@10=%.4f (members' mean ndcg@10 %.4f) in %.0f s",
+        members, out["hr@10"], out["ndcg@10"], out["member_mean_ndcg@10"], out["seconds"],
     )  # fmt: skip
     return out

@@ -15,14 +15,15 @@ Everything happens in memory (``ratings.csv`` + ``movies.csv`` are read, nothing
   0.70 / 0.85), never on the evaluation window itself. **New items** are those first seen after T_pre (the backbone never saw them); those
   first seen after T_ft were not in fine-tuning either (``RankerConfig.id_cutoff_s`` = T_ft).
 * **Requests.** Every rating in a window is one request of its user at its time. Its
-  sequence = the user's ratings with strictly earlier timestamps (newest ``max_len − 1``,
-  right-padded; actions ``rate_high``/``rate_mid``/``rate_low`` of
-  :func:`features.importers.rating_action`, surface ``import``). Its impressions = the rated
-  movie plus ``negatives`` sampled movies (no labels) that the user never rated and that were
-  first seen at or before the request: a ``recent_share`` of them among the movies first seen
-  in the last ``recent_days``, the rest uniformly. Without recent negatives every young
-  candidate would be the rated one, and an item's youth alone would give its label away.
-  Impressions are shuffled within each request. Deterministic given ``seed``.
+  sequence = the user's ratings with strictly earlier timestamps (the newest
+  :func:`training.model.inputs.history_len`, ``max_len − 1`` for early fusion; right-padded;
+  actions ``rate_high``/``rate_mid``/``rate_low`` of :func:`features.importers.rating_action`,
+  surface ``import``). Its impressions = the rated movie plus ``negatives`` sampled movies (no
+  labels) that the user never rated and that were first seen at or before the request: a
+  ``recent_share`` of them among the movies first seen in the last ``recent_days``, the rest
+  uniformly. Without recent negatives every young candidate would be the rated one, and an
+  item's youth alone would give its label away. Impressions are shuffled within each request.
+  Deterministic given ``seed``.
 * **Labels** (:data:`features.contract.LABEL_ACTIONS` = click, save, hide) of the rated
   movie: ``rate_high`` (≥ 4 stars) → click; ≥ ``save_rating`` (5 stars) → click + save;
   ``rate_low`` (< 3 stars) → hide; ``rate_mid`` (3, 3.5 stars) → no label (seen, neither
@@ -61,6 +62,7 @@ from training.jobs.pretrain import CorpusBatches, PretrainConfig
 from training.metrics import roc_auc
 from training.model.backbone import PinFM, PinFMConfig, resolve_device
 from training.model.config_fields import replace_fields
+from training.model.inputs import history_len, resolve_time_gaps
 from training.model.objectives import ItemCatalog, PinFMObjective
 from training.model.ranker import NewItemConfig, RankerConfig
 from training.trainer import Trainer
@@ -69,6 +71,8 @@ log = logging.getLogger(__name__)
 
 DAY_S = 86_400
 SURFACE = "import"
+#: :func:`pretrain_backbone` feeds no time gaps: the rankers follow it unless ``finetune.time_gaps`` says otherwise
+PRETRAINED_WITH_TIME_GAPS = False
 #: metrics carried into the summary, per variant (the figure of merit is the first pair)
 REPORTED: tuple[str, ...] = (
     "auc_click_new", "auc_click", "auc_click_old", "auc_save_new", "auc_save", "auc_hide_new", "auc_hide",
@@ -401,7 +405,7 @@ def ranking_examples(
         data: the ratings.
         after_s, until_s: the window (unix seconds).
         cfg: negatives, recent share/days, save rating.
-        seq_len: sequence length (the backbone's ``max_len − 1`` for early fusion).
+        seq_len: sequence length (:func:`training.model.inputs.history_len` of the ranker).
         rng: the generator (subsample, negatives, impression order).
         max_requests: keep a random subset of this many requests (None = all).
 
@@ -490,7 +494,7 @@ def _new_item_slices(test: RankingData, items: ItemFacts, split: TimeSplit, new:
     the age could find those without knowing the movie. This slice leaves them out.
     """
     created = items.created.lookup(test.item_ids)  # (M,)
-    age_s = test.request_ts[test.req_index] - created  # (M,)
+    age_s = items.created.age_at(test.item_ids, test.request_ts[test.req_index])  # (M,) -1 = unknown
     unseen = created > split.t_ft
     return {
         "auc_click_unseen": unseen,
@@ -523,7 +527,13 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
     data = load_movielens(src, model_cfg.content_dim)
     split = TimeSplit.from_quantiles(data.ts, cfg.pretrain_quantile, cfg.finetune_quantile, cfg.eval_quantile)
     rng = np.random.default_rng(cfg.seed)
-    seq_len = model_cfg.max_len - 1 if cfg.finetune.sequence == "pinfm_early" else model_cfg.max_len
+    base_rcfg = RankerConfig(
+        backbone=model_cfg,
+        sequence=cfg.finetune.sequence,
+        id_cutoff_s=split.t_ft,
+        time_gaps=resolve_time_gaps(cfg.finetune.time_gaps, PRETRAINED_WITH_TIME_GAPS),
+    )  # each variant replaces new_items
+    seq_len = history_len(base_rcfg)
     train = ranking_examples(data, split.t_pre, split.t_ft, cfg, seq_len, rng, cfg.max_finetune_requests)
     test = ranking_examples(data, split.t_ft, split.t_end, cfg, seq_len, rng, cfg.max_eval_requests)
     if len(train) == 0 or len(test) == 0:
@@ -556,9 +566,7 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
         for name, nic in variants.items():
             t1 = time.perf_counter()
             fcfg = cfg.finetune.replace(new_items=nic, seed=cfg.seed + s, device=cfg.device, model=cfg.model)
-            rcfg = RankerConfig(
-                backbone=model_cfg, sequence=fcfg.sequence, new_items=nic, id_cutoff_s=split.t_ft, time_gaps=False
-            )  # the backbone is pretrained here without time gaps (pretrain_backbone)
+            rcfg = base_rcfg.replace(new_items=nic)
             model, metrics, _ = train_ranker(train, test, data.items, fcfg, rcfg, state, split.t_pre, device)
             metrics.update(_new_item_parts(predict(model, test, data.items, device), test, slices))
             row[name] = {k: _round(metrics.get(k)) for k in REPORTED}

@@ -22,6 +22,7 @@ from training.jobs import registry
 from training.metrics import hit_at_k, roc_auc
 from training.model.backbone import PinFMConfig, resolve_device
 from training.model.config_fields import replace_fields
+from training.model.inputs import history_len, resolve_time_gaps, saved_time_gaps
 from training.model.interaction import default_label_weights, weighted_bce
 from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig, init_from_backbone
@@ -57,7 +58,8 @@ class FinetuneConfig:
             (0 = TransAct over the whole sequence).
         time_gaps: the ranker's ``RankerConfig.time_gaps`` (log-time-gap buckets of the sequence
             into the backbone); None = as the backbone was pretrained (``PretrainConfig.time_gaps``),
-            or the ``RankerConfig`` default without a pretrained backbone.
+            or :data:`training.model.inputs.TIME_GAPS_DEFAULT` without a pretrained backbone
+            (:func:`training.model.inputs.resolve_time_gaps`).
         model: backbone preset when starting from random weights (a pretrained backbone brings its own shape).
         device: 'auto', 'cpu' or 'cuda'.
         seed: RNG seed.
@@ -117,20 +119,16 @@ def _resolve_backbone(layout: Layout, backbone: str, preset: str) -> tuple[PinFM
 
 def _ranker_time_gaps(cfg: FinetuneConfig, backbone: dict | None) -> bool:
     """Whether the ranker feeds time gaps: ``cfg.time_gaps``, else what the backbone was pretrained with."""
-    pretrained = None
-    if backbone is not None:
-        # a pinfm artifact whose pretraining settings lack the field was pretrained without gaps
-        pretrained = bool((backbone["config"].get("pretrain") or {}).get("time_gaps", False))
-    if cfg.time_gaps is None:
-        return RankerConfig().time_gaps if pretrained is None else pretrained
-    if pretrained is not None and cfg.time_gaps != pretrained:
+    # a pinfm artifact whose pretraining settings lack the field was pretrained without gaps
+    pretrained = None if backbone is None else saved_time_gaps(backbone["config"].get("pretrain") or {})
+    if pretrained is not None and cfg.time_gaps is not None and cfg.time_gaps != pretrained:
         log.warning(
             "finetune: time_gaps=%s, but backbone %s was pretrained with time_gaps=%s",
             cfg.time_gaps,
             backbone["version"],
             pretrained,
         )
-    return cfg.time_gaps
+    return resolve_time_gaps(cfg.time_gaps, pretrained)
 
 
 @dataclass
@@ -166,15 +164,14 @@ def batch_tensors(data: RankingData, idx: np.ndarray, items: ItemFacts, device: 
         return out
 
     request_ts = data.request_ts[reqs] if data.request_ts is not None else np.zeros(U, np.int64)
-    created = items.created.lookup(ids)  # (N,)
-    age = np.where(created >= 0, request_ts[inverse] - created, -1)
+    age = items.created.age_at(ids, request_ts[inverse])  # (N,) seconds, -1 = unknown
     cand_ids = grid(ids)
     out = {
         "seq": data.sequences.tensors(reqs, items.content, device),
         "cand_ids": torch.from_numpy(cand_ids).to(device),  # (U, C)
         "cand_surface_ids": torch.from_numpy(grid(data.surface_ids[idx])).to(device),  # (U, C)
         "cand_mask": torch.from_numpy(grid(np.ones(len(idx), bool), False)).to(device),  # (U, C)
-        "cand_age_s": torch.from_numpy(grid(age.astype(np.int64), -1)).to(device),  # (U, C)
+        "cand_age_s": torch.from_numpy(grid(age, -1)).to(device),  # (U, C)
         "labels": torch.from_numpy(grid(data.labels[idx])).to(device),  # (U, C, A)
         "cand_content": None,
         "request_ts": torch.from_numpy(request_ts.astype(np.int64)).to(device),  # (U,)
@@ -310,8 +307,8 @@ def train_ranker(
     """Fine-tune a ranker on in-memory ranking data and evaluate it (the loop behind :func:`finetune`).
 
     Args:
-        train: training impressions grouped by request (sequences of ``max_len - 1`` events
-            for ``pinfm_early``: early fusion appends the candidate).
+        train: training impressions grouped by request (sequences of at most
+            :func:`training.model.inputs.history_len` events of ``rcfg``).
         test: evaluation impressions.
         items: content vectors and creation times of the items.
         cfg: optimisation settings (``cfg.seed`` seeds the weights' init and the batch order).
@@ -442,8 +439,7 @@ def finetune(
     cutoff_s = int(cutoff.timestamp())
 
     items = ItemFacts.from_layout(layout, bb_cfg.content_dim)
-    # early fusion appends the candidate after the sequence: keep one position free for it
-    seq_len = bb_cfg.max_len - 1 if cfg.sequence == "pinfm_early" else bb_cfg.max_len
+    seq_len = history_len(rcfg)  # the newest events the ranker reads, as the service does
     train = load_ranking_data(layout, train_days, seq_len)
     test = load_ranking_data(layout, [eval_day], seq_len)
     if len(train) == 0 or len(test) == 0:

@@ -4,6 +4,11 @@
 goes through :class:`training.trainer.Trainer`, so it checkpoints under
 ``runs/pretrain-ds=<ds>-<digest>/`` and a crashed run started again with the same settings
 resumes where it stopped.
+
+The objective and the optimiser are a named recipe's (:mod:`training.model.recipes`, the
+benchmark's best measured one by default); the sizes scale the batch, the steps, the
+negatives and the pairs per step. The artifact records the recipe and the objective it
+trained with.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from training.jobs.registry import save_artifact
 from training.model.backbone import PinFM, PinFMConfig, bucketize_time_gaps
 from training.model.config_fields import replace_fields
 from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
+from training.model.recipes import DEFAULT_RECIPE, PINFM, recipe
 from training.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -35,13 +41,29 @@ log = logging.getLogger(__name__)
 class PretrainConfig:
     """Pretraining run settings.
 
+    :meth:`preset` builds every size from the recipe: its objective (scores, sampler and
+    log-Q, in-batch cap, multi-token window, start temperature), its lr and weight decay.
+    Departures from the recipe, and why:
+
+    * ``future_token`` 0.5: the pipeline adds the future-token loss, which trains the state
+      at the read position, the one the ranker reads (the benchmark has no ranker; on Beauty
+      it cost 8 % next-item NDCG@10, docs/experiments/beauty-losses.md).
+    * the item embedding (:meth:`model_config`): the backbone preset's buckets
+      (:meth:`training.model.backbone.PinFMConfig.preset` says why the CPU sizes keep fewer),
+      dense gradients (fine-tuning trains the table with AdamW, which takes no sparse
+      gradients, and DDP on NCCL refuses them) and unscaled item input (the ranker's
+      early-fusion candidate token, training/model/dcat.py ``candidate_tokens``, embeds
+      the candidate without the √d_model factor, so a scaled backbone would read its
+      candidates 8× weaker than its history at d = 64).
+
     Attributes:
         model: backbone preset name (tiny/small/base).
+        recipe: the recipe's name (:data:`training.model.recipes.RECIPES`): the kind of objective.
         batch_size: segments per step.
-        lr: peak AdamW learning rate.
+        lr: peak AdamW learning rate (the recipe's).
         steps: optimizer steps.
         warmup: linear warm-up steps (then cosine decay to 10 %).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (the recipe's).
         grad_clip: max gradient norm.
         next_token, multi_token, future_token: loss weights (0 = off).
         negatives: sampled negatives per step (plus in-batch ones), log-Q corrected.
@@ -57,14 +79,15 @@ class PretrainConfig:
     """
 
     model: str = "small"
+    recipe: str = DEFAULT_RECIPE
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = PINFM.lr
     steps: int = 120
     warmup: int = 12
-    weight_decay: float = 0.01
+    weight_decay: float = PINFM.weight_decay
     grad_clip: float = 1.0
-    next_token: float = 1.0
-    multi_token: float = 0.5
+    next_token: float = PINFM.objective.next_token
+    multi_token: float = PINFM.objective.multi_token
     future_token: float = 0.5
     negatives: int = 256
     max_pairs: int = 1024
@@ -75,30 +98,42 @@ class PretrainConfig:
     log_every: int = 25
 
     @classmethod
-    def preset(cls, name: str) -> PretrainConfig:
-        """``tiny`` (tests, seconds), ``small`` (CPU demo, ≤ ~1 min), ``base`` (GPU)."""
+    def preset(cls, name: str, recipe_name: str = DEFAULT_RECIPE) -> PretrainConfig:
+        """``tiny`` (tests, seconds), ``small`` (CPU demo, ≤ ~1 min), ``base`` (GPU), built from a recipe."""
+        r = recipe(recipe_name)
+        common = {
+            "recipe": r.name,
+            "lr": r.lr,
+            "weight_decay": r.weight_decay,
+            "next_token": r.objective.next_token,
+            "multi_token": r.objective.multi_token,
+        }
         presets = {
-            "tiny": cls(model="tiny", batch_size=16, steps=40, warmup=4, lr=5e-3, max_pairs=256, negatives=64),
-            "small": cls(),
-            "base": cls(model="base", batch_size=128, steps=3000, warmup=200, lr=1e-3, max_pairs=4096, negatives=4096),
+            "tiny": dict(model="tiny", batch_size=16, steps=40, warmup=4, max_pairs=256, negatives=64),
+            "small": dict(model="small", batch_size=64, steps=120, warmup=12, max_pairs=1024, negatives=256),
+            "base": dict(model="base", batch_size=128, steps=3000, warmup=200, max_pairs=4096, negatives=4096),
         }
         if name not in presets:
             raise ValueError(f"unknown pretrain preset {name!r}; expected one of {sorted(presets)}")
-        return presets[name]
+        return cls(**{**common, **presets[name]})
 
     def replace(self, **kw) -> PretrainConfig:
         """A copy with some fields changed; ValueError naming unknown fields."""
         return replace_fields(self, **kw)
 
     def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(
+        """The recipe's objective at this size (losses, negatives and pairs per step from here)."""
+        return recipe(self.recipe).objective_config(
             next_token=self.next_token,
             multi_token=self.multi_token,
             future_token=self.future_token,
             negatives=self.negatives,
             max_pairs=self.max_pairs,
-            init_temperature=0.1,
         )
+
+    def model_config(self) -> PinFMConfig:
+        """The backbone this run trains: the ``model`` preset (see the class docstring for the embedding)."""
+        return PinFMConfig.preset(self.model)
 
     def trainer_config(self, device: str | None = None) -> TrainerConfig:
         """The Trainer settings of this pretraining (``device`` overrides ``self.device``)."""
@@ -179,7 +214,8 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     """
     t0 = time.perf_counter()
     ds = ds or latest_day(layout, layout.pretrain_corpus)
-    model_cfg = PinFMConfig.preset(cfg.model)
+    model_cfg = cfg.model_config()
+    objective_cfg = cfg.objective()
 
     corpus = read_partition(layout.pretrain_corpus, ds, columns=["user_id", "item_ids", "actions", "surfaces", "ts"])
     seqs = encode_sequence_frame(corpus, model_cfg.max_len)
@@ -196,7 +232,7 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     catalog = ItemCatalog.from_sequences([counts[counts != 0]])
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run: same seed, same run
     model = PinFM(model_cfg)
-    objective = PinFMObjective(cfg.objective(), catalog)
+    objective = PinFMObjective(objective_cfg, catalog)
     run_dir = layout.runs / f"pretrain-ds={ds}-{cfg.digest()}"
     trainer = Trainer(
         model,
@@ -224,7 +260,12 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
         layout,
         "pinfm",
         {k: v.cpu() for k, v in model.state_dict().items()},
-        config={"model": model_cfg.to_dict(), "model_preset": cfg.model, "pretrain": dataclasses.asdict(cfg)},
+        config={
+            "model": model_cfg.to_dict(),
+            "model_preset": cfg.model,
+            "pretrain": dataclasses.asdict(cfg),
+            "objective": objective_cfg.to_dict(),  # what scored items in training (similarity: dot or cosine)
+        },
         metrics=metrics,
         data_version={"corpus_ds": ds, "n_segments": int(len(seqs)), "corpus_path": f"pretrain_corpus/ds={ds}"},
         files=[run_dir / "training_curve.png", run_dir / "metrics.jsonl"],

@@ -21,6 +21,7 @@ from torch import nn
 
 from features.contract import ACTIONS, CONTENT_DIM, SURFACES
 from training.model.config_fields import reject_unknown_fields
+from training.model.recipes import PINFM
 
 # ------------------------------------------------------------------------- hashing
 #: Mersenne prime 2^31 - 1: every product below stays < 2^62, so int64 never overflows.
@@ -112,12 +113,33 @@ class PinFMConfig:
 
     @classmethod
     def preset(cls, name: str) -> PinFMConfig:
-        """Named sizes: ``tiny`` (tests), ``small`` (CPU demo), ``base`` (GPU), ``large`` (multi-GPU)."""
+        """Named sizes: ``tiny`` (tests), ``small`` (CPU demo), ``base`` (GPU), ``large`` (multi-GPU).
+
+        Every size hashes items as the default recipe does (:data:`training.model.recipes.PINFM`,
+        ``n_hash_tables`` sub-tables). ``base`` and ``large`` also take its buckets (2 × 2²¹
+        rows: 2 GB of fp32 weights at d = 256, 4 GB at d = 512, for an accelerator). The CPU
+        sizes keep fewer:
+
+        * ``small`` (the demo) 2 × 8,192: the demo catalogue has ~1,900 items, so hardly two
+          share both rows. 2 × 2²¹ would fit its 24 GB (134 M parameters: 512 MB of weights
+          at d = 64, about 2 GB with the gradient and AdamW's two moments) but not its time:
+          fine-tuning trains the ranker's copy of the table with dense AdamW, which then
+          updates 134 M parameters at every step instead of 0.6 M for the whole backbone
+          (a backbone training step: 0.26 s against 0.036 s on the idle 2-core CPU); every
+          pinfm and ranker artifact would weigh 512 MB; and ``RankerConfig``'s default
+          backbone (this preset) would allocate the table in every ranker test.
+        * ``tiny`` (tests) 2 × 1,024: the test worlds have at most a few hundred items.
+        """
+        tables, big = PINFM.n_hash_tables, PINFM.hash_buckets
         presets = {
-            "tiny": cls(d_model=32, n_layers=1, n_heads=2, max_len=32, hash_buckets=1024),
-            "small": cls(d_model=64, n_layers=2, n_heads=4, max_len=64, hash_buckets=8192),
-            "base": cls(d_model=256, n_layers=4, n_heads=8, max_len=256, hash_buckets=65536, dropout=0.1),
-            "large": cls(d_model=512, n_layers=8, n_heads=8, max_len=512, hash_buckets=1 << 20, dropout=0.1),
+            "tiny": cls(d_model=32, n_layers=1, n_heads=2, max_len=32, n_hash_tables=tables, hash_buckets=1024),
+            "small": cls(d_model=64, n_layers=2, n_heads=4, max_len=64, n_hash_tables=tables, hash_buckets=8192),
+            "base": cls(
+                d_model=256, n_layers=4, n_heads=8, max_len=256, n_hash_tables=tables, hash_buckets=big, dropout=0.1
+            ),
+            "large": cls(
+                d_model=512, n_layers=8, n_heads=8, max_len=512, n_hash_tables=tables, hash_buckets=big, dropout=0.1
+            ),
         }
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")

@@ -9,9 +9,6 @@ state at one position and the positive is an item the user later acted on positi
   the downstream ranker reads) must pick each positive item after it. With an embedding
   computed offline and used for a day, this is what the ranker needs the state to know.
 
-With a teacher (training.experiments.distill), a distillation loss pulls the student's softmax over
-the next-token loss's candidates towards the teacher's (:func:`distillation_loss`).
-
 Candidates are the positives of (up to K of) the other pairs in the batch (in-batch negatives) plus M
 negatives sampled once per step from the catalog (uniformly or by popularity). Because
 those candidates are not drawn uniformly, every candidate's logit is corrected by the log
@@ -30,14 +27,13 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.model.config_fields import replace_fields
+from training.model.config_fields import reject_unknown_fields, replace_fields
 
 #: logit of a masked candidate: finite, so a row whose candidates are all masked keeps finite gradients
 MASKED_LOGIT = -1e30
@@ -79,11 +75,6 @@ class ObjectiveConfig:
             hit. Otherwise a query is pushed away from the items its user goes on to engage
             with, which the multi-token loss pulls it towards. Off by default: on Beauty (lr
             3e-3) it lowered test NDCG@10 from 0.0312 to 0.0278 (those items are useful hard negatives).
-        distill: weight of the distillation loss (0 = off): the KL divergence from a teacher's
-            softmax to the student's over the first enabled loss's sampled candidates (the
-            next-token loss's by default). Needs a teacher (``PinFMObjective.teacher``);
-            without a ready one the term is left out.
-        distill_temperature: T, both softmaxes are taken at logits / T (the loss is × T²).
     """
 
     next_token: float = 1.0
@@ -101,8 +92,6 @@ class ObjectiveConfig:
     logq_correction: bool = True
     max_pairs: int | None = None
     mask_own_sequence: bool = False
-    distill: float = 0.0
-    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.similarity not in ("cosine", "dot"):
@@ -121,18 +110,38 @@ class ObjectiveConfig:
             raise ValueError("multi_token_window and future_window must be ≥ 1")
         if self.negatives == 0 and not self.in_batch_negatives:
             raise ValueError("no negatives: enable in_batch_negatives or sample some")
-        if self.distill < 0 or self.distill_temperature <= 0:
-            raise ValueError("distill must be ≥ 0 and distill_temperature > 0")
-        if self.distill > 0 and self.negatives == "full":
-            raise ValueError(
-                "distill works on the sampled softmax's candidates: it needs negatives to be a count, not 'full'"
-            )
 
     def replace(self, **kw) -> ObjectiveConfig:
         return replace_fields(self, **kw)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ObjectiveConfig:
+        """The settings of :meth:`to_dict`, also as saved by earlier versions.
+
+        A retired field (:data:`RETIRED_FIELDS`) loads when it holds the value at which it did
+        nothing and is refused, naming it, otherwise: such a run cannot be rebuilt here.
+        """
+        d = dict(d)
+        for name, inert in RETIRED_FIELDS.items():
+            if name in d and (value := d.pop(name)) != inert:
+                raise ValueError(
+                    f"the objective was configured with {name}={value!r}, a setting this version no longer has "
+                    f"(only {name}={inert!r}, which changed nothing, still loads); use the version that trained it"
+                )
+        for name in RETIRED_IF_INERT:  # they acted only through a retired field, which is inert here
+            d.pop(name, None)
+        reject_unknown_fields(cls, d)
+        return cls(**d)
+
+
+#: fields taken out of ObjectiveConfig, with the value at which they did nothing (configs saved with it still load):
+#: the distillation loss, removed in the commit after 66e15b0 (docs/experiments/beauty-ensembles.md)
+RETIRED_FIELDS: dict[str, object] = {"distill": 0.0}
+#: retired fields that only scaled a retired term: whatever their value, they did nothing when that term was off
+RETIRED_IF_INERT: tuple[str, ...] = ("distill_temperature",)
 
 
 class ItemCatalog:
@@ -238,18 +247,13 @@ class SampledLogits:
 
     Attributes:
         pos: (N,) logit of each query's own positive (log-Q corrected when asked).
-        cand: (N, C) fp32 logits of the C = K + M candidates; a removed candidate (an
+        cand: (N, C) fp32 logits of the C = K + M candidates (in-batch keys first, then the
+            sampled negatives), or None without candidates; a removed candidate (an
             accidental hit, or a key of the query's own group) holds ``MASKED_LOGIT``.
-        cand_ids: (C,) the candidates' item ids (in-batch keys first, then sampled negatives).
-        bias: (C,) what was added to each candidate's logit (−log-Q), or None.
-        pos_bias: (N,) what was added to each positive's logit, or None.
     """
 
     pos: torch.Tensor
     cand: torch.Tensor | None
-    cand_ids: torch.Tensor | None
-    bias: torch.Tensor | None
-    pos_bias: torch.Tensor | None
 
     def cross_entropy(self) -> torch.Tensor:
         """Mean cross-entropy with each positive as the target, without materialising (N, 1 + C)."""
@@ -298,8 +302,7 @@ def sampled_softmax_logits(
             key of query i's own group is left out of i's candidates.
 
     Returns:
-        the logits; ``.cross_entropy()`` is the sampled-softmax loss (mean over the N pairs),
-        and :func:`distillation_loss` compares the softmax with a teacher's.
+        the logits; ``.cross_entropy()`` is the sampled-softmax loss (mean over the N pairs).
     """
     if similarity == "cosine":
         queries = F.normalize(queries, dim=-1)
@@ -308,9 +311,8 @@ def sampled_softmax_logits(
     n = queries.shape[0]
     q = queries / temperature  # (N, D): scaling the queries is cheaper than scaling (N, K + M) logits
     pos_logit = (q * pos_emb).sum(-1)  # (N,)
-    pos_bias = -pos_logq if pos_logq is not None else None
-    if pos_bias is not None:
-        pos_logit = pos_logit + pos_bias
+    if pos_logq is not None:
+        pos_logit = pos_logit - pos_logq
     cand_emb, cand_ids, cand_logq = [], [], []
     keys = None
     if in_batch:
@@ -325,10 +327,9 @@ def sampled_softmax_logits(
         cand_ids.append(neg_ids)
         cand_logq.append(neg_logq)
     if not cand_emb:
-        return SampledLogits(pos_logit, None, None, None, pos_bias)
+        return SampledLogits(pos_logit, None)
     keys_emb = torch.cat(cand_emb)  # (K + M, D)
     ids = torch.cat(cand_ids)  # (K + M,)
-    bias = None
     if any(lq is not None for lq in cand_logq):
         bias = -torch.cat(
             [
@@ -343,7 +344,7 @@ def sampled_softmax_logits(
     if groups is not None and keys is not None:
         own = groups[:, None] == groups[keys][None, :]  # (N, K): keys of the query's own group
         logits[:, : keys.numel()].masked_fill_(own, MASKED_LOGIT)
-    return SampledLogits(pos_logit, logits, ids, bias, pos_bias)
+    return SampledLogits(pos_logit, logits)
 
 
 def batch_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -356,41 +357,6 @@ def batch_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
         None,  # right padded: the causal mask alone keeps real tokens away from padding
         time_gaps=batch.get("time_gaps"),
     )
-
-
-class LogitTeacher(Protocol):
-    """What distillation needs of a teacher (training.experiments.distill.EnsembleTeacher is one)."""
-
-    @property
-    def ready(self) -> bool: ...
-
-    def observe(self, batch: dict) -> None: ...
-
-    def scores(
-        self, rows: torch.Tensor, q_pos: torch.Tensor, pos_ids: torch.Tensor, cand_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def distillation_loss(student: SampledLogits, teacher: LogitTeacher, rows: torch.Tensor, q_pos: torch.Tensor,
-                      pos_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
-    """T² · KL(teacher ‖ student) over the student's candidates, averaged over the N queries.
-
-    The teacher's logits get the student's log-Q biases and its removed candidates, so the
-    two softmaxes are over the same set.
-    """
-    if student.cand is None or student.cand_ids is None:
-        return student.pos.sum() * 0.0
-    t_pos, t_cand = teacher.scores(rows, q_pos, pos_ids, student.cand_ids)  # (N,), (N, C)
-    if student.pos_bias is not None:
-        t_pos = t_pos + student.pos_bias.float()
-    if student.bias is not None:
-        t_cand = t_cand + student.bias.float()[None, :]
-    t_cand = t_cand.masked_fill(student.cand == MASKED_LOGIT, MASKED_LOGIT)
-    t_log_probs = torch.log_softmax(torch.cat([t_pos[:, None], t_cand], dim=1) / temperature, dim=1)
-    s_logits = torch.cat([student.pos.float()[:, None], student.cand], dim=1) / temperature
-    s_log_probs = torch.log_softmax(s_logits, dim=1)  # (N, 1 + C)
-    kl = F.kl_div(s_log_probs, t_log_probs, log_target=True, reduction="batchmean")
-    return kl * temperature**2
 
 
 def full_softmax_loss(
@@ -590,7 +556,6 @@ class PinFMObjective(nn.Module):
         self.catalog = catalog
         self.log_temp = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
         self.min_temperature = min_temperature
-        self.teacher: LogitTeacher | None = None  # a plain attribute: not in state_dict, not trained
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -649,10 +614,9 @@ class PinFMObjective(nn.Module):
         return [next(losses) if p[0].numel() else None for p in pair_sets]
 
     def _loss(
-        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pairs: tuple, negs: tuple, distill: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Sampled-softmax loss of one pair set and, with ``distill``, its distillation loss
-        (None when the set has no pair)."""
+        self, model: nn.Module, hidden: torch.Tensor, batch: dict, pairs: tuple, negs: tuple
+    ) -> torch.Tensor | None:
+        """Sampled-softmax loss of one pair set (None when the set has no pair)."""
         rows, q_pos, t_pos = self._subsample(pairs)
         if rows.numel() == 0:
             return None
@@ -682,7 +646,7 @@ class PinFMObjective(nn.Module):
             pos_logq = expected(tgt, None)
             if neg_ids is not None:
                 neg_logq = expected(neg_ids, neg_logp)
-        logits = sampled_softmax_logits(
+        return sampled_softmax_logits(
             q,
             tgt,
             k,
@@ -695,11 +659,7 @@ class PinFMObjective(nn.Module):
             self.cfg.similarity,
             self.cfg.in_batch_max,
             rows if self.cfg.mask_own_sequence else None,
-        )
-        kl = None
-        if distill and self.teacher is not None:
-            kl = distillation_loss(logits, self.teacher, rows, q_pos, tgt, self.cfg.distill_temperature)
-        return logits.cross_entropy(), kl
+        ).cross_entropy()
 
     def _sampler_log_prob(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cfg.sampler == "uniform":
@@ -729,22 +689,10 @@ class PinFMObjective(nn.Module):
             if read_pos is None:
                 read_pos = read_positions(batch["pad_mask"].sum(1), self.cfg.future_window)
             parts.append(("future", self.cfg.future_token, future_token_pairs(positive, read_pos)))
-        distill = self.cfg.distill > 0 and self.teacher is not None and self.teacher.ready
-        kl = None
         if self.cfg.negatives == "full":
             losses = self._full_losses(model, hidden, batch, [p for _, _, p in parts])
         else:
-            if distill:
-                self.teacher.observe(batch)
-            losses = []
-            for i, (_, _, pairs) in enumerate(parts):
-                out = self._loss(model, hidden, batch, pairs, negs, distill=distill and i == 0)
-                losses.append(None if out is None else out[0])
-                if out is not None and out[1] is not None:
-                    kl = out[1]
-        if kl is not None:
-            total = total + self.cfg.distill * kl
-            stats["loss_distill"] = float(kl.detach())
+            losses = [self._loss(model, hidden, batch, pairs, negs) for _, _, pairs in parts]
         for (name, weight, pairs), loss in zip(parts, losses, strict=True):
             stats[f"pairs_{name}"] = float(pairs[0].numel())
             if loss is not None:

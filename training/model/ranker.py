@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from training.model.backbone import PinFM, PinFMConfig, bucketize_time_gaps, last_hidden
+from training.model.backbone import PinFM, PinFMConfig, last_hidden
 from training.model.config_fields import reject_unknown_fields, replace_fields
 from training.model.dcat import candidate_tokens, context_pass, crossing_pass, naive_candidate_hidden
+from training.model.inputs import TIME_GAPS_DEFAULT, history_len, saved_time_gaps, time_gap_buckets
 from training.model.interaction import InteractionArch, InteractionConfig
 from training.model.transact import TransActEncoder, gather_selected, random_time_window_mask, select_lifelong
 
@@ -103,10 +104,13 @@ class RankerConfig:
         interaction: the MaskNet → DCNv2 → heads stack (its ``actions`` are the heads).
         new_items: candidate-ID randomization and age-dependent ID dropout.
         time_gaps: feed log-time-gap buckets of the sequence to the backbone, from the
-            sequence's ``ts`` (a sequence without ``ts`` is scored without gaps). On by default:
-            the offline tables and the online ``user_sequence`` (``event_ts_s``) both carry event
-            times, so training and serving feed the same buckets; pretraining has the matching
-            ``PretrainConfig.time_gaps`` (fine-tuning follows the backbone's setting).
+            sequence's ``ts`` (a sequence without ``ts`` is scored without gaps;
+            :func:`training.model.inputs.time_gap_buckets`). A new config feeds them
+            (:data:`training.model.inputs.TIME_GAPS_DEFAULT`): the offline tables and the online
+            ``user_sequence`` (``event_ts_s``) both carry event times; fine-tuning follows the
+            backbone's ``PretrainConfig.time_gaps`` (:func:`training.model.inputs.resolve_time_gaps`).
+            A saved config without the entry predates the setting and loads without them
+            (:meth:`from_dict`, :func:`training.model.inputs.saved_time_gaps`).
         transact_layers, transact_heads, transact_first_k: the TransAct encoder.
         transact_window_s, transact_window_p: TransAct's random time-window mask in training
             (drop actions within a random window of up to this many seconds before the
@@ -124,7 +128,7 @@ class RankerConfig:
     surface_dim: int = 16
     interaction: InteractionConfig = field(default_factory=InteractionConfig)
     new_items: NewItemConfig = field(default_factory=NewItemConfig)
-    time_gaps: bool = True
+    time_gaps: bool = TIME_GAPS_DEFAULT
     transact_layers: int = 1
     transact_heads: int = 2
     transact_first_k: int = 3
@@ -156,9 +160,11 @@ class RankerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RankerConfig:
+        """A config saved by :meth:`to_dict` (every field). A missing field takes its default, except
+        ``time_gaps``: a config saved without it was trained without time gaps and loads that way."""
         d = dict(d)
         reject_unknown_fields(cls, d)
-        d.setdefault("time_gaps", False)  # a config saved without the field was trained without time gaps
+        d["time_gaps"] = saved_time_gaps(d)
         if "backbone" in d:
             d["backbone"] = PinFMConfig.from_dict(d["backbone"])
         if "interaction" in d:
@@ -218,9 +224,7 @@ class Ranker(nn.Module):
     # ------------------------------------------------------------------ pieces
     def time_gaps(self, seq: dict) -> torch.Tensor | None:
         """(U, L) log-time-gap buckets the backbone reads for ``seq`` (None: gaps off or no ``ts``)."""
-        if not self.cfg.time_gaps or seq.get("ts") is None:
-            return None
-        return bucketize_time_gaps(seq["ts"], self.cfg.backbone.time_gap_buckets, seq["pad_mask"])
+        return time_gap_buckets(self.cfg, seq)
 
     def _age_drop_probability(self, cand_age_s: torch.Tensor) -> torch.Tensor:
         """(U, C) ages in seconds → probability that age dropout removes the ID part (0 for unknown ages)."""
@@ -414,10 +418,10 @@ class Ranker(nn.Module):
             user = last_hidden(hidden, pad_mask)  # (U, D)
             if mode == "pinfm_early":
                 lengths = cache.lengths
-                if lengths.numel() and int(lengths.max()) >= bb.cfg.max_len:
+                if lengths.numel() and int(lengths.max()) > history_len(self.cfg):
                     raise ValueError(
                         f"early fusion appends the candidate after the sequence: sequences must be shorter than "
-                        f"the backbone's max_len={bb.cfg.max_len}; truncate them to {bb.cfg.max_len - 1}"
+                        f"the backbone's max_len={bb.cfg.max_len}; truncate them to {history_len(self.cfg)}"
                     )
                 if naive:
                     crossed = naive_candidate_hidden(

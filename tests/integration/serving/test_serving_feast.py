@@ -156,7 +156,8 @@ def test_publish_then_rank_uses_precomputed_only_for_the_same_version(layout):
 
     # Another version is served (e.g. after a rollback): computed from the stored sequence instead.
     model_r2 = SeqModel("r2")
-    client = TestClient(create_app(layout, model_loader=lambda: model_r2))
+    # warmed before it returns: a background warm-up's own scoring pass would race the fake's last_* fields
+    client = TestClient(create_app(layout, model_loader=lambda: model_r2, warm_up_in_background=False))
     body = client.post("/v1/rank", json={"user_id": 3, "candidates": [11], "surface": "home"}).json()
     assert body["embedding_source"] == "computed" and body["model_version"] == "r2"
     np.testing.assert_allclose(model_r2.last_embedding, [3.0, 35.0])
@@ -189,7 +190,9 @@ def test_warm_up_without_a_registry_names_the_fix(tmp_path):
 
 def test_service_is_ready_once_the_store_is_open(layout):
     features = FeastOnlineFeatures(layout)
-    client = TestClient(create_app(layout, model_loader=lambda: SeqModel("r1"), online_features=features))
+    client = TestClient(
+        create_app(layout, model_loader=lambda: SeqModel("r1"), online_features=features, warm_up_in_background=False)
+    )
     deadline = time.monotonic() + 60
     while client.get("/v2/health/ready").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -198,19 +201,17 @@ def test_service_is_ready_once_the_store_is_open(layout):
 
 
 def test_real_serving_model_through_the_service(layout):
-    try:
-        import torch
+    import torch
 
-        from serving.model import ServingModel
-        from training.model.backbone import PinFMConfig
-        from training.model.interaction import InteractionConfig
-        from training.model.ranker import Ranker, RankerConfig
-    except ImportError as exc:  # the training package is developed in parallel
-        pytest.skip(f"training package not importable: {exc}")
+    from serving.model import ServingModel
+    from training.model.backbone import PinFMConfig
+    from training.model.interaction import InteractionConfig
+    from training.model.ranker import Ranker, RankerConfig
+
     torch.manual_seed(0)
     ranker = Ranker(RankerConfig(backbone=PinFMConfig.preset("tiny"), interaction=InteractionConfig(mlp_hidden=(16,))))
     model = ServingModel(ranker, "tiny-0")
-    client = TestClient(create_app(layout, model_loader=lambda: model))
+    client = TestClient(create_app(layout, model_loader=lambda: model, warm_up_in_background=False))
     r = client.post("/v1/rank", json={"user_id": 1, "candidates": [10, 11, 12, 77], "surface": "home"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -256,13 +257,13 @@ def _offline_probs(ranker, layout: Layout, user_id: int, with_ts: bool = True) -
     from features.contract import LABEL_ACTIONS, SURFACE_IDS
     from training.data import ContentTable, ItemCreatedAt, RankingData, encode_sequence_frame, read_partition
     from training.jobs.finetune import ItemFacts, batch_tensors, ranker_logits
+    from training.model.inputs import history_len
 
     snap = read_partition(layout.user_sequences, DS)
     row = snap[snap["user_id"] == user_id].reset_index(drop=True)
     if not with_ts:
         row = row.drop(columns=["ts"])
-    max_len = ranker.cfg.backbone.max_len - (1 if ranker.cfg.sequence == "pinfm_early" else 0)
-    seqs = encode_sequence_frame(row, max_len)  # ts (1, L) seconds from the snapshot's datetimes
+    seqs = encode_sequence_frame(row, history_len(ranker.cfg))  # ts (1, L) seconds from the snapshot's datetimes
     assert (seqs.ts is not None) == with_ts
     C = len(CANDIDATES)
     data = RankingData(
@@ -309,7 +310,7 @@ def test_online_user_sequence_has_event_times_aligned_with_items(layout):
 def test_time_gap_ranker_serves_the_offline_scores(layout, mode):
     ranker = _tiny_ranker(mode, time_gaps=True)
     model = _serving_model(ranker, layout, f"gaps-{mode}")
-    client = TestClient(create_app(layout, model_loader=lambda: model))
+    client = TestClient(create_app(layout, model_loader=lambda: model, warm_up_in_background=False))
     served = {u: _served_probs(client, model, u) for u in (1, 4, 5)}
 
     for user in (1, 4):  # online event_ts_s → time gaps, exactly as offline scoring of the snapshot's ts
@@ -323,7 +324,7 @@ def test_time_gap_ranker_serves_the_offline_scores(layout, mode):
 def test_ranker_without_time_gaps_ignores_event_times(layout):
     ranker = _tiny_ranker("pinfm_early", time_gaps=False)
     model = _serving_model(ranker, layout, "no-gaps")
-    client = TestClient(create_app(layout, model_loader=lambda: model))
+    client = TestClient(create_app(layout, model_loader=lambda: model, warm_up_in_background=False))
     served = {u: _served_probs(client, model, u) for u in (1, 4, 5)}
     np.testing.assert_array_equal(served[1], served[4])
     np.testing.assert_array_equal(served[1], served[5])
@@ -338,7 +339,7 @@ def test_published_embeddings_use_the_same_time_gaps_as_the_service(layout):
 
     ranker = _tiny_ranker("pinfm_late", time_gaps=True)  # late fusion: the published vector is all of the user
     model = _serving_model(ranker, layout, "gaps-published")
-    client = TestClient(create_app(layout, model_loader=lambda: model))
+    client = TestClient(create_app(layout, model_loader=lambda: model, warm_up_in_background=False))
     computed = {u: _served_probs(client, model, u) for u in (1, 4)}
     publish_user_embeddings(layout, model_loader=lambda: model)
     for user in (1, 4):
@@ -387,6 +388,8 @@ def test_store_set_up_before_event_times_still_serves(tmp_path):
     features = FeastOnlineFeatures(lay)
     assert features.user(1).sequence == USER_1  # no "ts": unknown times
     model = _serving_model(_tiny_ranker("pinfm_early", time_gaps=True), lay, "gaps-old-store")
-    client = TestClient(create_app(lay, model_loader=lambda: model, online_features=features))
+    client = TestClient(
+        create_app(lay, model_loader=lambda: model, online_features=features, warm_up_in_background=False)
+    )
     served = _served_probs(client, model, 1)
     assert served.shape == (len(CANDIDATES), len(model.actions)) and np.isfinite(served).all()

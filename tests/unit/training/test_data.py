@@ -8,7 +8,8 @@ import pytest
 
 from features.config import Layout
 from features.contract import ACTION_IDS, CONTENT_DIM, SURFACE_IDS, ContractError
-from training.data import ContentTable, encode_sequences, load_ranking_data, read_partition
+from training.data import ContentTable, ItemCreatedAt, encode_sequences, load_ranking_data, read_partition
+from training.model.inputs import candidate_age_s
 
 
 def test_encode_truncates_to_newest_and_right_pads() -> None:
@@ -70,3 +71,14 @@ def test_load_ranking_data_joins_sequences(world: Layout) -> None:
 def test_missing_partition_names_the_path(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="ds=2026-02-01"):
         read_partition(Layout(tmp_path).ranking_examples, "2026-02-01")
+
+
+def test_candidate_age_is_seconds_since_creation_and_unknown_is_minus_one() -> None:
+    created = ItemCreatedAt(np.array([30, 10, 20]), np.array([1_000, 500, 2_000]))  # unsorted on purpose
+    ids = np.array([[10, 20, 99], [30, 0, 10]])  # 99 unknown, 0 padding
+    got = created.age_at(ids, np.array([[2_500], [3_000]]))  # one request time per row, broadcast
+    assert got.dtype == np.int64 and got.tolist() == [[2_000, 500, -1], [2_000, -1, 2_500]]
+    assert created.age_at(np.array([10, 99]), 600).tolist() == [100, -1]  # one request time for all
+    # the same rule as the model library's, which fine-tuning and serving both call through age_at
+    np.testing.assert_array_equal(candidate_age_s(created.lookup(ids), np.array([[2_500], [3_000]])), got)
+    assert candidate_age_s(np.array([-1, 0, 700]), 600).tolist() == [-1, 600, -100]  # created later: negative

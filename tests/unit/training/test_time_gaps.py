@@ -6,12 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+from features.config import Layout
 from features.contract import SURFACE_IDS, ContractError
 from serving.model import ServingModel
 from training.data import ContentTable, SequenceArrays, encode_sequences
 from training.jobs.finetune import FinetuneConfig, _ranker_time_gaps
 from training.jobs.pretrain import CorpusBatches, PretrainConfig
 from training.model.backbone import PinFMConfig, bucketize_time_gaps
+from training.model.inputs import (
+    TIME_GAPS_DEFAULT,
+    TIME_GAPS_IF_UNSAVED,
+    resolve_time_gaps,
+    saved_time_gaps,
+    time_gap_buckets,
+)
 from training.model.ranker import NewItemConfig, Ranker, RankerConfig
 
 BACKBONE = PinFMConfig(d_model=32, n_layers=2, n_heads=4, max_len=12, hash_buckets=1 << 16)
@@ -48,11 +56,50 @@ def _served(model: ServingModel, ts: list[int] | None) -> np.ndarray:
 
 
 def test_time_gaps_are_on_by_default_and_old_configs_stay_off() -> None:
+    assert TIME_GAPS_DEFAULT and not TIME_GAPS_IF_UNSAVED
     assert RankerConfig().time_gaps and PretrainConfig().time_gaps
     saved = RankerConfig().to_dict()
     assert RankerConfig.from_dict(saved).time_gaps
     del saved["time_gaps"]  # a ranker saved before the field existed was trained without gaps
     assert not RankerConfig.from_dict(saved).time_gaps
+    # a config saved either way loads as it was saved
+    for value in (True, False):
+        cfg = RankerConfig(backbone=BACKBONE, time_gaps=value)
+        assert RankerConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_an_old_ranker_artifact_scores_as_it_was_trained(tmp_path) -> None:
+    """A ranker saved before ``time_gaps`` existed was trained without gaps: loaded, it still ignores event times."""
+    trained = _model(time_gaps=False)
+    saved = trained.ranker.cfg.to_dict()
+    del saved["time_gaps"]
+    artifact = {"config": {"ranker": saved}, "state_dict": trained.ranker.state_dict(), "version": "v-old", "path": "-"}
+    loaded = ServingModel.from_artifact(Layout(tmp_path), artifact)
+    assert not loaded.ranker.cfg.time_gaps
+    np.testing.assert_allclose(_served(loaded, TS), _served(trained, None), atol=1e-6, rtol=0)
+    # what the rule protects: the same weights fed gaps (today's default for new rankers) score otherwise
+    with_gaps = ServingModel(Ranker(trained.ranker.cfg.replace(time_gaps=True)), "v-old-gaps")
+    with_gaps.ranker.load_state_dict(trained.ranker.state_dict())
+    assert np.abs(_served(with_gaps, TS) - _served(loaded, TS)).max() > 1e-5
+
+
+def test_one_rule_decides_a_new_rankers_time_gaps_and_a_saved_configs() -> None:
+    assert resolve_time_gaps(None, None) is TIME_GAPS_DEFAULT  # nothing decides: the default
+    assert resolve_time_gaps(None, False) is False and resolve_time_gaps(None, True) is True  # follow the backbone
+    assert resolve_time_gaps(False, True) is False and resolve_time_gaps(True, False) is True  # explicit wins
+    assert saved_time_gaps({}) is TIME_GAPS_IF_UNSAVED
+    assert saved_time_gaps({"time_gaps": True}) is True and saved_time_gaps({"time_gaps": False}) is False
+
+
+def test_time_gap_buckets_only_when_the_ranker_reads_event_times() -> None:
+    arrays = encode_sequences([SEQ["item_ids"]], [SEQ["actions"]], [SEQ["surfaces"]], 8, [TS])
+    seq = arrays.tensors(np.arange(1), None)
+    on = RankerConfig(backbone=BACKBONE, time_gaps=True)
+    want = bucketize_time_gaps(seq["ts"], BACKBONE.time_gap_buckets, seq["pad_mask"])  # (1, L)
+    assert torch.equal(time_gap_buckets(on, seq), want) and int(want[0, 1:].min()) > 0
+    assert torch.equal(Ranker(on).time_gaps(seq), want)  # the ranker reads them through the same rule
+    assert time_gap_buckets(on.replace(time_gaps=False), seq) is None
+    assert time_gap_buckets(on, {**seq, "ts": None}) is None  # unknown times: no gaps, not zero gaps
 
 
 @pytest.mark.parametrize("sequence", ["pinfm_early", "pinfm_late"])

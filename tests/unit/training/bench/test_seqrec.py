@@ -148,9 +148,48 @@ def test_runs_saved_before_item_input_scaling_load_unscaled() -> None:
 
 
 def test_runs_saved_with_a_retired_setting_load_only_where_it_did_nothing() -> None:
-    saved = {**SeqRecConfig.preset("tiny").to_dict(), "full_softmax_epochs": 0}
+    saved = {**SeqRecConfig.preset("tiny").to_dict(), "full_softmax_epochs": 0, "distill_start_epoch": 1}
     assert SeqRecConfig.from_dict(saved) == SeqRecConfig.preset("tiny")
     with pytest.raises(ValueError, match="full_softmax_epochs=6"):
         SeqRecConfig.from_dict({**saved, "full_softmax_epochs": 6})
+    with pytest.raises(ValueError, match="distill_start_epoch=3"):
+        SeqRecConfig.from_dict({**saved, "distill_start_epoch": 3})
     with pytest.raises(ValueError, match="unknown SeqRecConfig fields"):
         SeqRecConfig.from_dict({**saved, "no_such_setting": 1})
+    codistilled = {**saved, "objective": {**saved["objective"], "distill": 1.0, "distill_temperature": 1.0}}
+    with pytest.raises(ValueError, match="distill=1.0"):  # a --codistill run of the removed code
+        SeqRecConfig.from_dict(codistilled)
+
+
+#: SeqRecConfig() as commit 66e15b0 saved it (seqrec_config.json), before the recipe module and the removal of
+#: distillation; the benchmark's default figures depend on every one of these values
+SAVED_DEFAULTS_66E15B0 = {
+    "adam_beta2": 0.999, "batch_size": 256, "block_layout": "pre_ln", "d_model": 64, "device": "auto",
+    "distill_start_epoch": 1, "dropout": 0.5, "epochs": 30, "eval_every_epochs": 3, "eval_users": 0,
+    "hash_buckets": 2097152, "item_dropout": 0.0, "lr": 0.0015, "max_len": 50, "mlp_ratio": 4, "n_hash_tables": 2,
+    "n_heads": 2, "n_layers": 2, "patience": 3, "scale_item_input": True, "seed": 0, "sparse_item_grads": True,
+    "sparse_lr_scale": 1.0, "warmup": 200, "weight_decay": 0.0,
+    "objective": {
+        "catalog_matmul": "fp32", "distill": 0.0, "distill_temperature": 1.0, "future_token": 0.0, "future_window": 4,
+        "in_batch_max": 1024, "in_batch_negatives": True, "init_temperature": 0.05, "logq_correction": True,
+        "mask_own_sequence": False, "max_pairs": None, "multi_token": 1.0, "multi_token_window": 3,
+        "negatives": 1024, "next_token": 1.0, "sampler": "popularity", "similarity": "dot",
+    },
+}  # fmt: skip
+
+
+def test_the_default_config_is_the_recipe_and_equals_the_one_before_it_field_for_field() -> None:
+    cfg = SeqRecConfig()
+    retired = {"distill_start_epoch"}, {"distill", "distill_temperature"}
+    want = {k: v for k, v in SAVED_DEFAULTS_66E15B0.items() if k not in retired[0]}
+    want["objective"] = {k: v for k, v in want["objective"].items() if k not in retired[1]}
+    assert cfg.to_dict() == want
+    assert SeqRecConfig.from_dict(SAVED_DEFAULTS_66E15B0) == cfg == SeqRecConfig.preset("default")
+    # the recipe's values, one by one
+    o = cfg.objective
+    assert (o.similarity, o.sampler, o.logq_correction, o.multi_token_window) == ("dot", "popularity", True, 3)
+    assert (cfg.n_hash_tables, cfg.hash_buckets, cfg.lr) == (2, 2**21, 1.5e-3)
+    assert (o.in_batch_max, o.negatives) == (1024, 1024)
+    # the test preset is the recipe at test scale
+    tiny = SeqRecConfig.preset("tiny").objective
+    assert tiny == o.replace(negatives=64)

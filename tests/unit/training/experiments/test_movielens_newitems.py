@@ -14,7 +14,9 @@ from afm.cli import cli
 from features.contract import ACTION_IDS, CONTENT_DIM, LABEL_ACTIONS
 from features.importers import rating_action
 from training.data import ItemCreatedAt
+from training.experiments import movielens_newitems
 from training.experiments.movielens_newitems import (
+    PRETRAINED_WITH_TIME_GAPS,
     REPORTED,
     NewItemsExperimentConfig,
     TimeSplit,
@@ -27,6 +29,7 @@ from training.experiments.movielens_newitems import (
     ranking_examples,
     run_new_items,
 )
+from training.model.inputs import history_len
 
 REPO = Path(__file__).resolve().parents[4]
 MOVIELENS = REPO.parent / "shared" / "data" / "movielens-latest-small"
@@ -274,6 +277,36 @@ def test_end_to_end_on_tiny_data_returns_the_figures(ml_dir: Path) -> None:
     assert "with_young_mix_lift" in out["per_seed"][0]
     table = markdown_table(out)
     assert "| mean | with |" in table and "| mean | without |" in table and "| mean | with_young_mix |" in table
+
+
+class _Captured(Exception):
+    """Stops run_new_items at its first fine-tuning, once the inputs are captured."""
+
+
+@pytest.mark.parametrize(
+    ("sequence", "time_gaps", "want_gaps"),
+    [("pinfm_early", None, PRETRAINED_WITH_TIME_GAPS), ("pinfm_late", None, PRETRAINED_WITH_TIME_GAPS),
+     ("pinfm_early", True, True)],
+)  # fmt: skip
+def test_rankers_read_sequences_by_the_shared_rules(ml_dir: Path, monkeypatch, sequence, time_gaps, want_gaps) -> None:
+    """The experiment's requests hold the ranker's history length; its time gaps follow the backbone it pretrained."""
+    seen = {}
+
+    def capture(train, test, items, fcfg, rcfg, *args, **kw):
+        seen.update(train=train, test=test, rcfg=rcfg)
+        raise _Captured
+
+    monkeypatch.setattr(movielens_newitems, "pretrain_backbone", lambda *a, **k: ({}, {}))
+    monkeypatch.setattr(movielens_newitems, "train_ranker", capture)
+    cfg = CFG.replace(finetune=CFG.finetune.replace(sequence=sequence, time_gaps=time_gaps))
+    with pytest.raises(_Captured):
+        run_new_items(ml_dir, cfg)
+    rcfg = seen["rcfg"]
+    assert rcfg.sequence == sequence and rcfg.time_gaps is want_gaps
+    hist = history_len(rcfg)
+    assert hist == rcfg.backbone.max_len - (sequence == "pinfm_early")
+    for data in (seen["train"], seen["test"]):  # early fusion's arrays are one event narrower than late fusion's
+        assert data.sequences.item_ids.shape[1] == hist and data.sequences.lengths.max() <= hist
 
 
 def test_missing_data_names_the_problem(tmp_path: Path) -> None:

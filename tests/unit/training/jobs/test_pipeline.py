@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from features.config import Layout
 from features.contract import ACTION_IDS, LABEL_ACTIONS, SURFACE_IDS, ContractError
 from serving.model import load_ranker
+from training.bench.pretrain_retrieval import HeldOutDay, pretrain_retrieval
 from training.data import ContentTable, read_partition
-from training.jobs.finetune import FinetuneConfig, finetune
+from training.jobs.finetune import FinetuneConfig, _resolve_backbone, finetune
 from training.jobs.pretrain import PretrainConfig, pretrain
-from training.jobs.registry import current_version, list_versions, load_artifact
+from training.jobs.registry import current_version, list_versions, load_artifact, save_artifact
+from training.model.backbone import PinFMConfig
+from training.model.inputs import history_len
 from training.model.ranker import Ranker, RankerConfig
+from training.model.recipes import recipe
 
 FT = FinetuneConfig(model="tiny", epochs=2, batch_size=128, device="cpu")
 
@@ -81,7 +88,7 @@ def test_serving_model_matches_ranker_forward(world: Layout, trained: dict) -> N
     ranker = Ranker(RankerConfig.from_dict(art["config"]["ranker"]))
     ranker.load_state_dict(art["state_dict"])
     ranker.eval()
-    max_len = ranker.cfg.backbone.max_len - 1  # early fusion keeps the last position for the candidate
+    max_len = history_len(ranker.cfg)  # early fusion keeps the last position for the candidate
     s = sequences[0]
     items = torch.tensor([s["item_ids"][-max_len:]])
     content = ContentTable.from_layout(world)
@@ -131,3 +138,97 @@ def test_bad_arguments_name_the_problem(world: Layout, tmp_path) -> None:
         pretrain(Layout(tmp_path), PretrainConfig.preset("tiny"))
     with pytest.raises(ValueError, match="unknown PretrainConfig fields \\['stepz'\\]"):
         PretrainConfig().replace(stepz=3)
+
+
+# ------------------------------------------------------------------ the recipe and held-out retrieval
+def test_every_pretrain_preset_builds_its_objective_from_the_recipe() -> None:
+    r = recipe()
+    for name in ("tiny", "small", "base"):
+        cfg = PretrainConfig.preset(name)
+        obj = cfg.objective()
+        assert cfg.recipe == r.name and r.departures(obj) == {}, name  # dot, popularity + log-Q, L' = 3, …
+        assert (obj.similarity, obj.sampler, obj.logq_correction, obj.multi_token_window) == (
+            "dot",
+            "popularity",
+            True,
+            3,
+        )
+        assert obj.in_batch_max <= r.objective.in_batch_max and obj.multi_token > 0, name
+        assert (cfg.lr, cfg.weight_decay) == (r.lr, r.weight_decay), name
+        assert cfg.model_config() == PinFMConfig.preset(cfg.model)
+    assert PretrainConfig() == PretrainConfig.preset("small")
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        PretrainConfig.preset("small", "nope")
+
+
+def _add_held_out_day(layout: Layout, ds: str = "2026-01-04") -> dict[int, int]:
+    """user_sequences of the corpus day (each user's segments joined) and valid events of ``ds``.
+
+    Each user of the world: an impression, a hide, then a click (the target: an item of the
+    category the user acted on most), then a save. One more user has events but no history.
+    Returns {user_id: target item}.
+    """
+    corpus = read_partition(layout.pretrain_corpus, "2026-01-03").sort_values(["user_id", "segment"])
+    seqs = corpus.groupby("user_id", sort=True).agg(
+        {c: lambda s: [x for part in s for x in part] for c in ("item_ids", "actions", "surfaces", "ts")}
+    )
+    path = Layout.partition(layout.user_sequences, "2026-01-03")
+    path.mkdir(parents=True)
+    seqs.reset_index().to_parquet(path / "part-0.parquet")
+    items = pd.read_parquet(layout.items / "items.parquet", columns=["item_id", "category"]).set_index("item_id")
+    day0 = pd.Timestamp(ds, tz="UTC")
+    rows, targets = [], {}
+    for u, hist in seqs["item_ids"].items():
+        cat = items.loc[list(hist), "category"].mode().iloc[0]
+        pool = items.index[items["category"] == cat].to_numpy()
+        target = int(pool[(int(u) * 7) % len(pool)])
+        targets[int(u)] = target
+        for minute, action, item in ((540, "impression", pool[0]), (570, "hide", pool[1]), (600, "click", target),
+                                     (660, "save", pool[2])):  # fmt: skip
+            rows.append((int(u), int(item), action, day0 + pd.Timedelta(minutes=minute), f"{u}-{minute}"))
+    rows.append((999_999, int(items.index[0]), "click", day0, "new-user"))
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "action", "ts", "event_id"])
+    path = Layout.partition(layout.valid_events, ds)
+    path.mkdir(parents=True)
+    events.to_parquet(path / "part-0.parquet")
+    return targets
+
+
+def test_pretrain_retrieval_scores_the_held_out_day_and_loads_earlier_artifacts(world: Layout, tmp_path) -> None:
+    layout = Layout(tmp_path / "w")  # the world's data without the models other tests wrote into it
+    shutil.copytree(world.root, layout.root, ignore=shutil.ignore_patterns("models", "runs"))
+    targets = _add_held_out_day(layout)
+    day = HeldOutDay.load(layout, "2026-01-04")
+    assert dict(zip(day.history["user_id"], day.targets, strict=True)) == targets  # the first positive of the day
+    assert day.n_without_history == 1 and len(day.catalog) == 160
+
+    new = pretrain(layout, PretrainConfig.preset("tiny").replace(device="cpu"))["version"]
+    art = load_artifact(layout, "pinfm", new)
+    assert art["config"]["objective"]["similarity"] == "dot" and art["config"]["pretrain"]["recipe"] == "pinfm"
+    # an artifact as the pipeline wrote it before the recipe: no objective in its config (cosine scores then)
+    before = {k: v for k, v in art["config"].items() if k != "objective"}
+    before["pretrain"] = {k: v for k, v in before["pretrain"].items() if k != "recipe"}
+    old = save_artifact(layout, "pinfm", art["state_dict"], config=before, metrics={}, data_version=art["data_version"])
+    assert _resolve_backbone(layout, old, "small")[0] == PinFMConfig.from_dict(before["model"])  # fine-tuning loads it
+
+    out = pretrain_retrieval(layout, [old, new], device="cpu")
+    assert (out["ds"], out["history_ds"], out["n_users"], out["n_without_history"]) == (
+        "2026-01-04",
+        "2026-01-03",
+        80,
+        1,
+    )
+    assert [r["similarity"] for r in out["runs"]] == ["cosine", "dot"]
+    dot = out["runs"][1]
+    assert dot["hr@50"] >= dot["hr@10"] and 0 <= dot["target_in_history"] <= 1
+    # the targets are in the user's category (40 of 160 items): far above chance (MRR ~0.035, HR@50 ~0.31)
+    assert dot["mrr"] > 0.05 and dot["hr@50"] > 0.6, dot
+    assert out["paired"]["n_users"] == 80 and out["paired"]["mrr"]["b"] == pytest.approx(dot["mrr"], abs=1e-5)
+    same = pretrain_retrieval(layout, [new, new], device="cpu")["paired"]["ndcg@10"]
+    assert same["diff"] == 0.0 and same["a_better"] == same["b_better"] == 0
+
+    leaky = save_artifact(
+        layout, "pinfm", art["state_dict"], config=art["config"], metrics={}, data_version={"corpus_ds": "2026-01-04"}
+    )
+    with pytest.raises(ValueError, match="includes the held-out day 2026-01-04"):
+        pretrain_retrieval(layout, [leaky], device="cpu")

@@ -6,10 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+from features.contract import SURFACE_IDS
 from serving.model import ServingModel
-from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays
-from training.jobs.finetune import ItemFacts, batch_tensors, evaluate, new_item_mask, next_action_term
+from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays, encode_sequences
+from training.jobs.finetune import (
+    ItemFacts,
+    batch_tensors,
+    evaluate,
+    new_item_mask,
+    next_action_term,
+    predict,
+    ranker_logits,
+)
 from training.model.backbone import PinFMConfig
+from training.model.inputs import history_len
 from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig
 from training.model.transact import select_lifelong
 
@@ -237,6 +247,24 @@ def test_early_fusion_needs_a_free_position() -> None:
         ranker(seq, torch.tensor([[5]]), torch.tensor([[1]]))
 
 
+@pytest.mark.parametrize("mode", SEQUENCE_MODES)
+def test_history_length_is_one_rule_for_training_and_serving(mode: str) -> None:
+    cfg = RankerConfig(backbone=BACKBONE, sequence=mode)
+    want = BACKBONE.max_len - 1 if mode == "pinfm_early" else BACKBONE.max_len  # early fusion: the candidate's slot
+    assert history_len(cfg) == want
+    assert ServingModel(Ranker(cfg), "v").max_len == want
+    if mode == "pinfm_early":  # the longest history that fits, and one event more does not
+        ranker = _ranker(mode).eval()
+        for L, fits in ((want, True), (want + 1, False)):
+            seq = {k: torch.ones(1, L, dtype=torch.long) for k in ("item_ids", "action_ids", "surface_ids")}
+            seq["pad_mask"] = torch.ones(1, L, dtype=torch.bool)
+            if fits:
+                assert ranker(seq, torch.tensor([[5]]), torch.tensor([[1]])).shape == (1, 1, 3)
+            else:
+                with pytest.raises(ValueError, match=f"truncate them to {want}"):
+                    ranker(seq, torch.tensor([[5]]), torch.tensor([[1]]))
+
+
 def _ranking_data() -> RankingData:
     """2 requests: r0 (3 impressions: clicked, silent, silent), r1 (1 impression, hidden)."""
     seqs = SequenceArrays(
@@ -344,3 +372,62 @@ def test_serving_scores_items_newer_than_the_training_data_from_content(mode: st
     np.testing.assert_allclose(p[2], p[3], atol=1e-6)  # newer than the training data: content alone
     before = model.score(user, [5, 6, 7, 8], "home", sequence=seq, request_ts=cutoff - 5)  # none is new yet
     assert np.abs(before[2] - before[3]).max() > 1e-6
+
+
+@pytest.mark.parametrize("mode", ["pinfm_early", "pinfm_late"])
+def test_serving_feeds_a_request_as_the_training_batch_does(mode: str) -> None:
+    """ServingModel.ranker_inputs of a request = its row of finetune.batch_tensors, and score = evaluation's predict."""
+    cutoff, day = 1_700_000_000, 86_400
+    torch.manual_seed(0)
+    ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence=mode, id_cutoff_s=cutoff)).eval()
+    hist = history_len(ranker.cfg)
+    n = hist + 3  # longer than the history: both sides keep the newest ``hist`` events
+    rng = np.random.default_rng(0)
+    long_user = {
+        "item_ids": (100 + np.arange(n)).tolist(),
+        "actions": rng.choice(["click", "save", "share"], n).tolist(),
+        "surfaces": rng.choice(["home", "search"], n).tolist(),
+        "ts": (cutoff - 5 * day + np.cumsum(rng.integers(1, 50_000, n))).tolist(),
+    }
+    new_user = {"item_ids": [], "actions": [], "surfaces": [], "ts": []}
+    users = [long_user, new_user]
+    request_ts = np.array([cutoff + 3_600, cutoff + 7_200])  # (R,)
+    cands = [5, 6, 7, 8]  # young trained, created after the training data, unknown creation, no content
+    content = ContentTable(np.array([5, 6, 7, *long_user["item_ids"]]), rng.normal(size=(3 + n, BACKBONE.content_dim)))
+    created = ItemCreatedAt(np.array([5, 6, 8]), np.array([cutoff - 2 * day, cutoff + 60, cutoff - 30 * day]))
+    C = len(cands)
+    data = RankingData(
+        sequences=encode_sequences(
+            *([u[k] for u in users] for k in ("item_ids", "actions", "surfaces")), hist, [u["ts"] for u in users]
+        ),  # fmt: skip
+        request_ids=np.array(["r0", "r1"]),
+        req_index=np.repeat([0, 1], C),
+        item_ids=np.array(cands * 2),
+        surface_ids=np.full(2 * C, SURFACE_IDS["search"]),
+        labels=np.zeros((2 * C, 3), np.float32),
+        days=["2023-11-14"],
+        request_ts=request_ts,
+    )
+    items = ItemFacts(content, created)
+    b = batch_tensors(data, np.arange(2 * C), items, torch.device("cpu"))
+    trained = predict(ranker, data, items, torch.device("cpu")).reshape(2, C, -1)  # (R, C, A)
+    model = ServingModel(ranker, "v", content, created)
+    for u, user in enumerate(users):
+        served = model.ranker_inputs(cands, "search", None, user, int(request_ts[u]))
+        k = len(user["item_ids"][-hist:])
+        assert int(served["seq"]["pad_mask"].sum()) == int(b["seq"]["pad_mask"][u].sum()) == k
+        for key in ("item_ids", "action_ids", "surface_ids", "ts", "content"):
+            assert torch.equal(served["seq"][key][0, :k], b["seq"][key][u, :k]), key
+        if k:
+            gaps = ranker.time_gaps(served["seq"])[0, :k]
+            assert torch.equal(gaps, ranker.time_gaps(b["seq"])[u, :k]) and int(gaps[1:].min()) > 0
+        for key in ("cand_ids", "cand_surface_ids", "cand_age_s", "cand_content"):
+            assert torch.equal(served[key][0], b[key][u]), key
+        since = 3_600 * (u + 1)  # the request's time after the cutoff
+        assert served["cand_age_s"][0].tolist() == [2 * day + since, since - 60, -1, 30 * day + since]
+        assert int(served["request_ts"][0]) == int(b["request_ts"][u])
+        probs = model.score(model.user_embeddings([user])[0], cands, "search", sequence=user, request_ts=request_ts[u])
+        np.testing.assert_allclose(probs, trained[u], atol=1e-5, rtol=0)
+    with torch.no_grad():  # the batch itself scores as predict does
+        direct = torch.sigmoid(ranker_logits(ranker, b)).numpy()
+    np.testing.assert_allclose(direct, trained, atol=1e-6, rtol=0)

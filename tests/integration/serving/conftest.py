@@ -1,0 +1,38 @@
+"""Fixtures of the serving integration tests: a synthetic world run through the real feature pipeline and Feast."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from features.config import Layout
+
+
+@pytest.fixture(scope="module")
+def pipeline_world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The tiny synthetic world through every Spark step of each day, then Feast registered and materialized.
+
+    The online store is materialized up to the end of the day before the last (the
+    ``snapshot_day``), as a service running during the last day (the ``request_day``) sees
+    it: its ``user_sequence`` rows are that day's end-of-day snapshot. A module using this
+    fixture starts Spark: mark it ``spark`` (and ``slow``: about two minutes).
+
+    Returns:
+        ``layout``, ``days`` (all days, oldest first), ``snapshot_day``, ``request_day``.
+    """
+    from features.pipeline import run_day
+    from features.spark import spark_session
+    from features.store import materialize, register
+    from features.synth import SynthConfig, generate_world
+
+    layout = Layout(tmp_path_factory.mktemp("pipeline_world"))
+    days = generate_world(layout, SynthConfig.preset("tiny"))["days"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AFM_SPARK_SHUFFLE_PARTITIONS", "2")
+        with spark_session("local[2]"):  # one session for every day (run_day reuses it), stopped after
+            for ds in days:
+                run_day(layout, ds)
+    register(layout)
+    materialize(layout, end_ds=days[-2])
+    return SimpleNamespace(layout=layout, days=days, snapshot_day=days[-2], request_day=days[-1])
