@@ -9,7 +9,7 @@ export AFM_HOME ?= $(CURDIR)/var
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test lint unit integration e2e clean lock prereqs
+.PHONY: setup demo test quick lint unit integration e2e clean lock prereqs
 
 prereqs:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ActivityFM needs Python 3.11: '$(PYTHON)' is not on PATH (install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...')."; exit 1; }
@@ -36,6 +36,10 @@ lint: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# The fast tests only, for development: no Spark, nothing slow (markers set by tests/conftest.py).
+quick: setup
+	$(BIN)/python -m pytest -q -m "not slow and not spark" tests
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit
