@@ -96,14 +96,12 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except Exception as exc:
-        from features.spark import is_spark_error, spark_error_line
+        from features.spark import SparkJobError, is_spark_error, spark_failure
 
         spark_failed = is_spark_error(exc)
         if not (spark_failed or isinstance(exc, USER_ERRORS)) or "-v" in sys.argv or "--verbose" in sys.argv:
             raise
-        message = (
-            f"SparkJobError: Spark failed: {spark_error_line(exc)}" if spark_failed else f"{type(exc).__name__}: {exc}"
-        )
+        message = f"{SparkJobError.__name__}: {spark_failure(exc)}" if spark_failed else f"{type(exc).__name__}: {exc}"
         click.echo(f"afm: error: {message}", err=True)
         sys.exit(1)
 

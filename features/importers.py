@@ -284,9 +284,12 @@ def write_items(layout: Layout, table: pa.Table, source: str = "items") -> Path:
     Raises:
         ContractError: see :func:`check_items`.
     """
-    table = check_items(table, source)
+    return _write_checked_items(layout, check_items(table, source))
+
+
+def _write_checked_items(layout: Layout, items: pa.Table) -> Path:
     path = layout.items / ITEMS_FILE
-    write_parquet(table.sort_by([("item_id", "ascending")]), path)
+    write_parquet(items.sort_by([("item_id", "ascending")]), path)
     return path
 
 
@@ -301,7 +304,7 @@ def write_events_and_items(layout: Layout, events: pa.Table, items: pa.Table, so
     events = _check_events(events, source)
     items = check_items(items, source)
     per_day = write_day_partitions(events, layout.raw_events, "ts", ["ts", "event_id"])
-    write_items(layout, items, source)
+    _write_checked_items(layout, items)
     return per_day
 
 

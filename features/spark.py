@@ -161,6 +161,11 @@ def spark_error_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def spark_failure(exc: BaseException) -> str:
+    """``Spark failed: <first line of Spark's error>``: how a Spark failure reads in one line."""
+    return f"Spark failed: {spark_error_line(exc)}"
+
+
 @contextmanager
 def named_spark_errors(what: str) -> Iterator[None]:
     """Turn a Spark/JVM failure inside the block into one :class:`SparkJobError` line prefixed with ``what``.
@@ -174,7 +179,7 @@ def named_spark_errors(what: str) -> Iterator[None]:
         yield
     except Exception as exc:
         if is_spark_error(exc):
-            raise SparkJobError(f"{what}: Spark failed: {spark_error_line(exc)}") from exc
+            raise SparkJobError(f"{what}: {spark_failure(exc)}") from exc
         raise
 
 

@@ -130,22 +130,21 @@ def _outside_domain(kind: str, value: int) -> str:
     return reason
 
 
-def _user_in_domain(value: int) -> int:
-    if not id_in_domain(value):
-        raise ValueError(_outside_domain("user", value))
-    return value
+def _in_domain(kind: str) -> Callable[[int], int]:
+    """A pydantic after-validator refusing ``kind`` ids ("user" or "item") outside the id domain."""
 
+    def check(value: int) -> int:
+        if not id_in_domain(value):
+            raise ValueError(_outside_domain(kind, value))
+        return value
 
-def _item_in_domain(value: int) -> int:
-    if not id_in_domain(value):
-        raise ValueError(_outside_domain("item", value))
-    return value
+    return check
 
 
 #: JSON schema of an id: what ``id_in_domain`` accepts (MIN_ID..MAX_ID fits a signed 64-bit integer).
 _ID_SCHEMA = {"format": "int64", "minimum": MIN_ID, "maximum": MAX_ID}
-UserId = Annotated[StrictInt, AfterValidator(_user_in_domain), Field(json_schema_extra=_ID_SCHEMA)]
-ItemId = Annotated[StrictInt, AfterValidator(_item_in_domain), Field(json_schema_extra=_ID_SCHEMA)]
+UserId = Annotated[StrictInt, AfterValidator(_in_domain("user")), Field(json_schema_extra=_ID_SCHEMA)]
+ItemId = Annotated[StrictInt, AfterValidator(_in_domain("item")), Field(json_schema_extra=_ID_SCHEMA)]
 
 
 class RankingModel(Protocol):
