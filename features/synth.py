@@ -42,7 +42,6 @@ Ids: users ``1..n_users``, items ``1..N`` in creation order, ``request_id`` =
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ import pyarrow.parquet as pq
 from features.config import Layout, day_window, parse_ds
 from features.contract import CONTENT_DIM, EVENT_SCHEMA, LABEL_ACTIONS, ContractError
 from features.importers import PART_FILE, clear_partitions, write_events, write_items, write_parquet
+from features.settings import Settings
 
 _US = 1_000_000
 _DAY_US = 86_400 * _US
@@ -84,8 +84,7 @@ def truth_dir(layout: Layout) -> Path:
     return layout.root / "raw" / "truth"
 
 
-@dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(Settings):
     """Size and behaviour of the synthetic world (defaults = the "demo" preset)."""
 
     n_users: int = 400
@@ -140,15 +139,7 @@ class SynthConfig:
             raise ValueError(f"unknown synth preset {name!r}; choose one of {sorted(presets)}")
         return cls(**presets[name])
 
-    def replace(self, **changes) -> SynthConfig:
-        """A copy with some fields changed (``dataclasses.replace``).
-
-        Args:
-            **changes: field values to change.
-        """
-        return dataclasses.replace(self, **changes)
-
-    def validate(self) -> None:
+    def check(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""
         parse_ds(self.start_ds)
         if self.n_users < 1 or self.n_days < 1:
@@ -355,34 +346,78 @@ def _fill_slates(
     return out
 
 
-def _simulate_day(
-    cfg: SynthConfig, rng: np.random.Generator, world: _World, ds: str
-) -> tuple[pa.Table, pa.Table, dict]:
-    """Events and truth of one day (the world's user interests are those of this day)."""
-    day_us = int(day_window(ds)[0].timestamp()) * _US
-    n_users = cfg.n_users
-    sb = np.asarray(cfg.surface_bias, dtype=np.float64)
+@dataclass
+class _Requests:
+    """One day's ranking requests, sorted by time (R requests of S items each)."""
 
-    # ---- requests, sorted by time
+    users: np.ndarray  # (R,) 0-based user index
+    ts_us: np.ndarray  # (R,) request time
+    surface: np.ndarray  # (R,) index into SURFACE_NAMES
+    slates: np.ndarray  # (R, S) 0-based item indices shown
+
+
+@dataclass
+class _Impressions:
+    """Every item shown by a day's requests, with its true probabilities and sampled responses (I = R x S)."""
+
+    req: np.ndarray  # (I,) request index
+    item: np.ndarray  # (I,) 0-based item index
+    user: np.ndarray  # (I,) 0-based user index
+    surface: np.ndarray  # (I,) the request's surface
+    ts_us: np.ndarray  # (I,) the request's time
+    p_click: np.ndarray  # (I,)
+    p_save_c: np.ndarray  # (I,) P(save | click)
+    p_hide_nc: np.ndarray  # (I,) P(hide | no click)
+    click: np.ndarray  # (I,) bool
+    save: np.ndarray  # (I,) bool
+    hide: np.ndarray  # (I,) bool
+    click_ts: np.ndarray  # (I,)
+    save_ts: np.ndarray  # (I,)
+    hide_ts: np.ndarray  # (I,)
+    dwell: np.ndarray  # (I,) dwell ms of the click
+
+
+@dataclass
+class _Organic:
+    """A day's search clicks outside any request (O clicks), some followed by a save."""
+
+    user: np.ndarray  # (O,) 0-based user index
+    item: np.ndarray  # (O,) 0-based item index
+    ts_us: np.ndarray  # (O,) click time
+    save: np.ndarray  # (O,) bool
+    dwell: np.ndarray  # (O,) dwell ms of the click
+    save_ts: np.ndarray  # (O,)
+
+
+def _day_requests(cfg: SynthConfig, rng: np.random.Generator, world: _World, day_us: int) -> _Requests:
+    """Draw the day's requests (counts, times, surfaces) and the slate each one shows."""
     n_req_u = rng.poisson(cfg.requests_per_user_day * world.user_activity)  # (U,)
-    users = np.repeat(np.arange(n_users), n_req_u)
+    users = np.repeat(np.arange(cfg.n_users), n_req_u)
     req_us = day_us + rng.integers(0, _LAST_REQUEST_US, len(users))
     surf = rng.choice(3, size=len(users), p=np.asarray(cfg.surface_probs))
     order = np.lexsort((users, req_us))
     users, req_us, surf = users[order], req_us[order], surf[order]
-    n_req = len(users)
     n_avail = np.searchsorted(world.item_created_us, req_us, side="right")  # items created <= request time
     n_before_fresh = np.searchsorted(world.item_created_us, req_us - _DAY_US, side="right")
     slates = _pick_slates(cfg, rng, world, users, req_us, n_avail, n_before_fresh)  # (R, S)
+    return _Requests(users, req_us, surf, slates)
 
-    # ---- impressions and responses
-    imp_req = np.repeat(np.arange(n_req), cfg.slate_size)  # (I,)
-    imp_item = slates.reshape(-1)  # (I,)
-    imp_user = users[imp_req]
-    imp_ts = req_us[imp_req]
+
+def _delay_us(base_s: float, scale_s: float, draws: np.ndarray) -> np.ndarray:
+    """Response delays ``base_s + scale_s * draws`` seconds in microseconds, capped at _MAX_DELAY_US."""
+    return np.minimum(((base_s + scale_s * draws) * _US).astype(np.int64), _MAX_DELAY_US)
+
+
+def _impressions(cfg: SynthConfig, rng: np.random.Generator, world: _World, req: _Requests) -> _Impressions:
+    """Expand the slates into impressions and draw each one's click, save and hide."""
+    sb = np.asarray(cfg.surface_bias, dtype=np.float64)
+    imp_req = np.repeat(np.arange(len(req.users)), cfg.slate_size)  # (I,)
+    imp_item = req.slates.reshape(-1)  # (I,)
+    imp_user = req.users[imp_req]
+    imp_ts = req.ts_us[imp_req]
     aff = np.einsum("id,id->i", world.user_u[imp_user], world.item_v[imp_item])  # (I,)
     q = world.item_q[imp_item]
-    p_click = _sigmoid(cfg.click_bias + cfg.click_slope * aff + q + sb[surf[imp_req]])
+    p_click = _sigmoid(cfg.click_bias + cfg.click_slope * aff + q + sb[req.surface[imp_req]])
     p_save_c = _sigmoid(cfg.save_bias + cfg.save_slope * aff + q)
     p_hide_nc = _sigmoid(cfg.hide_bias - cfg.hide_slope * aff)
     draws = rng.random((len(imp_item), 3))
@@ -390,14 +425,21 @@ def _simulate_day(
     save = click & (draws[:, 1] < p_save_c)
     hide = ~click & (draws[:, 2] < p_hide_nc)
     delay = rng.exponential(1.0, (len(imp_item), 3))
-    click_ts = imp_ts + np.minimum(((2 + 20 * delay[:, 0]) * _US).astype(np.int64), _MAX_DELAY_US)
-    save_ts = click_ts + np.minimum(((3 + 40 * delay[:, 1]) * _US).astype(np.int64), _MAX_DELAY_US)
-    hide_ts = imp_ts + np.minimum(((1 + 8 * delay[:, 2]) * _US).astype(np.int64), _MAX_DELAY_US)
+    click_ts = imp_ts + _delay_us(2, 20, delay[:, 0])
+    save_ts = click_ts + _delay_us(3, 40, delay[:, 1])
+    hide_ts = imp_ts + _delay_us(1, 8, delay[:, 2])
     dwell = np.exp(8.8 + 0.6 * aff + 0.5 * rng.standard_normal(len(imp_item))).astype(np.int64)
+    return _Impressions(
+        req=imp_req, item=imp_item, user=imp_user, surface=req.surface[imp_req], ts_us=imp_ts,
+        p_click=p_click, p_save_c=p_save_c, p_hide_nc=p_hide_nc, click=click, save=save, hide=hide,
+        click_ts=click_ts, save_ts=save_ts, hide_ts=hide_ts, dwell=dwell,
+    )  # fmt: skip
 
-    # ---- organic search clicks (no request)
+
+def _organic_clicks(cfg: SynthConfig, rng: np.random.Generator, world: _World, day_us: int) -> _Organic:
+    """Draw the day's search clicks: each user picks the best of 20 random items by affinity."""
     n_org_u = rng.poisson(cfg.organic_per_user_day * world.user_activity)
-    org_user = np.repeat(np.arange(n_users), n_org_u)
+    org_user = np.repeat(np.arange(cfg.n_users), n_org_u)
     org_ts = day_us + rng.integers(0, _LAST_REQUEST_US, len(org_user))
     org_avail = np.searchsorted(world.item_created_us, org_ts, side="right")
     n_cand = 20
@@ -407,78 +449,114 @@ def _simulate_day(
     org_item = cand[np.arange(len(org_user)), np.argmax(4.0 * cand_aff + gumbel, axis=1)]
     org_save = rng.random(len(org_user)) < 0.2
     org_dwell = np.exp(9.0 + 0.5 * rng.standard_normal(len(org_user))).astype(np.int64)
-    org_save_ts = org_ts + np.minimum(
-        ((3 + 40 * rng.exponential(1.0, len(org_user))) * _US).astype(np.int64), _MAX_DELAY_US
-    )
+    org_save_ts = org_ts + _delay_us(3, 40, rng.exponential(1.0, len(org_user)))
+    return _Organic(org_user, org_item, org_ts, org_save, org_dwell, org_save_ts)
 
-    # ---- assemble: columns as parallel arrays, then one deterministic order
-    n_imp = len(imp_item)
+
+# One block of events: (user, item, kind = index into _KINDS, surface, ts, request index or -1, dwell or -1).
+_EventPart = tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _impression_part(imp: _Impressions, mask: np.ndarray, kind: int, ts: np.ndarray, dwell: np.ndarray) -> _EventPart:
+    """Events of ``kind`` at the impressions where ``mask`` (I,) holds; ``ts`` and ``dwell`` are (I,)."""
+    return imp.user[mask], imp.item[mask], kind, imp.surface[mask], ts[mask], imp.req[mask], dwell[mask]
+
+
+def _organic_part(org: _Organic, mask: np.ndarray, kind: int, ts: np.ndarray, dwell: np.ndarray) -> _EventPart:
+    """Events of ``kind`` at the organic clicks where ``mask`` (O,) holds: search surface, no request."""
+    n = int(mask.sum())
+    return org.user[mask], org.item[mask], kind, np.full(n, 1), ts[mask], np.full(n, -1), dwell[mask]
+
+
+def _event_columns(imp: _Impressions, org: _Organic) -> tuple[np.ndarray, ...]:
+    """All events of a day as parallel (E,) arrays in event-id order.
+
+    Returns:
+        (user, item, kind, surface, ts, request index or -1, dwell or -1), sorted by
+        (ts, kind, request, user, item).
+    """
+    n_imp, n_org = len(imp.item), len(org.user)
+    no_dwell = np.full(n_imp, -1)
     parts = [
-        # (user, item, kind, surface, ts, request index or -1, dwell or -1)
-        (imp_user, imp_item, 0, surf[imp_req], imp_ts, imp_req, np.full(n_imp, -1)),
-        (imp_user[click], imp_item[click], 1, surf[imp_req][click], click_ts[click], imp_req[click], dwell[click]),
-        (imp_user[save], imp_item[save], 2, surf[imp_req][save], save_ts[save], imp_req[save], np.full(save.sum(), -1)),
-        (imp_user[hide], imp_item[hide], 3, surf[imp_req][hide], hide_ts[hide], imp_req[hide], np.full(hide.sum(), -1)),
-        (org_user, org_item, 1, np.full(len(org_user), 1), org_ts, np.full(len(org_user), -1), org_dwell),
-        (
-            org_user[org_save],
-            org_item[org_save],
-            2,
-            np.full(int(org_save.sum()), 1),
-            org_save_ts[org_save],
-            np.full(int(org_save.sum()), -1),
-            np.full(int(org_save.sum()), -1),
-        ),
+        _impression_part(imp, np.ones(n_imp, bool), 0, imp.ts_us, no_dwell),
+        _impression_part(imp, imp.click, 1, imp.click_ts, imp.dwell),
+        _impression_part(imp, imp.save, 2, imp.save_ts, no_dwell),
+        _impression_part(imp, imp.hide, 3, imp.hide_ts, no_dwell),
+        _organic_part(org, np.ones(n_org, bool), 1, org.ts_us, org.dwell),
+        _organic_part(org, org.save, 2, org.save_ts, np.full(n_org, -1)),
     ]
-    ev_user = np.concatenate([p[0] for p in parts])
-    ev_item = np.concatenate([p[1] for p in parts])
-    ev_kind = np.concatenate([np.full(len(p[0]), p[2]) for p in parts])
-    ev_surf = np.concatenate([p[3] for p in parts])
-    ev_ts = np.concatenate([p[4] for p in parts])
-    ev_req = np.concatenate([p[5] for p in parts])
-    ev_dwell = np.concatenate([p[6] for p in parts])
+    cols = [np.concatenate([np.full(len(p[0]), p[2]) if j == 2 else p[j] for p in parts]) for j in range(len(parts[0]))]
+    ev_user, ev_item, ev_kind, _, ev_ts, ev_req, _ = cols
     order = np.lexsort((ev_item, ev_user, ev_req, ev_kind, ev_ts))
-    ev_user, ev_item, ev_kind, ev_surf, ev_ts, ev_req, ev_dwell = (
-        a[order] for a in (ev_user, ev_item, ev_kind, ev_surf, ev_ts, ev_req, ev_dwell)
-    )
-    req_ids = np.array([f"{ds}-r{i:06d}" for i in range(n_req)], dtype=object)
-    n_ev = len(ev_user)
-    events = pa.table(
+    return tuple(a[order] for a in cols)
+
+
+def _events_table(ds: str, cols: tuple[np.ndarray, ...], req_ids: np.ndarray) -> pa.Table:
+    """EVENT_SCHEMA table of the sorted event columns of :func:`_event_columns` (ids 1-based)."""
+    ev_user, ev_item, ev_kind, ev_surf, ev_ts, ev_req, ev_dwell = cols
+    return pa.table(
         {
-            "event_id": pa.array([f"{ds}-{i:07d}" for i in range(n_ev)], pa.string()),
+            "event_id": pa.array([f"{ds}-{i:07d}" for i in range(len(ev_user))], pa.string()),
             "user_id": pa.array(ev_user.astype(np.int64) + 1),
             "item_id": pa.array(ev_item.astype(np.int64) + 1),
             "action": pa.array(np.array(_KINDS, dtype=object)[ev_kind], pa.string()),
             "surface": pa.array(np.array(SURFACE_NAMES, dtype=object)[ev_surf], pa.string()),
             "ts": pa.array(ev_ts.astype(np.int64), pa.int64()).cast(pa.timestamp("us", tz="UTC")),
             "request_id": pa.array(
-                np.where(ev_req >= 0, req_ids[np.maximum(ev_req, 0)] if n_req else None, None), pa.string()
+                np.where(ev_req >= 0, req_ids[np.maximum(ev_req, 0)] if len(req_ids) else None, None), pa.string()
             ),
             "dwell_ms": pa.array(np.where(ev_dwell >= 0, ev_dwell, None), pa.int64()),
         },
         schema=EVENT_SCHEMA,
     )
-    truth = pa.table(
+
+
+def _truth_table(imp: _Impressions, req_ids: np.ndarray) -> pa.Table:
+    """TRUTH_SCHEMA table: the true marginal probabilities of every impression."""
+    return pa.table(
         {
-            "request_id": pa.array(req_ids[imp_req] if n_req else [], pa.string()),
-            "item_id": pa.array(imp_item.astype(np.int64) + 1),
-            "p_click": pa.array(p_click),
-            "p_save": pa.array(p_click * p_save_c),
-            "p_hide": pa.array((1 - p_click) * p_hide_nc),
+            "request_id": pa.array(req_ids[imp.req] if len(req_ids) else [], pa.string()),
+            "item_id": pa.array(imp.item.astype(np.int64) + 1),
+            "p_click": pa.array(imp.p_click),
+            "p_save": pa.array(imp.p_click * imp.p_save_c),
+            "p_hide": pa.array((1 - imp.p_click) * imp.p_hide_nc),
         },
         schema=TRUTH_SCHEMA,
     )
-    stats = {
+
+
+def _day_stats(n_req: int, imp: _Impressions, org: _Organic, n_ev: int) -> dict:
+    """Counts and label rates of one day."""
+    n_imp = len(imp.item)
+    return {
         "n_requests": int(n_req),
         "n_impressions": int(n_imp),
         "n_events": int(n_ev),
-        "n_organic": int(len(org_user) + org_save.sum()),
-        "click_rate": float(click.mean()) if n_imp else 0.0,
-        "save_rate": float(save.mean()) if n_imp else 0.0,
-        "hide_rate": float(hide.mean()) if n_imp else 0.0,
-        "mean_p_click": float(p_click.mean()) if n_imp else 0.0,
+        "n_organic": int(len(org.user) + org.save.sum()),
+        "click_rate": float(imp.click.mean()) if n_imp else 0.0,
+        "save_rate": float(imp.save.mean()) if n_imp else 0.0,
+        "hide_rate": float(imp.hide.mean()) if n_imp else 0.0,
+        "mean_p_click": float(imp.p_click.mean()) if n_imp else 0.0,
     }
-    return events, truth, stats
+
+
+def _simulate_day(
+    cfg: SynthConfig, rng: np.random.Generator, world: _World, ds: str
+) -> tuple[pa.Table, pa.Table, dict]:
+    """Events and truth of one day (the world's user interests are those of this day).
+
+    Draws from ``rng`` in a fixed order (requests and slates, responses, organic clicks), so
+    the same world and generator state give the same day.
+    """
+    day_us = int(day_window(ds)[0].timestamp()) * _US
+    req = _day_requests(cfg, rng, world, day_us)
+    imp = _impressions(cfg, rng, world, req)
+    org = _organic_clicks(cfg, rng, world, day_us)
+    n_req = len(req.users)
+    req_ids = np.array([f"{ds}-r{i:06d}" for i in range(n_req)], dtype=object)
+    cols = _event_columns(imp, org)
+    events = _events_table(ds, cols, req_ids)
+    return events, _truth_table(imp, req_ids), _day_stats(n_req, imp, org, len(cols[0]))
 
 
 def generate_world(layout: Layout, cfg: SynthConfig) -> dict:
@@ -496,7 +574,6 @@ def generate_world(layout: Layout, cfg: SynthConfig) -> dict:
     Returns:
         Summary: days, users, items, events and label rates per day and overall, files written.
     """
-    cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     start = parse_ds(cfg.start_ds)
     start_us = int(day_window(cfg.start_ds)[0].timestamp()) * _US
@@ -542,7 +619,7 @@ def generate_world(layout: Layout, cfg: SynthConfig) -> dict:
         "n_requests": int(sum(s["n_requests"] for s in per_day.values())),
         "rates": {a: _rate(f"{a}_rate") for a in LABEL_ACTIONS},
         "per_day": per_day,
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
         "files": files,
     }
 

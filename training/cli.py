@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from features.cli_options import ds_callback, echo_json, home_option, layout_of, rounded
+from features.settings import SettingsError
 
 LOSS_CHOICES = {"next": (1.0, 0.0, 0.0), "next+multi": (1.0, 1.0, 0.0), "next+multi+future": (1.0, 1.0, 1.0)}
 losses_option = click.option(
@@ -146,32 +147,6 @@ def bench() -> None:
     """Benchmarks: each prints one JSON line with its figures and the ratio it is judged by."""
 
 
-def _apply_overrides(cfg, overrides: tuple[str, ...]):
-    """``FIELD=VALUE`` (``objective.FIELD=VALUE`` for the losses) over a SeqRecConfig; values are JSON or text."""
-    d = cfg.to_dict()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not FIELD=VALUE", param_hint="--set")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *parents, leaf = key.split(".")
-        target = d
-        for p in parents:
-            if not isinstance(target.get(p), dict):
-                raise click.BadParameter(f"{key!r}: {p!r} is not a group of settings", param_hint="--set")
-            target = target[p]
-        if leaf not in target:
-            raise click.BadParameter(f"{key!r} is not a setting; known: {sorted(target)}", param_hint="--set")
-        target[leaf] = value
-    try:
-        return type(cfg).from_dict(d)
-    except (TypeError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--set") from exc
-
-
 @bench.command("seqrec")
 @home_option
 @click.option(
@@ -227,7 +202,10 @@ def bench_seqrec(
     cfg = SeqRecConfig.from_dict(
         {**cfg.to_dict(), "objective": {**cfg.objective.to_dict(), **obj}, **({"epochs": epochs} if epochs else {})}
     )
-    cfg = _apply_overrides(cfg, overrides)
+    try:
+        cfg = cfg.with_overrides(overrides)
+    except SettingsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set") from exc
     kind = "seqrec" if members == 1 else f"seqrec{members}x"
     run = (
         Path(run_dir) if run_dir else layout_of(home).runs / f"{kind}-{Path(data_path).stem}-{protocol}-{cfg.digest()}"
@@ -374,8 +352,6 @@ def eval_new_items(
     missing_id_vector, recent_share, recent_days, max_eval_requests, content_dim, quantiles, out_path, md_path,
 ) -> None:  # fmt: skip
     """MovieLens new-item experiment: ranker with vs without the new-item techniques, time split, per seed."""
-    import dataclasses
-
     from training.experiments.movielens_newitems import NewItemsExperimentConfig, markdown_table, run_new_items
 
     def given(**kw) -> dict:
@@ -398,7 +374,7 @@ def eval_new_items(
         device=device, seeds=seeds, seed=seed,
         pretrain=cfg.pretrain.replace(**given(steps=pretrain_steps)),
         finetune=cfg.finetune.replace(**given(epochs=epochs)),
-        new_items=dataclasses.replace(cfg.new_items, **given(
+        new_items=cfg.new_items.replace(**given(
             age_horizon_days=age_horizon_days, age_dropout_max=age_dropout_max, id_randomization=id_randomization,
             missing_id_vector=missing_id_vector,
         )),

@@ -1,5 +1,5 @@
-"""One training loop for every PinFM pretraining run: AdamW, warm-up + cosine, clipping,
-bf16 autocast on GPU, checkpoints with exact resume, validation with early stopping, DDP.
+"""One training loop for pretraining, the benchmark and fine-tuning: AdamW, warm-up + cosine,
+clipping, bf16 autocast on GPU, checkpoints with exact resume, validation with early stopping, DDP.
 
 The loop never owns data state: ``batch_fn(step)`` must return the global batch of a step
 as a pure function of the step (see :class:`training.bench.seqrec.SeqRecBatches`). Together with
@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,16 +33,15 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from features.settings import Settings
 from training.model.backbone import resolve_device
-from training.model.config_fields import replace_fields
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, object]  # tensors, nested dicts of tensors, None
 
 
-@dataclass(frozen=True)
-class TrainerConfig:
+class TrainerConfig(Settings):
     """Optimisation and bookkeeping settings.
 
     Attributes:
@@ -84,14 +83,11 @@ class TrainerConfig:
     desc: str = "train"
     progress_bar: bool = True
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be ≥ 1, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-
-    def replace(self, **kw) -> TrainerConfig:
-        return replace_fields(self, **kw)
 
 
 @dataclass
@@ -153,16 +149,55 @@ def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad]
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on Linear weights only; sparse-gradient tables are left out (SparseAdam's)."""
+def param_groups(
+    module: nn.Module, weight_decay: float, lr: float | None = None, lr_scales: Mapping[str, float] | None = None
+) -> list[dict]:
+    """AdamW groups: decay on Linear weights only; sparse-gradient tables are left out (SparseAdam's).
+
+    Args:
+        module: the trained module.
+        weight_decay: decay of the Linear weights.
+        lr: the base learning rate (needed with ``lr_scales``).
+        lr_scales: {parameter-name prefix: factor}: parameters under a prefix learn at
+            ``lr × factor`` (the first matching prefix wins), in groups of their own.
+    """
     sparse = {id(p) for p in sparse_parameters(module)}
-    decay, no_decay = [], []
-    for mod in module.modules():
+    scales = dict(lr_scales or {})
+    if scales and lr is None:
+        raise ValueError("param_groups: lr_scales needs the base lr")
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
+    for mod_name, mod in module.named_modules():
         for name, p in mod.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in sparse:
                 continue
-            (decay if isinstance(mod, nn.Linear) and name == "weight" else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            full = f"{mod_name}.{name}" if mod_name else name
+            scale = next((f for prefix, f in scales.items() if full.startswith(prefix)), 1.0)
+            decay = isinstance(mod, nn.Linear) and name == "weight"
+            groups.setdefault((scale, decay), []).append(p)
+    out = []
+    for (scale, decay), params in groups.items():
+        group: dict = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if scale != 1.0:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
+
+
+def to_device(value: object, device: torch.device) -> object:
+    """Tensors of a batch (also inside nested dicts) moved to ``device``; other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def count_tokens(batch: Batch) -> int:
+    """Real sequence positions of a batch: its ``pad_mask``, or its ``seq``'s (ranking batches)."""
+    mask = batch.get("pad_mask")
+    if mask is None and isinstance(batch.get("seq"), dict):
+        mask = batch["seq"].get("pad_mask")
+    return int(mask.sum()) if isinstance(mask, torch.Tensor) else 0
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
@@ -193,6 +228,9 @@ class Trainer:
         evaluate: ``evaluate(model) -> dict`` on validation data, or None.
         select_metric: key of ``evaluate``'s dict to maximise for ``best.pt`` / early stopping.
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
+        lr_scales: {parameter-name prefix: factor} for parts that learn slower or faster
+            (names as in ``LossModule``: ``model.…`` and ``objective.…``), e.g. a pretrained
+            backbone under a new head: ``{"model.backbone.": 0.1}``.
 
     Example:
         >>> trainer = Trainer(model, objective, batches, TrainerConfig(steps=200), run_dir=Path("run"))
@@ -209,6 +247,7 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict] | None = None,
         select_metric: str | None = None,
         resume: bool = True,
+        lr_scales: Mapping[str, float] | None = None,
     ) -> None:
         self.cfg = cfg
         self.rank, self.world = distributed_env()
@@ -238,7 +277,7 @@ class Trainer:
         self._best: dict | None = None
         betas = (0.9, cfg.adam_beta2)  # shared by both Adams
         self.opt = torch.optim.AdamW(
-            param_groups(self.module, cfg.weight_decay),
+            param_groups(self.module, cfg.weight_decay, cfg.lr, lr_scales),
             lr=cfg.lr,
             betas=betas,
             fused=self.device.type in ("cpu", "cuda"),
@@ -297,7 +336,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "result": dataclasses.asdict(result),
             "since_best": since_best,
-            "config": dataclasses.asdict(self.cfg),
+            "config": self.cfg.to_dict(),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -337,13 +376,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _shard(self, batch: Batch) -> Batch:
-        b = batch["item_ids"].shape[0]
-        out = {}
-        for k, v in batch.items():
-            if self.world > 1 and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b:
-                v = v[self.rank :: self.world]
-            out[k] = v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        return out
+        """This rank's rows of a flat batch (rows ``rank::world``), on the device."""
+        if self.world > 1:
+            if any(isinstance(v, dict) for v in batch.values()):
+                raise ValueError(f"{self.cfg.desc}: a batch of nested groups cannot be split across DDP ranks")
+            b = batch["item_ids"].shape[0]
+            batch = {
+                k: v[self.rank :: self.world] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v
+                for k, v in batch.items()
+            }
+        return to_device(batch, self.device)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.bf16:
@@ -407,7 +449,7 @@ class Trainer:
                 raise FloatingPointError(f"{cfg.desc}: loss became {loss_value} at step {done}; lower the lr")
             result.losses.append(loss_value)
             result.steps = done
-            result.tokens += int(batch["pad_mask"].sum()) * self.world
+            result.tokens += count_tokens(batch) * self.world
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 self._log({"step": done, "loss": loss_value, "lr": self.sched.get_last_lr()[0], **stats})

@@ -1,14 +1,16 @@
 """``afm bench pretrain``: training throughput of the reference backbone and its FLOP utilisation.
 
 Reference size: d=256, 4 layers, 8 heads, length 256, hashed item embedding (2 × 65,536),
-next-token loss with in-batch + 4,096 sampled negatives (log-Q), at most 4,096 pairs per
-step. Steps are timed after 3 warm-up steps, with bf16 autocast on CUDA.
+the ``pinfm`` recipe's scores and negatives (dot products, popularity-sampled, log-Q) on the
+next-token loss alone, with 4,096 sampled negatives, the recipe's in-batch cap and at most
+4,096 pairs per step. Steps are timed after 3 warm-up steps, with bf16 autocast on CUDA.
 
 Model FLOPs per step (the usual 6 × parameters × tokens count, plus attention and loss):
 
 * backbone: ``6 · N · tokens`` with N the parameters of the transformer blocks and final norm;
 * causal attention: ``6 · layers · L · d · tokens`` (QKᵀ and AV, half of the square);
-* loss: ``6 · pairs · (pairs + negatives) · d`` (in-batch and sampled logits).
+* loss: ``6 · pairs · (keys + negatives) · d`` (in-batch keys, at most the in-batch cap, and
+  sampled logits).
 
 The same run times a large matmul (bf16 on CUDA, fp32 on CPU) to measure what this device
 actually reaches; ``ratio`` = model FLOP/s ÷ that matmul FLOP/s. On CUDA ``mfu`` is model
@@ -23,11 +25,12 @@ import numpy as np
 import torch
 
 from training.model.backbone import PinFM, PinFMConfig, device_name, resolve_device
-from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
+from training.model.objectives import ItemCatalog, PinFMObjective
+from training.model.recipes import PINFM
 from training.trainer import param_groups
 
 REFERENCE = PinFMConfig(d_model=256, n_layers=4, n_heads=8, max_len=256, hash_buckets=65536, dropout=0.0)
-REFERENCE_OBJECTIVE = ObjectiveConfig(negatives=4096, max_pairs=4096, init_temperature=0.05)
+REFERENCE_OBJECTIVE = PINFM.objective_config(multi_token=0.0, negatives=4096, max_pairs=4096)
 CATALOG_SIZE = 1_000_000
 
 
@@ -53,14 +56,16 @@ def matmul_tflops(device: torch.device, n: int | None = None, reps: int = 10) ->
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def model_flops_per_step(model: PinFM, batch_size: int, seq_len: int, pairs: int, negatives: int) -> float:
-    """Training FLOPs of one step (forward + backward), see the module docstring."""
+def model_flops_per_step(
+    model: PinFM, batch_size: int, seq_len: int, pairs: int, negatives: int, keys: int | None = None
+) -> float:
+    """Training FLOPs of one step (forward + backward), see the module docstring (``keys``: in-batch keys, default ``pairs``)."""
     cfg = model.cfg
     n_params = sum(p.numel() for p in [*model.blocks.parameters(), *model.ln_f.parameters()])  # no lookups
     tokens = batch_size * seq_len
     backbone = 6 * n_params * tokens
     attention = 6 * cfg.n_layers * seq_len * cfg.d_model * tokens
-    loss = 6 * pairs * (pairs + negatives) * cfg.d_model
+    loss = 6 * pairs * ((pairs if keys is None else keys) + negatives) * cfg.d_model
     return float(backbone + attention + loss)
 
 
@@ -111,7 +116,9 @@ def bench_pretrain(
     _sync(dev)
     seconds = time.perf_counter() - t0
     pairs = min(batch_size * (seq_len - 1), REFERENCE_OBJECTIVE.max_pairs or batch_size * seq_len)
-    flops = model_flops_per_step(model, batch_size, seq_len, pairs, int(REFERENCE_OBJECTIVE.negatives))
+    cap = REFERENCE_OBJECTIVE.in_batch_max
+    keys = pairs if cap is None or not REFERENCE_OBJECTIVE.in_batch_negatives else min(pairs, cap)
+    flops = model_flops_per_step(model, batch_size, seq_len, pairs, int(REFERENCE_OBJECTIVE.negatives), keys)
     achieved = flops * steps / seconds / 1e12
     measured_peak = matmul_tflops(dev)
     return {

@@ -10,8 +10,6 @@ is scored once, at the end, with the best weights.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -21,18 +19,19 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from features.contract import ACTION_IDS, SURFACE_IDS, ContractError
+from features.settings import Settings
 from training.model.backbone import PinFM, PinFMConfig, device_name, last_hidden, resolve_device
-from training.model.config_fields import reject_unknown_fields
 from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective, temperature_from_log
 from training.model.recipes import PINFM
 from training.retrieval import DEFAULT_KS, ranks_full_excluding, ranks_sampled, retrieval_metrics
-from training.trainer import Trainer, TrainerConfig
+from training.trainer import Trainer, TrainerConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -337,15 +336,7 @@ def _sample_unseen(rng: np.random.Generator, n_items: int, seen: set[int], k: in
 
 
 # --------------------------------------------------------------------------- bench
-#: settings taken out of SeqRecConfig, with the value at which they did nothing (runs saved with it still load)
-RETIRED_FIELDS: dict[str, object] = {
-    "full_softmax_epochs": 0,  # the warm start of commit d1b2f19
-    "distill_start_epoch": 1,  # codistillation, removed in the commit after 66e15b0 (beauty-ensembles.md)
-}
-
-
-@dataclass(frozen=True)
-class SeqRecConfig:
+class SeqRecConfig(Settings):
     """Benchmark settings (defaults: the CPU configuration reported in the README).
 
     The objective, the optimiser and the item embedding are the ``pinfm`` recipe's
@@ -384,7 +375,7 @@ class SeqRecConfig:
     hash_buckets: int = PINFM.hash_buckets
     sparse_item_grads: bool = PINFM.sparse_item_grads
     scale_item_input: bool = PINFM.scale_item_input
-    objective: ObjectiveConfig = dataclasses.field(default_factory=lambda: PINFM.objective)
+    objective: ObjectiveConfig = Field(default_factory=lambda: PINFM.objective)
     batch_size: int = 256
     lr: float = PINFM.lr
     weight_decay: float = PINFM.weight_decay
@@ -398,7 +389,19 @@ class SeqRecConfig:
     device: str = "auto"
     seed: int = 0
 
-    def model_config(self) -> PinFMConfig:
+    retired_fields: ClassVar[dict[str, object]] = {
+        "full_softmax_epochs": 0,  # the warm start of commit d1b2f19
+        "distill_start_epoch": 1,  # codistillation, removed in the commit after 66e15b0 (beauty-ensembles.md)
+    }
+
+    def check(self) -> None:
+        for name in ("max_len", "batch_size", "epochs", "eval_every_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def backbone_config(self) -> PinFMConfig:
         return PinFMConfig(
             d_model=self.d_model,
             n_layers=self.n_layers,
@@ -413,9 +416,6 @@ class SeqRecConfig:
             sparse_item_grads=self.sparse_item_grads,
             scale_item_input=self.scale_item_input,
         )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @classmethod
     def preset(cls, name: str) -> SeqRecConfig:
@@ -437,21 +437,9 @@ class SeqRecConfig:
         return presets[name]
 
     @classmethod
-    def from_dict(cls, d: dict) -> SeqRecConfig:
-        d = dict(d)
-        for name, inert in RETIRED_FIELDS.items():  # saved by an earlier version
-            if name in d and (value := d.pop(name)) != inert:
-                raise ValueError(
-                    f"the run was trained with {name}={value!r}, a setting this version no longer has "
-                    f"(only {name}={inert!r}, which changed nothing, still loads); use the version that trained it"
-                )
-        obj = ObjectiveConfig.from_dict(d.pop("objective", {}))
-        reject_unknown_fields(cls, d)
-        d.setdefault("scale_item_input", False)  # runs saved before the field existed did not scale
-        return cls(objective=obj, **d)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    def upgrade_saved(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Runs saved before ``scale_item_input`` existed did not scale."""
+        return {"scale_item_input": False, **d}
 
 
 #: best published numbers per (file, protocol, max_len): Klenitskiy & Vasilev, RecSys 2023
@@ -510,11 +498,83 @@ def load_seqrec_member(run_dir: Path | str, device: str = "auto") -> SeqRecMembe
         if not p.exists():
             raise FileNotFoundError(f"{p} is missing: is {run_dir} the --run-dir of a finished 'afm bench seqrec'?")
     cfg = SeqRecConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
-    model = PinFM(cfg.model_config())
+    model = PinFM(cfg.backbone_config())
     state = torch.load(best, map_location="cpu", weights_only=False)["module"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     temperature = float(temperature_from_log(state["objective.log_temp"]))  # as PinFMObjective.temperature
     return SeqRecMember(model.to(resolve_device(device)).eval(), cfg, temperature, run_dir)
+
+
+def _is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only process): only it writes the run's JSON files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as indented JSON (values JSON cannot hold as their ``str``)."""
+    path.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+
+
+def _training_catalog(data: SeqRecData, train: list[np.ndarray]) -> ItemCatalog:
+    """Items 1 … n_items with their counts in the training sequences."""
+    counts = np.bincount(np.concatenate(train), minlength=data.n_items + 1)[1:]  # (n_items,)
+    return ItemCatalog(np.arange(1, data.n_items + 1), counts)
+
+
+def _validation_users(data: SeqRecData, cfg: SeqRecConfig) -> np.ndarray | None:
+    """Sorted indices of ``cfg.eval_users`` random eval users (seeded by ``cfg.seed``); None = all."""
+    if cfg.eval_users and cfg.eval_users < len(data.eval_users()):
+        return np.sort(np.random.default_rng(cfg.seed).choice(len(data.eval_users()), cfg.eval_users, replace=False))
+    return None
+
+
+def _trainer_config(cfg: SeqRecConfig, per_epoch: int, desc: str, progress_bar: bool) -> TrainerConfig:
+    """Trainer settings of the benchmark: a checkpoint every epoch, validation every ``eval_every_epochs``."""
+    return TrainerConfig(
+        steps=cfg.epochs * per_epoch,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=cfg.adam_beta2,
+        sparse_lr_scale=cfg.sparse_lr_scale,
+        warmup=cfg.warmup,
+        device=cfg.device,
+        seed=cfg.seed,
+        log_every=50,
+        ckpt_every=per_epoch,
+        eval_every=cfg.eval_every_epochs * per_epoch,
+        patience=cfg.patience,
+        desc=desc,
+        progress_bar=progress_bar,
+    )
+
+
+def _bench_line(
+    data_path: Path | str,
+    data: SeqRecData,
+    cfg: SeqRecConfig,
+    protocol: str,
+    test: dict,
+    result: TrainResult,
+    t0: float,
+    device: torch.device,
+) -> dict:
+    """The benchmark's JSON line: test figures, training summary, published comparison, config."""
+    out = {
+        "bench": "seqrec",
+        **bench_figures(data_path, data, protocol, cfg.max_len, test),
+        "best_valid_ndcg@10": round(float("nan") if result.best_metric is None else result.best_metric, 5),
+        "best_step": result.best_step,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "world_size": result.world_size,
+        "ranks_in_sync": result.ranks_in_sync,
+        "device": device_name(device),
+    }
+    out.update(published_comparison(data_path, protocol, cfg.max_len, test))
+    out["config"] = cfg.to_dict()
+    return out
 
 
 def run_seqrec_bench(
@@ -536,26 +596,20 @@ def run_seqrec_bench(
     """
     t0 = time.perf_counter()
     data = SeqRecData.load(data_path)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = _is_main_process()
     if run_dir is not None and main:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "seqrec_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str), encoding="utf-8")
+        _write_json(run_dir / "seqrec_config.json", cfg.to_dict())
     device = resolve_device(cfg.device)
     train = data.train_sequences()
-    catalog = ItemCatalog(
-        np.arange(1, data.n_items + 1), np.bincount(np.concatenate(train), minlength=data.n_items + 1)[1:]
-    )
+    catalog = _training_catalog(data, train)
     batches = SeqRecBatches(train, cfg.batch_size, cfg.max_len, cfg.seed)
     steps = cfg.epochs * batches.per_epoch
     torch.manual_seed(cfg.seed)
-    model = PinFM(cfg.model_config())
+    model = PinFM(cfg.backbone_config())
     objective = PinFMObjective(cfg.objective, catalog)
-    val_users = None
-    if cfg.eval_users and cfg.eval_users < len(data.eval_users()):
-        val_users = np.sort(
-            np.random.default_rng(cfg.seed).choice(len(data.eval_users()), cfg.eval_users, replace=False)
-        )
+    val_users = _validation_users(data, cfg)
 
     def validate(m: PinFM) -> dict:
         return evaluate_retrieval(m, data, "valid", cfg.max_len, cfg.objective.similarity, protocol, users=val_users)
@@ -564,22 +618,7 @@ def run_seqrec_bench(
         model,
         objective,
         batches,
-        TrainerConfig(
-            steps=steps,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta2=cfg.adam_beta2,
-            sparse_lr_scale=cfg.sparse_lr_scale,
-            warmup=cfg.warmup,
-            device=cfg.device,
-            seed=cfg.seed,
-            log_every=50,
-            ckpt_every=batches.per_epoch,
-            eval_every=cfg.eval_every_epochs * batches.per_epoch,
-            patience=cfg.patience,
-            desc=desc,
-            progress_bar=progress_bar,
-        ),
+        _trainer_config(cfg, batches.per_epoch, desc, progress_bar),
         run_dir=run_dir,
         evaluate=validate,
         select_metric="ndcg@10",
@@ -590,29 +629,13 @@ def run_seqrec_bench(
         desc, data.n_users, data.n_items, data.n_interactions, steps, cfg.epochs, batches.per_epoch, device,
     )  # fmt: skip
     result = trainer.fit()
-    train_seconds = result.seconds
     trainer.load_best()  # the test is scored with the best validation weights
-    best = result.best_step
     test = evaluate_retrieval(model, data, "test", cfg.max_len, cfg.objective.similarity, protocol)
-    out = {
-        "bench": "seqrec",
-        **bench_figures(data_path, data, protocol, cfg.max_len, test),
-        "best_valid_ndcg@10": round(float("nan") if result.best_metric is None else result.best_metric, 5),
-        "best_step": best,
-        "steps": result.steps,
-        "train_seconds": round(train_seconds, 1),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "world_size": result.world_size,
-        "ranks_in_sync": result.ranks_in_sync,
-        "device": device_name(device),
-    }
-    out.update(published_comparison(data_path, protocol, cfg.max_len, test))
-    out["config"] = cfg.to_dict()
+    out = _bench_line(data_path, data, cfg, protocol, test, result, t0, device)
     if run_dir is not None and main:
-        (run_dir / "result.json").write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
+        _write_json(run_dir / "result.json", out)
     log.info(
         "%s: test hr@10=%.4f ndcg@10=%.4f (best step %s of %d) in %.0f s on %s",
-        desc, test["hr@10"], test["ndcg@10"], best, result.steps, out["seconds"], out["device"],
+        desc, test["hr@10"], test["ndcg@10"], result.best_step, result.steps, out["seconds"], out["device"],
     )  # fmt: skip
     return out

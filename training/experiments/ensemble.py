@@ -18,7 +18,6 @@ threads; each resumes from its own checkpoint after a crash.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -143,6 +142,80 @@ def _wait_with_progress(futures: list[Future], dirs: list[Path], steps: int, pol
                 return
 
 
+def _threads_per_member(threads: int | None, members: int) -> int:
+    """Equal share (≥ 1) of ``threads`` (default: this process's) for each member; warns when they share cores."""
+    total = threads or torch.get_num_threads()
+    if total < members:
+        log.warning("%d members on %d threads: the members share cores", members, total)
+    return max(1, total // members)
+
+
+def _train_members(
+    data_path: Path | str,
+    cfg: SeqRecConfig,
+    protocol: str,
+    resume: bool,
+    run_dir: Path,
+    seeds: dict[str, int],
+    per_member: int,
+    steps: int,
+) -> list[dict]:
+    """Train the members side by side, each a seqrec run in its own process and in ``run_dir / name``.
+
+    Args:
+        data_path, cfg, protocol, resume: as :func:`run_seqrec_ensemble_bench` (``cfg.seed`` replaced per member).
+        run_dir: the ensemble's directory.
+        seeds: each member's seed by its name (the name of its subdirectory).
+        per_member: torch threads of each member's process.
+        steps: training steps of one member (for the progress bar).
+
+    Returns:
+        Each member's benchmark line, in the order of ``seeds``.
+
+    Raises:
+        RuntimeError: a member failed (the first failure named; the others are stopped).
+    """
+    names = list(seeds)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
+    with ProcessPoolExecutor(
+        len(names), mp_context=ctx, initializer=_init_member_process, initargs=(per_member,)
+    ) as pool:
+        futures = [
+            pool.submit(
+                _train_member, str(data_path), cfg.replace(seed=s), protocol, run_dir / n, resume, f"seqrec {n}"
+            )
+            for n, s in seeds.items()
+        ]
+        _wait_with_progress(futures, [run_dir / n for n in names], steps)
+        failed = [(n, f.exception()) for n, f in zip(names, futures, strict=True) if f.done() and f.exception()]
+        if failed:
+            _stop_members(pool)  # fail now, not after the other members' training
+            n, e = failed[0]
+            raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
+        return [f.result() for f in futures]
+
+
+def _member_summary(run_dir: Path, seeds: dict[str, int], lines: list[dict]) -> dict:
+    """The members' mean test NDCG@10 and HR@10, and each member's own figures under ``members``."""
+    keys = ("hr@10", "ndcg@10", "best_valid_ndcg@10", "train_seconds")
+    return {
+        "member_mean_ndcg@10": round(float(np.mean([m["ndcg@10"] for m in lines])), 5),
+        "member_mean_hr@10": round(float(np.mean([m["hr@10"] for m in lines])), 5),
+        "members": [
+            {"run_dir": str(run_dir / n), "seed": s, **{k: m[k] for k in keys}}
+            for (n, s), m in zip(seeds.items(), lines, strict=True)
+        ],
+    }
+
+
+def _score_ensemble(run_dir: Path, data: SeqRecData, protocol: str, device: str) -> tuple[dict, dict]:
+    """Test metrics (HR/NDCG@DEFAULT_KS, MRR) and validation NDCG@10 of the trained members' ensemble."""
+    loaded = load_members([run_dir], device)
+    test = retrieval_metrics(ensemble_ranks(loaded, data, "test", protocol), DEFAULT_KS)
+    valid = retrieval_metrics(ensemble_ranks(loaded, data, "valid", protocol), (10,))
+    return test, valid
+
+
 def run_seqrec_ensemble_bench(
     data_path: Path | str,
     cfg: SeqRecConfig,
@@ -174,55 +247,24 @@ def run_seqrec_ensemble_bench(
     batches_per_epoch = SeqRecBatches(data.train_sequences(), cfg.batch_size, cfg.max_len, cfg.seed).per_epoch
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    seeds = [cfg.seed + i for i in range(members)]
-    names = [f"member-{i}" for i in range(members)]
-    (run_dir / ENSEMBLE_FILE).write_text(json.dumps({"members": names, "seeds": seeds}, indent=2), encoding="utf-8")
-    total = threads or torch.get_num_threads()
-    per_member = max(1, total // members)
-    if total < members:
-        log.warning("%d members on %d threads: the members share cores", members, total)
-    log.info("seqrec ensemble: %d members (seeds %s), %d thread(s) each, in %s", members, seeds, per_member, run_dir)
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
-    with ProcessPoolExecutor(members, mp_context=ctx, initializer=_init_member_process, initargs=(per_member,)) as pool:
-        futures = [
-            pool.submit(
-                _train_member,
-                str(data_path),
-                dataclasses.replace(cfg, seed=s),
-                protocol,
-                run_dir / n,
-                resume,
-                f"seqrec {n}",
-            )
-            for s, n in zip(seeds, names, strict=True)
-        ]
-        _wait_with_progress(futures, [run_dir / n for n in names], cfg.epochs * batches_per_epoch)
-        failed = [(n, f.exception()) for n, f in zip(names, futures, strict=True) if f.done() and f.exception()]
-        if failed:
-            _stop_members(pool)  # fail now, not after the other members' training
-            n, e = failed[0]
-            raise RuntimeError(f"ensemble member {n} ({run_dir / n}) failed: {e}") from e
-        lines = [f.result() for f in futures]
+    seeds = {f"member-{i}": cfg.seed + i for i in range(members)}
+    manifest = {"members": list(seeds), "seeds": list(seeds.values())}
+    (run_dir / ENSEMBLE_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    per_member = _threads_per_member(threads, members)
+    log.info(
+        "seqrec ensemble: %d members (seeds %s), %d thread(s) each, in %s",
+        members, list(seeds.values()), per_member, run_dir,
+    )  # fmt: skip
+    lines = _train_members(data_path, cfg, protocol, resume, run_dir, seeds, per_member, cfg.epochs * batches_per_epoch)
     train_seconds = time.perf_counter() - t0
 
-    loaded = load_members([run_dir], cfg.device)
-    test = retrieval_metrics(ensemble_ranks(loaded, data, "test", protocol), DEFAULT_KS)
-    valid = retrieval_metrics(ensemble_ranks(loaded, data, "valid", protocol), (10,))
-    ensemble = {
-        **bench_figures(data_path, data, protocol, cfg.max_len, test),
-        "valid_ndcg@10": round(valid["ndcg@10"], 5),
-    }
-    member_lines = [
-        {"run_dir": str(run_dir / n), "seed": s, **{k: m[k] for k in ("hr@10", "ndcg@10", "best_valid_ndcg@10", "train_seconds")}}
-        for n, s, m in zip(names, seeds, lines, strict=True)
-    ]  # fmt: skip
+    test, valid = _score_ensemble(run_dir, data, protocol, cfg.device)
     out = {
         "bench": "seqrec-ensemble",
-        **ensemble,
+        **bench_figures(data_path, data, protocol, cfg.max_len, test),
+        "valid_ndcg@10": round(valid["ndcg@10"], 5),
         "n_members": members,
-        "member_mean_ndcg@10": round(float(np.mean([m["ndcg@10"] for m in lines])), 5),
-        "member_mean_hr@10": round(float(np.mean([m["hr@10"] for m in lines])), 5),
-        "members": member_lines,
+        **_member_summary(run_dir, seeds, lines),
         "threads_per_member": per_member,
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - t0, 1),

@@ -47,24 +47,25 @@ import datetime as dt
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from features.contract import ACTION_IDS, CONTENT_DIM, LABEL_ACTIONS, SURFACE_IDS
 from features.importers import _movie_year, genre_list, genre_vector, rating_action, read_movielens_ratings_and_movies
+from features.settings import Settings
 from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays
 from training.experiments.ablation import NEW_ITEMS_TARGET, auc_lift, relative_change
 from training.jobs.finetune import FinetuneConfig, ItemFacts, evaluate, new_item_mask, predict, train_ranker
 from training.jobs.pretrain import CorpusBatches, PretrainConfig
 from training.metrics import roc_auc
 from training.model.backbone import PinFM, PinFMConfig, resolve_device
-from training.model.config_fields import replace_fields
 from training.model.inputs import history_len, resolve_time_gaps
 from training.model.objectives import ItemCatalog, PinFMObjective
-from training.model.ranker import NewItemConfig, RankerConfig
+from training.model.ranker import NewItemConfig, Ranker, RankerConfig
 from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,7 @@ REPORTED: tuple[str, ...] = (
 
 
 # -------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class NewItemsExperimentConfig:
+class NewItemsExperimentConfig(Settings):
     """Settings of the MovieLens new-item experiment.
 
     Attributes:
@@ -115,11 +115,11 @@ class NewItemsExperimentConfig:
     save_rating: float = 5.0
     model: str = "small"
     content_dim: int = CONTENT_DIM
-    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(steps=300, ckpt_every=0, log_every=50))
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pretrain: PretrainConfig = Field(default_factory=lambda: PretrainConfig(steps=300, ckpt_every=0, log_every=50))
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     # chosen on the validation split 0.55/0.70/0.85 (README): MovieLens items age over years, not days,
     # and the missing-ID vector puts content-only and trained movies on one scale
-    new_items: NewItemConfig = field(
+    new_items: NewItemConfig = Field(
         default_factory=lambda: NewItemConfig(age_horizon_days=1095.0, age_dropout_max=1.0, missing_id_vector=True)
     )
     seeds: int = 3
@@ -128,7 +128,7 @@ class NewItemsExperimentConfig:
     max_eval_requests: int | None = None
     device: str = "auto"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not 0.0 < self.pretrain_quantile < self.finetune_quantile < self.eval_quantile <= 1.0:
             raise ValueError(
                 "need 0 < pretrain_quantile < finetune_quantile < eval_quantile ≤ 1, got "
@@ -147,10 +147,6 @@ class NewItemsExperimentConfig:
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be ≥ 1 or None, got {v}")
 
-    def replace(self, **kw) -> NewItemsExperimentConfig:
-        """A copy with some fields changed; ValueError naming unknown fields."""
-        return replace_fields(self, **kw)
-
     @classmethod
     def tiny(cls) -> NewItemsExperimentConfig:
         """Seconds-sized settings for tests: tiny backbone, a few steps, one seed."""
@@ -160,9 +156,6 @@ class NewItemsExperimentConfig:
             finetune=FinetuneConfig(epochs=1, batch_size=64, warmup=2),
             seeds=1,
         )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------- data
@@ -511,19 +504,25 @@ def _new_item_parts(probs: np.ndarray, test: RankingData, slices: dict[str, np.n
     return {k: roc_auc(y[m], probs[m]) if m.any() else None for k, m in slices.items()}
 
 
-def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
-    """The whole experiment: load, split, pretrain, fine-tune with vs without the techniques per seed, compare.
+@dataclass
+class _Windows:
+    """What every fine-tuning run of the experiment shares: the data, the split and the examples."""
 
-    Returns:
-        One JSON-able dict: ``with`` / ``without`` (mean metrics over seeds), ``per_seed``
-        (both variants' metrics and their lifts), ``new_items_lift`` (relative lift of click
-        AUC − 0.5 on new items, from the mean AUCs) and ``overall_change`` (relative change of
-        the overall click AUC), the same per action in ``lifts``, ``target_met``, eval
-        impression counts, the split, the backbone's pretraining, the config and seconds.
+    data: MovieLensData
+    split: TimeSplit
+    base_rcfg: RankerConfig  # each variant replaces new_items
+    train: RankingData  # requests in (T_pre, T_ft]
+    test: RankingData  # requests in (T_ft, T_end]
+    slices: dict[str, np.ndarray]  # (M,) masks of the test's new-item slices (:func:`_new_item_slices`)
+    counts: dict[str, int]  # sizes reported in the summary
+
+
+def _load_windows(src: Path | str, cfg: NewItemsExperimentConfig, model_cfg: PinFMConfig) -> _Windows:
+    """Load the ratings, split them by time and build the fine-tuning and evaluation requests.
+
+    Raises:
+        ValueError: a window holds no impression.
     """
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    model_cfg = dataclasses.replace(PinFMConfig.preset(cfg.model), content_dim=cfg.content_dim)
     data = load_movielens(src, model_cfg.content_dim)
     split = TimeSplit.from_quantiles(data.ts, cfg.pretrain_quantile, cfg.finetune_quantile, cfg.eval_quantile)
     rng = np.random.default_rng(cfg.seed)
@@ -532,7 +531,7 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
         sequence=cfg.finetune.sequence,
         id_cutoff_s=split.t_ft,
         time_gaps=resolve_time_gaps(cfg.finetune.time_gaps, PRETRAINED_WITH_TIME_GAPS),
-    )  # each variant replaces new_items
+    )
     seq_len = history_len(base_rcfg)
     train = ranking_examples(data, split.t_pre, split.t_ft, cfg, seq_len, rng, cfg.max_finetune_requests)
     test = ranking_examples(data, split.t_ft, split.t_end, cfg, seq_len, rng, cfg.max_eval_requests)
@@ -552,43 +551,66 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
         "n_eval_old": int((~new).sum()),
         "n_eval_new_unseen_in_finetuning": int(unseen.sum()),
     }
-    log.info("new-items: split %s, %s", split.to_dict(), counts)
+    return _Windows(data, split, base_rcfg, train, test, slices, counts)
 
-    seqs = pretrain_sequences(data, split.t_pre, model_cfg.max_len)
-    pcfg = cfg.pretrain.replace(model=cfg.model, device=cfg.device, seed=cfg.seed)
-    state, pre_info = pretrain_backbone(seqs, data.items.content, model_cfg, pcfg, cfg.device)
-    log.info("new-items: backbone pretrained %s", pre_info)
 
-    variants = {"with": cfg.new_items, "without": NewItemConfig.off()}
-    per_seed = []
-    for s in range(cfg.seeds):
-        row: dict = {"seed": cfg.seed + s}
-        for name, nic in variants.items():
-            t1 = time.perf_counter()
-            fcfg = cfg.finetune.replace(new_items=nic, seed=cfg.seed + s, device=cfg.device, model=cfg.model)
-            rcfg = base_rcfg.replace(new_items=nic)
-            model, metrics, _ = train_ranker(train, test, data.items, fcfg, rcfg, state, split.t_pre, device)
-            metrics.update(_new_item_parts(predict(model, test, data.items, device), test, slices))
-            row[name] = {k: _round(metrics.get(k)) for k in REPORTED}
-            row[name]["seconds"] = round(time.perf_counter() - t1, 1)
-            log.info("new-items: seed %d %s %s", cfg.seed + s, name, row[name])
-            if name == "with" and nic.expected_keep_young:
-                # the same trained ranker under the other inference rule for young trained items
-                other = dataclasses.replace(nic, young_mix=not nic.young_mix)
-                model.cfg = model.cfg.replace(new_items=other)
-                probs = predict(model, test, data.items, device)  # (M, A), once for both summaries
-                alt = evaluate(model, test, data.items, device, split.t_pre, probs=probs)
-                alt.update(_new_item_parts(probs, test, slices))
-                alt_name = "with_young_mix" if other.young_mix else "with_young_scale"
-                row[alt_name] = {k: _round(alt.get(k)) for k in REPORTED}
-                log.info("new-items: seed %d %s %s", cfg.seed + s, alt_name, row[alt_name])
-        row["new_items_lift"] = auc_lift(row["with"]["auc_click_new"], row["without"]["auc_click_new"])
-        row["overall_change"] = relative_change(row["with"]["auc_click"], row["without"]["auc_click"])
-        for alt_name in ("with_young_mix", "with_young_scale"):
-            if alt_name in row:
-                row[f"{alt_name}_lift"] = auc_lift(row[alt_name]["auc_click_new"], row["without"]["auc_click_new"])
-        per_seed.append(row)
+def _other_young_rule(
+    model: Ranker, nic: NewItemConfig, w: _Windows, device: torch.device
+) -> tuple[str, dict[str, float | None]]:
+    """Score a trained "with" ranker under the other inference rule for young trained items.
 
+    Switches ``model.cfg`` to the other rule (``young_mix`` flipped).
+
+    Returns:
+        (``with_young_mix`` or ``with_young_scale``, the REPORTED metrics rounded).
+    """
+    other = nic.replace(young_mix=not nic.young_mix)
+    model.cfg = model.cfg.replace(new_items=other)
+    probs = predict(model, w.test, w.data.items, device)  # (M, A), once for both summaries
+    alt = evaluate(model, w.test, w.data.items, device, w.split.t_pre, probs=probs)
+    alt.update(_new_item_parts(probs, w.test, w.slices))
+    alt_name = "with_young_mix" if other.young_mix else "with_young_scale"
+    return alt_name, {k: _round(alt.get(k)) for k in REPORTED}
+
+
+def _seed_row(
+    cfg: NewItemsExperimentConfig,
+    seed: int,
+    variants: dict[str, NewItemConfig],
+    w: _Windows,
+    state: dict,
+    device: torch.device,
+) -> dict:
+    """Fine-tune and evaluate every variant with one seed (same init and batch order); their lifts."""
+    row: dict = {"seed": seed}
+    for name, nic in variants.items():
+        t1 = time.perf_counter()
+        fcfg = cfg.finetune.replace(new_items=nic, seed=seed, device=cfg.device, model=cfg.model)
+        rcfg = w.base_rcfg.replace(new_items=nic)
+        model, metrics, _ = train_ranker(w.train, w.test, w.data.items, fcfg, rcfg, state, w.split.t_pre, device)
+        metrics.update(_new_item_parts(predict(model, w.test, w.data.items, device), w.test, w.slices))
+        row[name] = {k: _round(metrics.get(k)) for k in REPORTED}
+        row[name]["seconds"] = round(time.perf_counter() - t1, 1)
+        log.info("new-items: seed %d %s %s", seed, name, row[name])
+        if name == "with" and nic.expected_keep_young:
+            alt_name, alt = _other_young_rule(model, nic, w, device)
+            row[alt_name] = alt
+            log.info("new-items: seed %d %s %s", seed, alt_name, row[alt_name])
+    row["new_items_lift"] = auc_lift(row["with"]["auc_click_new"], row["without"]["auc_click_new"])
+    row["overall_change"] = relative_change(row["with"]["auc_click"], row["without"]["auc_click"])
+    for alt_name in ("with_young_mix", "with_young_scale"):
+        if alt_name in row:
+            row[f"{alt_name}_lift"] = auc_lift(row[alt_name]["auc_click_new"], row["without"]["auc_click_new"])
+    return row
+
+
+def _summarize_seeds(per_seed: list[dict], variants: dict[str, NewItemConfig]) -> tuple[dict, dict, dict]:
+    """Means over seeds of the per-seed rows of :func:`_seed_row`.
+
+    Returns:
+        (mean metrics per variant, the "with" rankers under the other young-item rule with
+        their lifts (only when every seed has them), lifts of the means per label action).
+    """
     mean = {v: {k: _mean([r[v][k] for r in per_seed]) for k in REPORTED} for v in variants}
     alternative = {}  # the "with" rankers under the other young-item rule (not the figure of merit)
     for alt_name in ("with_young_mix", "with_young_scale"):
@@ -606,6 +628,33 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
         }
         for a in LABEL_ACTIONS
     }
+    return mean, alternative, lifts
+
+
+def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
+    """The whole experiment: load, split, pretrain, fine-tune with vs without the techniques per seed, compare.
+
+    Returns:
+        One JSON-able dict: ``with`` / ``without`` (mean metrics over seeds), ``per_seed``
+        (both variants' metrics and their lifts), ``new_items_lift`` (relative lift of click
+        AUC − 0.5 on new items, from the mean AUCs) and ``overall_change`` (relative change of
+        the overall click AUC), the same per action in ``lifts``, ``target_met``, eval
+        impression counts, the split, the backbone's pretraining, the config and seconds.
+    """
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model_cfg = PinFMConfig.preset(cfg.model).replace(content_dim=cfg.content_dim)
+    w = _load_windows(src, cfg, model_cfg)
+    log.info("new-items: split %s, %s", w.split.to_dict(), w.counts)
+
+    seqs = pretrain_sequences(w.data, w.split.t_pre, model_cfg.max_len)
+    pcfg = cfg.pretrain.replace(model=cfg.model, device=cfg.device, seed=cfg.seed)
+    state, pre_info = pretrain_backbone(seqs, w.data.items.content, model_cfg, pcfg, cfg.device)
+    log.info("new-items: backbone pretrained %s", pre_info)
+
+    variants = {"with": cfg.new_items, "without": NewItemConfig.off()}
+    per_seed = [_seed_row(cfg, cfg.seed + s, variants, w, state, device) for s in range(cfg.seeds)]
+    mean, alternative, lifts = _summarize_seeds(per_seed, variants)
     lift, overall = lifts["click"]["new_items_lift"], lifts["click"]["overall_change"]
     out = {
         "data": str(src),
@@ -618,8 +667,8 @@ def run_new_items(src: Path | str, cfg: NewItemsExperimentConfig) -> dict:
         "target_met": bool(lift is not None and overall is not None and lift >= 0.15 and overall >= -0.01),
         "alternative_young_rule": alternative,
         "per_seed": per_seed,
-        **counts,
-        "split": split.to_dict(),
+        **w.counts,
+        "split": w.split.to_dict(),
         "pretrain": pre_info,
         "device": str(device),
         "config": cfg.to_dict(),

@@ -5,29 +5,33 @@
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from pydantic import Field
 
 from features.config import Layout, day_window
-from features.contract import ACTION_IDS, LABEL_ACTIONS, POSITIVE_ACTIONS
+from features.contract import LABEL_ACTIONS
+from features.settings import Settings
 from training.data import ContentTable, ItemCreatedAt, RankingData, candidate_slots, load_ranking_data
 from training.jobs import registry
 from training.metrics import hit_at_k, roc_auc
 from training.model.backbone import PinFMConfig, resolve_device
-from training.model.config_fields import replace_fields
 from training.model.inputs import history_len, resolve_time_gaps, saved_time_gaps
-from training.model.interaction import default_label_weights, weighted_bce
-from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
+from training.model.interaction import default_label_weights
+from training.model.objectives import ItemCatalog, PinFMObjective
 from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig, init_from_backbone
-from training.model.transact import next_action_loss
-from training.trainer import warmup_cosine
+from training.model.ranker_objective import RankerObjective, ranker_logits
+from training.model.recipes import PINFM
+from training.trainer import Trainer, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,7 @@ log = logging.getLogger(__name__)
 PROMOTION_TOLERANCE = 0.01
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Settings):
     """Fine-tuning settings.
 
     Attributes:
@@ -76,7 +79,7 @@ class FinetuneConfig:
     sequence: str = "pinfm_early"
     next_action_weight: float = 0.01
     aux_next_token_weight: float = 0.0
-    new_items: NewItemConfig = dataclasses.field(default_factory=NewItemConfig)
+    new_items: NewItemConfig = Field(default_factory=NewItemConfig)
     lifelong_top_k: int = 0
     lifelong_recent_r: int = 8
     time_gaps: bool | None = None
@@ -84,7 +87,9 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be ≥ 1, got {self.epochs}, {self.batch_size}")
         if self.sequence not in SEQUENCE_MODES:
             raise ValueError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
         if self.label_weights is not None:
@@ -92,9 +97,12 @@ class FinetuneConfig:
             if len(self.label_weights) != a or any(len(r) != a for r in self.label_weights):
                 raise ValueError(f"label_weights must be {a} × {a} (actions {LABEL_ACTIONS})")
 
-    def replace(self, **kw) -> FinetuneConfig:
-        """A copy with some fields changed; ValueError naming unknown fields."""
-        return replace_fields(self, **kw)
+    def trainer_config(self, steps: int, device: str) -> TrainerConfig:
+        """The shared Trainer's settings for ``steps`` steps (warm-up, then cosine to 10 % of ``lr``)."""
+        return TrainerConfig(
+            steps=steps, lr=self.lr, weight_decay=self.weight_decay, warmup=self.warmup, min_lr_ratio=0.1,
+            grad_clip=self.grad_clip, device=device, bf16=False, seed=self.seed, log_every=10, desc="finetune",
+        )  # fmt: skip
 
     def label_weight_matrix(self) -> torch.Tensor:
         if self.label_weights is None:
@@ -183,46 +191,6 @@ def batch_tensors(data: RankingData, idx: np.ndarray, items: ItemFacts, device: 
     return out
 
 
-def ranker_logits(model: Ranker, b: dict, return_user: bool = False):
-    """(U, C, A) logits of a :func:`batch_tensors` batch (and the late user vector)."""
-    return model(
-        b["seq"],
-        b["cand_ids"],
-        b["cand_surface_ids"],
-        b["cand_content"],
-        b["cand_mask"],
-        b["cand_age_s"],
-        b["request_ts"],
-        return_user=return_user,
-    )
-
-
-def next_action_term(model: Ranker, b: dict, user: torch.Tensor | None) -> torch.Tensor | None:
-    """TransAct V2's Next Action Loss of a batch: each request's engaged item vs its other impressions.
-
-    Positive: the request's first impression with any positive label (not ``hide``); negatives:
-    its impressions with no label at all. Requests without both are skipped. None without a
-    backbone user vector (modes ``none`` and ``transact``).
-    """
-    if user is None:
-        return None
-    actions = list(model.actions)
-    pos_cols = [j for j, a in enumerate(actions) if a != "hide"]
-    engaged = b["labels"][..., pos_cols].amax(-1) > 0  # (U, C)
-    engaged = engaged & b["cand_mask"]
-    silent = (b["labels"].amax(-1) == 0) & b["cand_mask"]  # (U, C) impressed, nothing done
-    valid = engaged.any(1) & silent.any(1)  # (U,)
-    if not bool(valid.any()):
-        return None
-    first = engaged.float().argmax(1)  # (U,) first engaged slot
-    rows = torch.arange(len(first), device=first.device)
-    content = b["cand_content"]
-    pos_ids = b["cand_ids"][rows, first]  # (U,)
-    pos_emb = model.backbone.item_embedding(pos_ids, content[rows, first] if content is not None else None)  # (U, D)
-    neg_emb = model.backbone.item_embedding(b["cand_ids"], content)  # (U, C, D)
-    return next_action_loss(user, pos_emb, neg_emb, silent, valid=valid)
-
-
 def predict(model: Ranker, data: RankingData, items: ItemFacts, device: torch.device, batch: int = 2048):
     """(N, A) probabilities of every impression of ``data`` (eval mode, no grad)."""
     model.eval()
@@ -294,6 +262,38 @@ def _gate(layout: Layout, new_auc: float | None) -> dict:
     return {**out, "pass": ok, "reason": f"auc_click {new_auc:.4f} {rel} {cur_auc:.4f} - {PROMOTION_TOLERANCE}"}
 
 
+class RankingBatches:
+    """The fine-tuning batches: ``epochs`` shuffles of whole requests, a pure function of the step.
+
+    Args:
+        data: the training impressions.
+        items: content vectors and creation times.
+        batch_size: impressions per batch (a batch closes at the request that reaches it).
+        epochs: passes over ``data``.
+        seed: the shuffles' seed.
+    """
+
+    def __init__(self, data: RankingData, items: ItemFacts, batch_size: int, epochs: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.data, self.items = data, items
+        self.batches = [idx for _ in range(epochs) for idx in data.request_batches(batch_size, rng)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __call__(self, step: int) -> dict:
+        return batch_tensors(self.data, self.batches[step], self.items, torch.device("cpu"))
+
+
+def ranker_objective(cfg: FinetuneConfig, train: RankingData) -> RankerObjective:
+    """The fine-tuning loss of ``cfg``; the auxiliary next-token loss follows the pretraining recipe."""
+    aux = None
+    if cfg.aux_next_token_weight > 0:
+        catalog = ItemCatalog.from_sequences(train.sequences.item_ids[train.sequences.item_ids > 0])
+        aux = PinFMObjective(PINFM.objective_config(multi_token=0.0, negatives=256), catalog)
+    return RankerObjective(cfg.label_weight_matrix(), cfg.next_action_weight, aux, cfg.aux_next_token_weight)
+
+
 def train_ranker(
     train: RankingData,
     test: RankingData,
@@ -303,8 +303,9 @@ def train_ranker(
     backbone_state: dict | None,
     cutoff_s: int | None,
     device: torch.device,
+    run_dir: Path | None = None,
 ) -> tuple[Ranker, dict, list[float]]:
-    """Fine-tune a ranker on in-memory ranking data and evaluate it (the loop behind :func:`finetune`).
+    """Fine-tune a ranker on in-memory ranking data with the shared :class:`training.trainer.Trainer`, and evaluate it.
 
     Args:
         train: training impressions grouped by request (sequences of at most
@@ -317,6 +318,7 @@ def train_ranker(
         cutoff_s: new items = created after this (unix seconds; the backbone's pretraining
             cutoff), for the ``_new``/``_old`` slices of :func:`evaluate`; None = no slices.
         device: where to train.
+        run_dir: checkpoints and the metrics log (a crashed run started again resumes); None = none.
 
     Returns:
         (the trained ranker, metrics = :func:`evaluate`'s keys (NaN → None) + ``n_train`` and
@@ -324,67 +326,81 @@ def train_ranker(
     """
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"empty ranking data: {len(train)} train impressions, {len(test)} eval impressions")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the initial weights are part of the run
     model = Ranker(rcfg)
     if backbone_state is not None:
         init_from_backbone(model, backbone_state)
-    model.to(device)
-
-    bb_params = list(model.backbone.parameters())
-    bb_ids = {id(p) for p in bb_params}
-    head_params = [p for p in model.parameters() if id(p) not in bb_ids]
-    aux = None
-    if cfg.aux_next_token_weight > 0:
-        catalog = ItemCatalog.from_sequences(train.sequences.item_ids[train.sequences.item_ids > 0])
-        aux = PinFMObjective(ObjectiveConfig(negatives=256), catalog).to(device)
-        head_params += list(aux.parameters())
-    opt = torch.optim.AdamW(
-        [{"params": head_params, "lr": cfg.lr}, {"params": bb_params, "lr": cfg.lr * cfg.backbone_lr_scale}],
-        weight_decay=cfg.weight_decay,
-        fused=device.type in ("cpu", "cuda"),
+    batches = RankingBatches(train, items, cfg.batch_size, cfg.epochs, cfg.seed)
+    trainer = Trainer(
+        model,
+        ranker_objective(cfg, train),
+        batches,
+        cfg.trainer_config(len(batches), str(device)),
+        run_dir=run_dir,
+        lr_scales={"model.backbone.": cfg.backbone_lr_scale},
     )
-    steps_per_epoch = len(train.request_batches(cfg.batch_size, rng=None))
-    total = max(1, cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.warmup, total, 0.1))
-    label_weights = cfg.label_weight_matrix().to(device)  # (A, A)
-    positive_ids = torch.tensor([ACTION_IDS[a] for a in POSITIVE_ACTIONS], device=device)
-
-    losses: list[float] = []
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=None)
-    for epoch in range(cfg.epochs):
-        model.train()
-        for idx in train.request_batches(cfg.batch_size, rng):
-            b = batch_tensors(train, idx, items, device)
-            logits, user = ranker_logits(model, b, return_user=True)  # (U, C, A), (U, D)
-            loss = weighted_bce(logits, b["labels"], label_weights, mask=b["cand_mask"])
-            if cfg.next_action_weight > 0:
-                nal = next_action_term(model, b, user)
-                if nal is not None:
-                    loss = loss + cfg.next_action_weight * nal
-            if aux is not None:
-                seq = {k: v for k, v in b["seq"].items() if v is not None and k != "ts"}
-                seq["positive"] = torch.isin(seq["action_ids"], positive_ids) & seq["pad_mask"]
-                gaps = model.time_gaps(b["seq"])  # (U, L): the backbone's input as in scoring
-                if gaps is not None:
-                    seq["time_gaps"] = gaps
-                aux_loss, _ = aux(model.backbone, seq)
-                loss = loss + cfg.aux_next_token_weight * aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
-        log.info("finetune epoch %d/%d mean loss %.4f", epoch + 1, cfg.epochs, np.mean(losses[-steps_per_epoch:]))
-    bar.close()
-
-    ev = evaluate(model, test, items, device, cutoff_s)
+    losses = trainer.fit().losses
+    ev = evaluate(model, test, items, trainer.device, cutoff_s)
     metrics = {k: _json_number(v) for k, v in ev.items()}
     metrics.update(n_train=len(train), final_train_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])))
     return model, metrics, losses
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """What one fine-tuning run reads: its days, its backbone, the ranker's shape and the new-item cutoff."""
+
+    train_days: list[str]
+    eval_day: str
+    rcfg: RankerConfig
+    backbone: dict | None  # the pinfm artifact, or None (random weights)
+    cutoff_s: int  # new items = created after this (end of the backbone's pretraining data)
+    data_version: dict
+
+    @property
+    def backbone_version(self) -> str | None:
+        return self.backbone["version"] if self.backbone else None
+
+    def digest(self, cfg: FinetuneConfig) -> str:
+        """Names the run directory: changes with the settings, the days and the backbone."""
+        key = {"finetune": cfg.to_dict(), "ranker": self.rcfg.to_dict(), "days": self.train_days,
+               "eval_day": self.eval_day, "backbone": self.backbone_version}  # fmt: skip
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def plan_finetune(layout: Layout, cfg: FinetuneConfig, ds: str | None, backbone: str) -> FinetunePlan:
+    """The days, backbone and ranker shape of a fine-tuning run; errors name what is missing."""
+    days = layout.available_days(layout.ranking_examples)
+    if not days:
+        raise FileNotFoundError(f"no ranking examples under {layout.ranking_examples}: run the feature pipeline first")
+    eval_day = ds or days[-1]
+    if eval_day not in days:
+        raise FileNotFoundError(f"no ranking examples for ds={eval_day} under {layout.ranking_examples} (have {days})")
+    train_days = [d for d in days if d < eval_day]
+    if not train_days:
+        raise ValueError(f"fine-tuning needs at least one day before the eval day {eval_day}; have {days}")
+    bb_cfg, bb_art = _resolve_backbone(layout, backbone, cfg.model)
+    rcfg = RankerConfig(
+        backbone=bb_cfg,
+        sequence=cfg.sequence,
+        new_items=cfg.new_items,
+        # items created after the last fine-tuning day never had a trained ID (content carries them)
+        id_cutoff_s=int(day_window(train_days[-1])[1].timestamp()),
+        lifelong_top_k=cfg.lifelong_top_k,
+        lifelong_recent_r=cfg.lifelong_recent_r,
+        time_gaps=_ranker_time_gaps(cfg, bb_art),
+    )
+    # new items = created after the backbone's pretraining data (or before any fine-tuning day without one)
+    corpus_ds = bb_art["data_version"].get("corpus_ds") if bb_art else None
+    cutoff = day_window(corpus_ds)[1] if corpus_ds else day_window(train_days[0])[0]
+    data_version = {
+        "train_days": train_days,
+        "eval_day": eval_day,
+        "backbone_version": bb_art["version"] if bb_art else None,
+        "corpus_version": corpus_ds,
+        "new_item_cutoff": cutoff.isoformat(),
+    }
+    return FinetunePlan(train_days, eval_day, rcfg, bb_art, int(cutoff.timestamp()), data_version)
 
 
 def finetune(
@@ -396,6 +412,9 @@ def finetune(
     register: bool = True,
 ) -> dict:
     """Fine-tune, evaluate, save a "ranker" artifact and promote it when it passes the gate.
+
+    A crashed run started again with the same settings resumes from its last checkpoint
+    (``runs/finetune-ds=<ds>-<digest>/``, removed once the artifact is saved).
 
     Args:
         layout: data root.
@@ -409,89 +428,49 @@ def finetune(
         {version, metrics, promoted, backbone_version, gate, seconds}.
     """
     t0 = time.perf_counter()
-    days = layout.available_days(layout.ranking_examples)
-    if not days:
-        raise FileNotFoundError(f"no ranking examples under {layout.ranking_examples}: run the feature pipeline first")
-    eval_day = ds or days[-1]
-    if eval_day not in days:
-        raise FileNotFoundError(f"no ranking examples for ds={eval_day} under {layout.ranking_examples} (have {days})")
-    train_days = [d for d in days if d < eval_day]
-    if not train_days:
-        raise ValueError(f"fine-tuning needs at least one day before the eval day {eval_day}; have {days}")
-
+    plan = plan_finetune(layout, cfg, ds, backbone)
     device = resolve_device(cfg.device)
-    bb_cfg, bb_art = _resolve_backbone(layout, backbone, cfg.model)
-    bb_version = bb_art["version"] if bb_art else None
-    # items created after the last fine-tuning day never had a trained ID (content carries them)
-    id_cutoff_s = int(day_window(train_days[-1])[1].timestamp())
-    rcfg = RankerConfig(
-        backbone=bb_cfg,
-        sequence=cfg.sequence,
-        new_items=cfg.new_items,
-        id_cutoff_s=id_cutoff_s,
-        lifelong_top_k=cfg.lifelong_top_k,
-        lifelong_recent_r=cfg.lifelong_recent_r,
-        time_gaps=_ranker_time_gaps(cfg, bb_art),
-    )
-    # new items = created after the backbone's pretraining data (or before any fine-tuning day without one)
-    corpus_ds = bb_art["data_version"].get("corpus_ds") if bb_art else None
-    cutoff = day_window(corpus_ds)[1] if corpus_ds else day_window(train_days[0])[0]
-    cutoff_s = int(cutoff.timestamp())
-
-    items = ItemFacts.from_layout(layout, bb_cfg.content_dim)
-    seq_len = history_len(rcfg)  # the newest events the ranker reads, as the service does
-    train = load_ranking_data(layout, train_days, seq_len)
-    test = load_ranking_data(layout, [eval_day], seq_len)
+    items = ItemFacts.from_layout(layout, plan.rcfg.backbone.content_dim)
+    seq_len = history_len(plan.rcfg)  # the newest events the ranker reads, as the service does
+    train = load_ranking_data(layout, plan.train_days, seq_len)
+    test = load_ranking_data(layout, [plan.eval_day], seq_len)
     if len(train) == 0 or len(test) == 0:
-        raise ValueError(f"empty ranking examples: {len(train)} train ({train_days}), {len(test)} eval ({eval_day})")
+        raise ValueError(
+            f"empty ranking examples: {len(train)} train ({plan.train_days}), {len(test)} eval ({plan.eval_day})"
+        )
     log.info(
         "finetune: train %s (%d impressions, %d requests), eval %s (%d), backbone %s, sequence %s, device %s",
-        train_days, len(train), len(train.sequences), eval_day, len(test), bb_version or "random", cfg.sequence,
-        device,
+        plan.train_days, len(train), len(train.sequences), plan.eval_day, len(test),
+        plan.backbone_version or "random", cfg.sequence, device,
     )  # fmt: skip
-
-    model, metrics, _ = train_ranker(
-        train, test, items, cfg, rcfg, bb_art["state_dict"] if bb_art else None, cutoff_s, device
-    )
-    data_version = {
-        "train_days": train_days,
-        "eval_day": eval_day,
-        "backbone_version": bb_version,
-        "corpus_version": corpus_ds,
-        "new_item_cutoff": cutoff.isoformat(),
-        "n_train": len(train),
-        "n_eval": len(test),
-    }
+    run_dir = layout.runs / f"finetune-ds={plan.eval_day}-{plan.digest(cfg)}" if register else None
+    state = plan.backbone["state_dict"] if plan.backbone else None
+    model, metrics, _ = train_ranker(train, test, items, cfg, plan.rcfg, state, plan.cutoff_s, device, run_dir)
+    out = {"version": None, "metrics": metrics, "promoted": False, "backbone_version": plan.backbone_version}
     if not register:
         log.info("finetune (not registered): sequence %s metrics %s", cfg.sequence, metrics)
-        return {
-            "version": None,
-            "metrics": metrics,
-            "promoted": False,
-            "backbone_version": bb_version,
-            "gate": None,
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
+        return {**out, "gate": None, "seconds": round(time.perf_counter() - t0, 2)}
     gate = _gate(layout, metrics.get("auc_click"))
     gate["promote_requested"] = promote
     version = registry.save_artifact(
         layout,
         "ranker",
         model.state_dict(),
-        config={"ranker": rcfg.to_dict(), "finetune": dataclasses.asdict(cfg), "backbone_version": bb_version},
+        config={"ranker": plan.rcfg.to_dict(), "finetune": cfg.to_dict(), "backbone_version": plan.backbone_version},
         metrics=metrics,
-        data_version=data_version,
+        data_version={**plan.data_version, "n_train": len(train), "n_eval": len(test)},
         extra={"gate": gate},
+        files=[run_dir / "training_curve.png", run_dir / "metrics.jsonl"],
     )
+    shutil.rmtree(run_dir, ignore_errors=True)  # the artifact is saved: nothing left to resume
     promoted = bool(promote and gate["pass"])
     if promoted:
         registry.promote(layout, version, reason=f"gate: {gate['reason']}")
     log.info("finetune: saved ranker %s metrics %s; gate %s; promoted=%s", version, metrics, gate["reason"], promoted)
     return {
+        **out,
         "version": version,
-        "metrics": metrics,
         "promoted": promoted,
-        "backbone_version": bb_version,
         "gate": gate,
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -13,23 +13,19 @@ trained with.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from features.config import Layout
 from features.contract import ACTION_IDS, POSITIVE_ACTIONS
+from features.settings import Settings
 from training.data import ContentTable, SequenceArrays, encode_sequence_frame, latest_day, read_partition
 from training.jobs.registry import save_artifact
 from training.model.backbone import PinFM, PinFMConfig, bucketize_time_gaps
-from training.model.config_fields import replace_fields
 from training.model.objectives import ItemCatalog, ObjectiveConfig, PinFMObjective
 from training.model.recipes import DEFAULT_RECIPE, PINFM, recipe
 from training.trainer import Trainer, TrainerConfig
@@ -37,8 +33,7 @@ from training.trainer import Trainer, TrainerConfig
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(Settings):
     """Pretraining run settings.
 
     :meth:`preset` builds every size from the recipe: its objective (scores, sampler and
@@ -48,7 +43,7 @@ class PretrainConfig:
     * ``future_token`` 0.5: the pipeline adds the future-token loss, which trains the state
       at the read position, the one the ranker reads (the benchmark has no ranker; on Beauty
       it cost 8 % next-item NDCG@10, docs/experiments/beauty-losses.md).
-    * the item embedding (:meth:`model_config`): the backbone preset's buckets
+    * the item embedding (:meth:`backbone_config`): the backbone preset's buckets
       (:meth:`training.model.backbone.PinFMConfig.preset` says why the CPU sizes keep fewer),
       dense gradients (fine-tuning trains the table with AdamW, which takes no sparse
       gradients, and DDP on NCCL refuses them) and unscaled item input (the ranker's
@@ -117,10 +112,6 @@ class PretrainConfig:
             raise ValueError(f"unknown pretrain preset {name!r}; expected one of {sorted(presets)}")
         return cls(**{**common, **presets[name]})
 
-    def replace(self, **kw) -> PretrainConfig:
-        """A copy with some fields changed; ValueError naming unknown fields."""
-        return replace_fields(self, **kw)
-
     def objective(self) -> ObjectiveConfig:
         """The recipe's objective at this size (losses, negatives and pairs per step from here)."""
         return recipe(self.recipe).objective_config(
@@ -131,7 +122,7 @@ class PretrainConfig:
             max_pairs=self.max_pairs,
         )
 
-    def model_config(self) -> PinFMConfig:
+    def backbone_config(self) -> PinFMConfig:
         """The backbone this run trains: the ``model`` preset (see the class docstring for the embedding)."""
         return PinFMConfig.preset(self.model)
 
@@ -150,9 +141,6 @@ class PretrainConfig:
             ckpt_every=self.ckpt_every,
             desc="pretrain",
         )
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
 class CorpusBatches:
@@ -214,7 +202,7 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     """
     t0 = time.perf_counter()
     ds = ds or latest_day(layout, layout.pretrain_corpus)
-    model_cfg = cfg.model_config()
+    model_cfg = cfg.backbone_config()
     objective_cfg = cfg.objective()
 
     corpus = read_partition(layout.pretrain_corpus, ds, columns=["user_id", "item_ids", "actions", "surfaces", "ts"])
@@ -263,7 +251,7 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
         config={
             "model": model_cfg.to_dict(),
             "model_preset": cfg.model,
-            "pretrain": dataclasses.asdict(cfg),
+            "pretrain": cfg.to_dict(),
             "objective": objective_cfg.to_dict(),  # what scored items in training (similarity: dot or cosine)
         },
         metrics=metrics,

@@ -10,17 +10,15 @@ accepts left padding when ``pad_mask`` is given: positions count real tokens onl
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from features.contract import ACTIONS, CONTENT_DIM, SURFACES
-from training.model.config_fields import reject_unknown_fields
+from features.settings import Settings
 from training.model.recipes import PINFM
 
 # ------------------------------------------------------------------------- hashing
@@ -78,8 +76,7 @@ def hash_item_ids(item_ids: torch.Tensor, table: int, buckets: int) -> torch.Ten
 BLOCK_LAYOUTS = ("pre_ln", "sasrec")
 
 
-@dataclass(frozen=True)
-class PinFMConfig:
+class PinFMConfig(Settings):
     """Size of the backbone. ``d_model`` must be divisible by ``n_heads`` and ``n_hash_tables``."""
 
     d_model: int = 64
@@ -99,7 +96,7 @@ class PinFMConfig:
     sparse_item_grads: bool = False  # hash tables get sparse gradients (the Trainer then uses SparseAdam for them)
     scale_item_input: bool = False  # multiply the item part of the input by √d_model (SASRec); targets are not scaled
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.d_model % self.n_hash_tables:
@@ -144,14 +141,6 @@ class PinFMConfig:
         if name not in presets:
             raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(presets)}")
         return presets[name]
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PinFMConfig:
-        reject_unknown_fields(cls, d)
-        return cls(**d)
 
 
 # ------------------------------------------------------------------------- modules

@@ -16,20 +16,16 @@ feature dim, M = mask hidden dim, N = ``n_blocks × block_dim``, A = number of a
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from features.contract import LABEL_ACTIONS
-from training.model.config_fields import reject_unknown_fields, replace_fields
+from features.settings import Settings
 
 
 # -------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class InteractionConfig:
+class InteractionConfig(Settings):
     """Size of the crossing stack (the input dim comes from the features, see ``from_config``)."""
 
     n_mask_blocks: int = 3
@@ -41,7 +37,7 @@ class InteractionConfig:
     dropout: float = 0.0
     actions: tuple[str, ...] = LABEL_ACTIONS
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.n_mask_blocks < 1 or self.mask_block_dim < 1:
             raise ValueError(
                 f"n_mask_blocks and mask_block_dim must be ≥ 1, got {self.n_mask_blocks}, {self.mask_block_dim}"
@@ -58,25 +54,6 @@ class InteractionConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.actions or len(set(self.actions)) != len(self.actions):
             raise ValueError(f"actions must be non-empty and unique, got {self.actions}")
-
-    def replace(self, **kw) -> InteractionConfig:
-        return replace_fields(self, **kw)
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict (tuples become lists; :meth:`from_dict` turns them back)."""
-        d = dataclasses.asdict(self)
-        d["mlp_hidden"] = list(self.mlp_hidden)
-        d["actions"] = list(self.actions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> InteractionConfig:
-        d = dict(d)
-        reject_unknown_fields(cls, d)
-        for name in ("mlp_hidden", "actions"):
-            if name in d:
-                d[name] = tuple(d[name])
-        return cls(**d)
 
 
 # ------------------------------------------------------------------------- MaskNet

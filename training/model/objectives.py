@@ -23,17 +23,17 @@ Shapes: B batch, L length, D model dim, N (query, positive) pairs, M sampled neg
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.model.config_fields import reject_unknown_fields, replace_fields
+from features.settings import Settings
 
 #: logit of a masked candidate: finite, so a row whose candidates are all masked keeps finite gradients
 MASKED_LOGIT = -1e30
@@ -48,8 +48,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(probe()) if probe is not None else False
 
 
-@dataclass(frozen=True)
-class ObjectiveConfig:
+class ObjectiveConfig(Settings):
     """Which losses, their weights, and how candidates are built.
 
     Attributes:
@@ -86,14 +85,19 @@ class ObjectiveConfig:
     init_temperature: float = 0.05
     in_batch_negatives: bool = True
     in_batch_max: int | None = 2048
-    negatives: int | str = 1024
+    negatives: int | Literal["full"] = 1024
     catalog_matmul: str = "fp32"
     sampler: str = "uniform"
     logq_correction: bool = True
     max_pairs: int | None = None
     mask_own_sequence: bool = False
 
-    def __post_init__(self) -> None:
+    # the distillation loss, removed in the commit after 66e15b0 (docs/experiments/beauty-ensembles.md):
+    # saved with distill=0.0 it did nothing, and its temperature only scaled that term
+    retired_fields: ClassVar[dict[str, object]] = {"distill": 0.0}
+    retired_if_inert: ClassVar[tuple[str, ...]] = ("distill_temperature",)
+
+    def check(self) -> None:
         if self.similarity not in ("cosine", "dot"):
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.catalog_matmul not in ("fp32", "bf16", "auto"):
@@ -110,38 +114,6 @@ class ObjectiveConfig:
             raise ValueError("multi_token_window and future_window must be ≥ 1")
         if self.negatives == 0 and not self.in_batch_negatives:
             raise ValueError("no negatives: enable in_batch_negatives or sample some")
-
-    def replace(self, **kw) -> ObjectiveConfig:
-        return replace_fields(self, **kw)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ObjectiveConfig:
-        """The settings of :meth:`to_dict`, also as saved by earlier versions.
-
-        A retired field (:data:`RETIRED_FIELDS`) loads when it holds the value at which it did
-        nothing and is refused, naming it, otherwise: such a run cannot be rebuilt here.
-        """
-        d = dict(d)
-        for name, inert in RETIRED_FIELDS.items():
-            if name in d and (value := d.pop(name)) != inert:
-                raise ValueError(
-                    f"the objective was configured with {name}={value!r}, a setting this version no longer has "
-                    f"(only {name}={inert!r}, which changed nothing, still loads); use the version that trained it"
-                )
-        for name in RETIRED_IF_INERT:  # they acted only through a retired field, which is inert here
-            d.pop(name, None)
-        reject_unknown_fields(cls, d)
-        return cls(**d)
-
-
-#: fields taken out of ObjectiveConfig, with the value at which they did nothing (configs saved with it still load):
-#: the distillation loss, removed in the commit after 66e15b0 (docs/experiments/beauty-ensembles.md)
-RETIRED_FIELDS: dict[str, object] = {"distill": 0.0}
-#: retired fields that only scaled a retired term: whatever their value, they did nothing when that term was off
-RETIRED_IF_INERT: tuple[str, ...] = ("distill_temperature",)
 
 
 class ItemCatalog:

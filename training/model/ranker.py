@@ -24,14 +24,14 @@ request, D = d_model, S = surface dim, A = actions, Cd = content dim.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from features.settings import Settings
 from training.model.backbone import PinFM, PinFMConfig, last_hidden
-from training.model.config_fields import reject_unknown_fields, replace_fields
 from training.model.dcat import candidate_tokens, context_pass, crossing_pass, naive_candidate_hidden
 from training.model.inputs import TIME_GAPS_DEFAULT, history_len, saved_time_gaps, time_gap_buckets
 from training.model.interaction import InteractionArch, InteractionConfig
@@ -43,8 +43,7 @@ RANDOM_ID_BASE = 1 << 40
 DAY_S = 86_400
 
 
-@dataclass(frozen=True)
-class NewItemConfig:
+class NewItemConfig(Settings):
     """Fine-tuning techniques for items the backbone never saw (all off in eval).
 
     Attributes:
@@ -77,7 +76,7 @@ class NewItemConfig:
     young_mix: bool = False
     missing_id_vector: bool = False
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("id_randomization", "age_dropout_max"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -93,8 +92,7 @@ class NewItemConfig:
         )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class RankerConfig:
+class RankerConfig(Settings):
     """Ranker shape.
 
     Attributes:
@@ -123,11 +121,11 @@ class RankerConfig:
             item created later cannot have a trained ID (see ``NewItemConfig.content_only_unseen``).
     """
 
-    backbone: PinFMConfig = field(default_factory=lambda: PinFMConfig.preset("small"))
+    backbone: PinFMConfig = Field(default_factory=lambda: PinFMConfig.preset("small"))
     sequence: str = "pinfm_early"
     surface_dim: int = 16
-    interaction: InteractionConfig = field(default_factory=InteractionConfig)
-    new_items: NewItemConfig = field(default_factory=NewItemConfig)
+    interaction: InteractionConfig = Field(default_factory=InteractionConfig)
+    new_items: NewItemConfig = Field(default_factory=NewItemConfig)
     time_gaps: bool = TIME_GAPS_DEFAULT
     transact_layers: int = 1
     transact_heads: int = 2
@@ -138,7 +136,7 @@ class RankerConfig:
     lifelong_recent_r: int = 8
     id_cutoff_s: int | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.sequence not in SEQUENCE_MODES:
             raise ValueError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
         if self.lifelong_top_k < 0 or self.lifelong_recent_r < 0:
@@ -150,28 +148,11 @@ class RankerConfig:
     def actions(self) -> tuple[str, ...]:
         return self.interaction.actions
 
-    def replace(self, **kw) -> RankerConfig:
-        return replace_fields(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["interaction"] = self.interaction.to_dict()
-        return d
-
     @classmethod
-    def from_dict(cls, d: dict) -> RankerConfig:
-        """A config saved by :meth:`to_dict` (every field). A missing field takes its default, except
-        ``time_gaps``: a config saved without it was trained without time gaps and loads that way."""
-        d = dict(d)
-        reject_unknown_fields(cls, d)
-        d["time_gaps"] = saved_time_gaps(d)
-        if "backbone" in d:
-            d["backbone"] = PinFMConfig.from_dict(d["backbone"])
-        if "interaction" in d:
-            d["interaction"] = InteractionConfig.from_dict(d["interaction"])
-        if "new_items" in d:
-            d["new_items"] = NewItemConfig(**d["new_items"])
-        return cls(**d)
+    def upgrade_saved(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A missing field takes its default, except ``time_gaps``: a config saved without it
+        was trained without time gaps and loads that way."""
+        return {**d, "time_gaps": saved_time_gaps(d)}
 
 
 class Ranker(nn.Module):

@@ -26,9 +26,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
+from features.settings import Settings
 from training.model.objectives import ObjectiveConfig
 
 #: ObjectiveConfig fields a size may change: what scales with the machine and the data
@@ -43,11 +41,10 @@ SIZE_FIELDS: tuple[str, ...] = (
     "catalog_matmul",
 )
 #: ObjectiveConfig fields that make a recipe what it is: every size keeps them
-KIND_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if f.name not in SIZE_FIELDS)
+KIND_FIELDS: tuple[str, ...] = tuple(name for name in ObjectiveConfig.model_fields if name not in SIZE_FIELDS)
 
 
-@dataclass(frozen=True)
-class Recipe:
+class Recipe(Settings):
     """One named way to train PinFM.
 
     Attributes:

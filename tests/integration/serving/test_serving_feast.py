@@ -256,8 +256,9 @@ def _offline_probs(ranker, layout: Layout, user_id: int, with_ts: bool = True) -
 
     from features.contract import LABEL_ACTIONS, SURFACE_IDS
     from training.data import ContentTable, ItemCreatedAt, RankingData, encode_sequence_frame, read_partition
-    from training.jobs.finetune import ItemFacts, batch_tensors, ranker_logits
+    from training.jobs.finetune import ItemFacts, batch_tensors
     from training.model.inputs import history_len
+    from training.model.ranker_objective import ranker_logits
 
     snap = read_partition(layout.user_sequences, DS)
     row = snap[snap["user_id"] == user_id].reset_index(drop=True)

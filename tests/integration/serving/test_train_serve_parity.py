@@ -49,8 +49,9 @@ from features.store import snapshot_timestamp
 from serving.app import FeastOnlineFeatures
 from serving.model import ServingModel, load_ranker
 from training.data import load_ranking_data, read_partition, to_unix_seconds
-from training.jobs.finetune import FinetuneConfig, ItemFacts, batch_tensors, finetune, predict, ranker_logits
+from training.jobs.finetune import FinetuneConfig, ItemFacts, batch_tensors, finetune, predict
 from training.model.inputs import history_len
+from training.model.ranker_objective import ranker_logits
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -176,11 +176,11 @@ def test_config_presets_and_validation():
     with pytest.raises(ValueError, match="unknown synth preset 'huge'"):
         SynthConfig.preset("huge")
     with pytest.raises(ValueError, match="slate_size"):
-        TINY.replace(n_items=5).validate()
+        TINY.replace(n_items=5)
     with pytest.raises(ValueError, match="2026-13-01"):
-        TINY.replace(start_ds="2026-13-01").validate()
+        TINY.replace(start_ds="2026-13-01")
     with pytest.raises(ValueError, match="surface_probs"):
-        TINY.replace(surface_probs=(0.5, 0.2, 0.2)).validate()
+        TINY.replace(surface_probs=(0.5, 0.2, 0.2))
     assert issubclass(ContractError, ValueError)
 
 

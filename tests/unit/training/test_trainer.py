@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -91,7 +90,7 @@ def test_adam_beta2_and_sparse_lr_scale_reach_the_optimizers(tmp_path: Path, cha
     data = SeqRecData.load(chain_file(n_users=40))
     trainer = _trainer(tmp_path / "run", data, steps=3, sparse=True)
     assert trainer.opt.param_groups[0]["betas"] == (0.9, 0.999)  # the default
-    cfg = dataclasses.replace(trainer.cfg, adam_beta2=0.98, sparse_lr_scale=2.0)
+    cfg = trainer.cfg.replace(adam_beta2=0.98, sparse_lr_scale=2.0)
     other = Trainer(trainer.model, trainer.objective, trainer.batch_fn, cfg, run_dir=tmp_path / "other")
     assert other.sparse_opt is not None
     for opt in other.opts:

@@ -18,6 +18,16 @@ def test_flop_count_of_a_known_size() -> None:
     tokens = 4 * 16
     want = 6 * n * tokens + 6 * 2 * 16 * 64 * tokens + 6 * 10 * (10 + 32) * 64
     assert model_flops_per_step(model, 4, 16, pairs=10, negatives=32) == want
+    capped = want - 6 * 10 * (10 - 4) * 64  # in-batch keys capped at 4
+    assert model_flops_per_step(model, 4, 16, pairs=10, negatives=32, keys=4) == capped
+
+
+def test_the_reference_objective_is_the_recipe_on_the_next_token_loss() -> None:
+    from training.bench.pretrain import REFERENCE_OBJECTIVE
+    from training.model.recipes import PINFM
+
+    assert PINFM.departures(REFERENCE_OBJECTIVE) == {}
+    assert (REFERENCE_OBJECTIVE.next_token, REFERENCE_OBJECTIVE.multi_token) == (1.0, 0.0)
 
 
 def test_bench_line_on_cpu() -> None:

@@ -115,6 +115,20 @@ def test_eval_names_a_run_dir_that_is_not_a_bench_run(tmp_path: Path, chain_file
     assert "seqrec_config.json is missing" in str(res.exception)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("nosuch=1", "'nosuch' is not a setting"), ("objective.negatives=lots", "negatives"), ("lr=-1", "lr")],
+)
+def test_bench_set_refuses_a_bad_setting_before_training(
+    tmp_path: Path, chain_file, override: str, message: str
+) -> None:
+    args = ["bench", "seqrec", "--data", str(chain_file()), "--preset", "tiny", "--device", "cpu"]
+    res = CliRunner().invoke(cli, [*args, "--run-dir", str(tmp_path / "run"), "--set", override])
+    assert res.exit_code == 2, res.output
+    assert "--set" in res.output and message in res.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_round_trip() -> None:
     cfg = SeqRecConfig.preset("tiny")
     assert SeqRecConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

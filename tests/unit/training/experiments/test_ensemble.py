@@ -23,7 +23,7 @@ def _member(seed: int, temperature: float, similarity: str = "dot") -> SeqRecMem
         {**cfg.to_dict(), "max_len": 10, "objective": {**cfg.objective.to_dict(), "similarity": similarity}}
     )
     torch.manual_seed(seed)
-    return SeqRecMember(PinFM(cfg.model_config()).eval(), cfg, temperature, Path("."))  # fmt: skip
+    return SeqRecMember(PinFM(cfg.backbone_config()).eval(), cfg, temperature, Path("."))  # fmt: skip
 
 
 def test_ensemble_ranks_by_the_members_summed_logits(chain_file) -> None:

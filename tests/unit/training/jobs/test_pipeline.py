@@ -155,7 +155,7 @@ def test_every_pretrain_preset_builds_its_objective_from_the_recipe() -> None:
         )
         assert obj.in_batch_max <= r.objective.in_batch_max and obj.multi_token > 0, name
         assert (cfg.lr, cfg.weight_decay) == (r.lr, r.weight_decay), name
-        assert cfg.model_config() == PinFMConfig.preset(cfg.model)
+        assert cfg.backbone_config() == PinFMConfig.preset(cfg.model)
     assert PretrainConfig() == PretrainConfig.preset("small")
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         PretrainConfig.preset("small", "nope")

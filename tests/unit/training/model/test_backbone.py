@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +78,7 @@ def test_item_embedding_padding_and_content() -> None:
 @pytest.mark.parametrize("use_mask", [False, True])
 def test_backbone_is_causal(use_mask: bool, layout: str) -> None:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PinFMConfig.preset("tiny"), block_layout=layout)
+    cfg = PinFMConfig.preset("tiny").replace(block_layout=layout)
     model = PinFM(cfg).eval()
     items, actions, surfaces = _tokens(2, 12)
     mask = torch.ones(2, 12, dtype=torch.bool) if use_mask else None
@@ -114,7 +113,7 @@ def test_padding_left_or_right_gives_the_same_last_state() -> None:
 
 def test_item_dropout_leaves_whole_items_out_in_training_only() -> None:
     torch.manual_seed(0)
-    cfg = dataclasses.replace(PinFMConfig.preset("tiny"), dropout=0.0, item_dropout=1.0)
+    cfg = PinFMConfig.preset("tiny").replace(dropout=0.0, item_dropout=1.0)
     model = PinFM(cfg)
     items, actions, surfaces = _tokens(2, 8)
     other = items + 1  # every item different, same actions, surfaces and positions
@@ -122,7 +121,7 @@ def test_item_dropout_leaves_whole_items_out_in_training_only() -> None:
     assert torch.allclose(model(items, actions, surfaces), model(other, actions, surfaces))  # no item seen
     model.eval()
     assert not torch.allclose(model(items, actions, surfaces), model(other, actions, surfaces), atol=1e-4)
-    model.cfg = dataclasses.replace(cfg, item_dropout=0.5)
+    model.cfg = cfg.replace(item_dropout=0.5)
     model.train()
     torch.manual_seed(1)
     a = model(items, actions, surfaces)
@@ -131,14 +130,14 @@ def test_item_dropout_leaves_whole_items_out_in_training_only() -> None:
 
 
 def test_mlp_ratio_sets_the_block_mlp_width_and_rejects_zero() -> None:
-    cfg = dataclasses.replace(PinFMConfig.preset("tiny"), mlp_ratio=1)
+    cfg = PinFMConfig.preset("tiny").replace(mlp_ratio=1)
     model = PinFM(cfg)
     hidden = model.blocks[0].mlp[0]
     assert (hidden.in_features, hidden.out_features) == (cfg.d_model, cfg.d_model)
     items, actions, surfaces = _tokens(2, 8)
     assert model(items, actions, surfaces).shape == (2, 8, cfg.d_model)
     with pytest.raises(ValueError, match="mlp_ratio"):
-        dataclasses.replace(cfg, mlp_ratio=0)
+        cfg.replace(mlp_ratio=0)
 
 
 def test_sasrec_block_layout_matches_its_hand_written_form() -> None:

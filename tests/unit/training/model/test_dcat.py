@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -59,7 +57,7 @@ SEQ_KEYS = ("item_ids", "action_ids", "surface_ids", "content", "pad_mask", "tim
 
 @pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 def test_context_pass_equals_forward(layout: str) -> None:
-    model = _model(cfg=dataclasses.replace(CFG, block_layout=layout))
+    model = _model(cfg=CFG.replace(block_layout=layout))
     b = _batch(LENGTHS, N_CANDS, L=CFG.max_len, C=6)
     seq = {k: b[k] for k in SEQ_KEYS}
     with torch.no_grad():
@@ -79,7 +77,7 @@ def test_context_pass_equals_forward(layout: str) -> None:
 @pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 @pytest.mark.parametrize("with_content", [True, False])
 def test_dcat_equals_naive_ragged(with_content: bool, layout: str) -> None:
-    model = _model(1, cfg=dataclasses.replace(CFG, block_layout=layout))
+    model = _model(1, cfg=CFG.replace(block_layout=layout))
     b = _batch(LENGTHS, N_CANDS, L=CFG.max_len, C=6, seed=1)
     if not with_content:
         b["content"] = b["cand_content"] = None

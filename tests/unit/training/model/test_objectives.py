@@ -164,7 +164,7 @@ def test_objectives_saved_with_the_retired_distillation_load_only_where_it_was_o
     assert ObjectiveConfig.from_dict(cfg.to_dict()) == cfg
     saved = {**cfg.to_dict(), "distill": 0.0, "distill_temperature": 2.0}  # as written before the removal
     assert ObjectiveConfig.from_dict(saved) == cfg  # off: its temperature did nothing either
-    with pytest.raises(ValueError, match=r"configured with distill=0\.5, a setting this version no longer has"):
+    with pytest.raises(ValueError, match=r"saved with distill=0\.5, a setting this version no longer has"):
         ObjectiveConfig.from_dict({**saved, "distill": 0.5})
     with pytest.raises(ValueError, match=r"unknown ObjectiveConfig fields \['teacher'\]"):
         ObjectiveConfig.from_dict({**cfg.to_dict(), "teacher": "x"})

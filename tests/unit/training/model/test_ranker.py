@@ -9,18 +9,11 @@ import torch
 from features.contract import SURFACE_IDS
 from serving.model import ServingModel
 from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays, encode_sequences
-from training.jobs.finetune import (
-    ItemFacts,
-    batch_tensors,
-    evaluate,
-    new_item_mask,
-    next_action_term,
-    predict,
-    ranker_logits,
-)
+from training.jobs.finetune import ItemFacts, batch_tensors, evaluate, new_item_mask, predict
 from training.model.backbone import PinFMConfig
 from training.model.inputs import history_len
 from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig
+from training.model.ranker_objective import next_action_term, ranker_logits
 from training.model.transact import select_lifelong
 
 BACKBONE = PinFMConfig(d_model=32, n_layers=2, n_heads=4, max_len=12, hash_buckets=1 << 16)
@@ -107,7 +100,11 @@ def test_late_fusion_scores_from_a_precomputed_user_vector() -> None:
 def test_candidate_id_randomization_cuts_the_id_gradient() -> None:
     """p = 1: no training candidate reads its own id's hash rows; content still flows."""
     torch.manual_seed(0)
-    ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence="none", new_items=NewItemConfig(1.0, 0.0)))
+    ranker = Ranker(
+        RankerConfig(
+            backbone=BACKBONE, sequence="none", new_items=NewItemConfig(id_randomization=1.0, age_dropout_max=0.0)
+        )
+    )
     ids = torch.tensor([[11, 22, 33]])
     content = torch.randn(1, 3, BACKBONE.content_dim)
     ranker.train()
@@ -122,7 +119,11 @@ def test_candidate_id_randomization_cuts_the_id_gradient() -> None:
 
 def test_age_dependent_dropout_drops_only_young_ids() -> None:
     torch.manual_seed(0)
-    cfg = RankerConfig(backbone=BACKBONE, sequence="none", new_items=NewItemConfig(0.0, 1.0, age_horizon_days=7))
+    cfg = RankerConfig(
+        backbone=BACKBONE,
+        sequence="none",
+        new_items=NewItemConfig(id_randomization=0.0, age_dropout_max=1.0, age_horizon_days=7),
+    )
     ranker = Ranker(cfg)
     ids = torch.tensor([[11, 22, 33]])
     content = torch.randn(1, 3, BACKBONE.content_dim)
@@ -166,7 +167,7 @@ def test_young_mix_averages_the_predictions_with_and_without_the_id(mode: str) -
     request_ts = torch.full((U,), cutoff + 3_600)
     # per row: 2 hours old (trained, young), created after the cutoff, a month old, unknown age
     age = torch.tensor([[7_200, 60, 30 * 86_400, -1]]).expand(U, C)
-    nic = NewItemConfig(0.0, 0.5, age_horizon_days=7.0, young_mix=True)
+    nic = NewItemConfig(id_randomization=0.0, age_dropout_max=0.5, age_horizon_days=7.0, young_mix=True)
     torch.manual_seed(0)
     ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence=mode, new_items=nic, id_cutoff_s=cutoff)).eval()
     with torch.no_grad():
@@ -197,7 +198,7 @@ def test_young_mix_averages_the_predictions_with_and_without_the_id(mode: str) -
 
 def test_missing_id_vector_stands_in_for_the_dropped_id_part() -> None:
     """A candidate keeping a share k of its ID part gets (1 − k) of the learned vector; padding stays zero."""
-    nic = NewItemConfig(0.0, 1.0, age_horizon_days=7.0, missing_id_vector=True)
+    nic = NewItemConfig(id_randomization=0.0, age_dropout_max=1.0, age_horizon_days=7.0, missing_id_vector=True)
     torch.manual_seed(0)
     ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence="none", new_items=nic)).eval()
     ids = torch.tensor([[11, 22, 33, 0]])
@@ -228,7 +229,11 @@ def test_missing_id_vector_stands_in_for_the_dropped_id_part() -> None:
 
 
 def test_config_round_trip_and_errors() -> None:
-    cfg = RankerConfig(backbone=BACKBONE, sequence="transact", new_items=NewItemConfig(0.2, 0.3, 5.0))
+    cfg = RankerConfig(
+        backbone=BACKBONE,
+        sequence="transact",
+        new_items=NewItemConfig(id_randomization=0.2, age_dropout_max=0.3, age_horizon_days=5.0),
+    )
     assert RankerConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown RankerConfig fields"):
         RankerConfig.from_dict({**cfg.to_dict(), "colour": 1})
