@@ -46,10 +46,9 @@ class PretrainConfig(Settings):
     * the item embedding (:meth:`backbone_config`): the backbone preset's buckets
       (:meth:`training.model.backbone.PinFMConfig.preset` says why the CPU sizes keep fewer),
       dense gradients (fine-tuning trains the table with AdamW, which takes no sparse
-      gradients, and DDP on NCCL refuses them) and unscaled item input (the ranker's
-      early-fusion candidate token, training/model/dcat.py ``candidate_tokens``, embeds
-      the candidate without the √d_model factor, so a scaled backbone would read its
-      candidates 8× weaker than its history at d = 64).
+      gradients, and DDP on NCCL refuses them) and unscaled item input (the ranker and the
+      demo's figures were measured without it; DCAT's candidate tokens follow whichever
+      the backbone uses, training/model/dcat.py ``candidate_tokens``).
 
     Attributes:
         model: backbone preset name (tiny/small/base).

@@ -116,12 +116,14 @@ def candidate_tokens(
             techniques applied); None = ``model.items(cand_ids, cand_content)``.
 
     Returns:
-        (U, C, D) item (+ content) + surface + position embeddings; action and time gap are
-        the zero padding rows.
+        (U, C, D) item (+ content, × √D with ``scale_item_input``) + surface + position
+        embeddings; action and time gap are the zero padding rows.
     """
     _check_fits(model, lengths)
     if item_emb is None:
         item_emb = model.items(cand_ids, cand_content)  # (U, C, D)
+    if model.cfg.scale_item_input:  # as the backbone scales the sequence's items
+        item_emb = item_emb * math.sqrt(model.cfg.d_model)
     x = item_emb + model.surface_emb(cand_surface_ids)  # (U, C, D)
     return x + model.pos_emb(lengths).unsqueeze(1)  # (U, C, D)
 

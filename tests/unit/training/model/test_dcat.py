@@ -74,10 +74,11 @@ def test_context_pass_equals_forward(layout: str) -> None:
     assert cache_nomask.pad_mask is None and cache_nomask.lengths.tolist() == [L] * U
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "scale_item_input"])
 @pytest.mark.parametrize("layout", BLOCK_LAYOUTS)
 @pytest.mark.parametrize("with_content", [True, False])
-def test_dcat_equals_naive_ragged(with_content: bool, layout: str) -> None:
-    model = _model(1, cfg=CFG.replace(block_layout=layout))
+def test_dcat_equals_naive_ragged(with_content: bool, layout: str, scaled: bool) -> None:
+    model = _model(1, cfg=CFG.replace(block_layout=layout, scale_item_input=scaled))
     b = _batch(LENGTHS, N_CANDS, L=CFG.max_len, C=6, seed=1)
     if not with_content:
         b["content"] = b["cand_content"] = None
