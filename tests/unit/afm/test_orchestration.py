@@ -1,16 +1,27 @@
-"""A DAG task runs the same ``afm`` command as on-call, for the run's day."""
+"""A DAG task runs the same ``afm`` command as on-call, for the run's day; it retries only what may pass."""
 
 import datetime as dt
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 import afm.orchestration as orchestration
-from afm.orchestration import afm_step, fill_ds
+from afm.alerts import alerts_file, run_day, task_failed
+from afm.orchestration import afm_step, fill_days, is_not_transient
+from features.config import Layout
+from features.contract import ContractError
+from features.spark import SparkJobError
 
 
-def test_fill_ds_replaces_only_the_placeholder() -> None:
-    args = ("features", "gate", "--ds", "{ds}")
-    assert fill_ds(args, dt.datetime(2026, 3, 1, tzinfo=dt.UTC)) == ["features", "gate", "--ds", "2026-03-01"]
+def test_fill_days_replaces_only_the_placeholders() -> None:
+    args = ("train", "pretrain", "--ds", "{prev_ds}", "--note", "{ds}")
+    assert fill_days(args, "2026-03-01") == ["train", "pretrain", "--ds", "2026-02-28", "--note", "2026-03-01"]
+    assert fill_days(("features", "register"), None) == ["features", "register"]
+    with pytest.raises(AirflowFailException, match="no day"):
+        fill_days(("features", "gate", "--ds", "{ds}"), None)
 
 
 def test_afm_step_runs_the_command_for_the_logical_day(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,3 +33,99 @@ def test_afm_step_runs_the_command_for_the_logical_day(monkeypatch: pytest.Monke
     ny = dt.timezone(dt.timedelta(hours=-5))
     op.python_callable(logical_date=dt.datetime(2026, 1, 4, 23, 30, tzinfo=ny))  # Jan 5 in UTC
     assert calls == [("features", "gate", "--ds", "2026-01-05")]
+
+
+def _event(ds: str) -> SimpleNamespace:
+    return SimpleNamespace(extra={"ds": ds})
+
+
+def test_an_asset_triggered_run_takes_the_newest_day_of_its_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(orchestration, "run_afm", lambda *args: calls.append(args))
+    outlet = SimpleNamespace(extra=None)
+    op = afm_step("pretrain", "train", "pretrain", "--ds", "{prev_ds}", outlets=["corpus-asset"])
+    events = {"corpus": [_event("2026-01-02"), _event("2026-01-04"), _event("2026-01-03")]}
+    op.python_callable(logical_date=None, triggering_asset_events=events, outlet_events={"corpus-asset": outlet})
+    assert calls == [("train", "pretrain", "--ds", "2026-01-03")]
+    assert outlet.extra == {"ds": "2026-01-04"}  # the next DAG learns the day from the event
+
+
+def test_bad_data_fails_at_once_and_a_missing_input_can_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(exc: Exception):
+        def run(*_: str) -> None:
+            raise exc
+
+        return run
+
+    monkeypatch.setattr(orchestration, "run_afm", fail(ContractError("raw file x.parquet is not parquet")))
+    with pytest.raises(AirflowFailException, match="ContractError: raw file x.parquet"):
+        afm_step("gate", "features", "gate", "--ds", "{ds}").python_callable(
+            logical_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        )
+    monkeypatch.setattr(orchestration, "run_afm", fail(FileNotFoundError("no corpus for ds=2025-12-31")))
+    skip = afm_step("pretrain", "train", "pretrain", "--ds", "{prev_ds}", skip_when_missing=True)
+    with pytest.raises(AirflowSkipException, match="nothing to do yet"):
+        skip.python_callable(logical_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    monkeypatch.setattr(orchestration, "run_afm", fail(SparkJobError("executor lost")))
+    with pytest.raises(SparkJobError):  # may pass: Airflow retries it
+        afm_step("gate", "features", "gate", "--ds", "{ds}").python_callable(
+            logical_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        )
+    assert is_not_transient(ContractError("x")) and not is_not_transient(SparkJobError("x"))
+    assert not is_not_transient(OSError("disk")) and is_not_transient(KeyError("k"))
+
+
+def test_a_step_that_needs_a_setting_is_skipped_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AFM_SERVICE_URL", raising=False)
+    monkeypatch.setattr(orchestration, "run_afm", lambda *args: pytest.fail("must not run"))
+    op = afm_step("roll_out", "roll-out", needs_env="AFM_SERVICE_URL")
+    with pytest.raises(AirflowSkipException, match="AFM_SERVICE_URL is not set"):
+        op.python_callable(logical_date=None)
+
+
+def test_a_failed_task_writes_one_alert_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AFM_HOME", str(tmp_path))
+    monkeypatch.delenv("AFM_ALERT_WEBHOOK", raising=False)
+    ti = SimpleNamespace(dag_id="activity_features", task_id="gate", try_number=1, log_url="http://ui/log", run_id="r1")
+    context = {
+        "task_instance": ti,
+        "logical_date": dt.datetime(2026, 1, 2, tzinfo=dt.UTC),
+        "exception": ContractError("raw file part-0.parquet is not parquet"),
+    }
+    task_failed(context)
+    lines = alerts_file(Layout(tmp_path)).read_text().splitlines()
+    assert len(lines) == 1
+    alert = json.loads(lines[0])
+    assert alert["kind"] == "task_failed" and alert["dag_id"] == "activity_features" and alert["task_id"] == "gate"
+    assert alert["ds"] == "2026-01-02" and alert["log_url"] == "http://ui/log"
+    assert alert["error"] == "ContractError: raw file part-0.parquet is not parquet" and alert["at"]
+
+
+def test_run_day_without_a_logical_date_or_events_is_none() -> None:
+    assert run_day({"logical_date": None}) is None
+    assert run_day({"triggering_asset_events": {"a": [SimpleNamespace(extra={})]}}) is None
+
+
+def test_a_missed_deadline_alerts_for_scheduled_runs_and_not_for_backfills(tmp_path: Path, monkeypatch) -> None:
+    import asyncio
+
+    from afm.alerts import deadline_missed
+
+    monkeypatch.setenv("AFM_HOME", str(tmp_path))
+    monkeypatch.delenv("AFM_ALERT_WEBHOOK", raising=False)
+
+    def context(run_id: str, run_type: str) -> dict:  # as Airflow 3.3 passes it: the run's REST JSON
+        run = {"dag_id": "activity_features", "dag_run_id": run_id, "run_type": run_type,
+               "logical_date": "2026-01-02T00:00:00Z"}  # fmt: skip
+        return {"dag_run": run, "deadline": {"id": "x", "deadline_time": "2026-01-03T03:00:00Z"}}
+
+    asyncio.run(deadline_missed(context=context("backfill__2026-01-02T00:00:00+00:00", "backfill")))
+    assert not alerts_file(Layout(tmp_path)).exists()
+    asyncio.run(
+        deadline_missed(
+            context=context("scheduled__2026-01-02T00:00:00+00:00", "scheduled"), dag_id="activity_features"
+        )
+    )
+    (alert,) = [json.loads(x) for x in alerts_file(Layout(tmp_path)).read_text().splitlines()]
+    assert alert["kind"] == "deadline_missed" and alert["ds"] == "2026-01-02" and alert["dag_id"] == "activity_features"
+    assert alert["run_id"].startswith("scheduled__") and alert["deadline_time"] == "2026-01-03T03:00:00Z"
