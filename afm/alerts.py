@@ -83,32 +83,22 @@ def task_failed(context: Mapping[str, Any]) -> None:
     )
 
 
-def _field(obj: Any, name: str) -> Any:
-    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+def run_failed(context: Mapping[str, Any]) -> None:
+    """DAG ``on_failure_callback``: an alert when a run missed its deadline (``dagrun_timeout``).
 
-
-async def deadline_missed(context: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-    """Deadline callback (run by the triggerer): one alert naming the DAG run that is late.
-
-    Airflow passes the run as the JSON of its REST API (``dag_run_id``, ``run_type``,
-    ``logical_date``). A backfill of past days starts after their deadlines by definition: its
-    runs are logged, not alerted.
+    A run that failed because a task failed has alerted already (:func:`task_failed`); only
+    the timeout, which fails the run with its tasks unfinished, alerts here.
     """
-    context = context or {}
-    dag_run = context.get("dag_run") or {}
-    run_id = str(_field(dag_run, "dag_run_id") or _field(dag_run, "run_id") or "")
-    run_type = str(_field(dag_run, "run_type") or "")
-    if run_id.startswith("backfill__") or run_type.lower().endswith("backfill"):
-        log.info("deadline passed for backfill run %s: no alert", run_id)
+    if context.get("reason") != "timed_out":
         return
-    logical = _field(dag_run, "logical_date")
+    dag_run = context.get("dag_run")
+    dag = context.get("dag")
     send_alert(
         {
             "kind": "deadline_missed",
-            "dag_id": kwargs.get("dag_id") or _field(dag_run, "dag_id"),
-            "run_id": run_id or None,
-            "ds": str(logical)[:10] if logical else None,
-            "deadline": kwargs.get("deadline"),
-            "deadline_time": str(_field(context.get("deadline") or {}, "deadline_time") or "") or None,
+            "dag_id": getattr(dag_run, "dag_id", None) or getattr(dag, "dag_id", None),
+            "run_id": getattr(dag_run, "run_id", None),
+            "ds": run_day(context),
+            "deadline": str(getattr(dag, "dagrun_timeout", None) or ""),
         }
     )

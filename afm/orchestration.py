@@ -82,7 +82,8 @@ def raw_events_arrived(task_id: str = "raw_events_arrived") -> Any:
     """A sensor that waits for the day's raw event partition (a folder holding parquet files).
 
     It pokes every 5 minutes in reschedule mode (no worker slot held while it waits) and
-    fails after 6 hours, which raises an alert: the day's data did not arrive.
+    fails after 2.5 hours, which raises an alert: the day's data did not arrive (the DAG's
+    3-hour deadline would fail the run soon after anyway).
     """
     from airflow.providers.standard.sensors.python import PythonSensor
 
@@ -94,7 +95,7 @@ def raw_events_arrived(task_id: str = "raw_events_arrived") -> Any:
         return any(layout.partition(layout.raw_events, ds).glob("*.parquet"))
 
     return PythonSensor(
-        task_id=task_id, python_callable=_arrived, mode="reschedule", poke_interval=300, timeout=6 * 3600,
+        task_id=task_id, python_callable=_arrived, mode="reschedule", poke_interval=300, timeout=150 * 60,
         retries=0, doc_md="Waits for `raw/events/ds=D/*.parquet`.",
     )  # fmt: skip
 

@@ -17,13 +17,17 @@ handed to it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: system user that runs the server when ActivityFM runs as root
 SERVER_USER = "afm-postgres"
@@ -69,6 +73,21 @@ def _server_user() -> str | None:
     return SERVER_USER
 
 
+def _let_others_traverse(folder: Path) -> None:
+    """Give every folder from ``folder`` up to ``/`` the execute (traverse) bit for others where it lacks it.
+
+    Only when running as root: the server user must reach its data directory. Traversal does
+    not let it list or read anything else; each change is logged.
+    """
+    for path in [folder.resolve(), *folder.resolve().parents]:
+        mode = path.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            path.chmod(mode | stat.S_IXOTH)
+            log.warning(
+                "postgres: gave %s the traverse bit for others (o+x) so that %s can reach its data", path, SERVER_USER
+            )
+
+
 @dataclass(frozen=True)
 class LocalPostgres:
     """One PostgreSQL server: its data directory and its TCP address.
@@ -100,7 +119,9 @@ class LocalPostgres:
     def _run(self, tool: str, *args: str, as_server: bool = False) -> subprocess.CompletedProcess:
         user = _server_user() if as_server else None
         cmd = [str(binaries() / tool), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, user=user, timeout=120, cwd="/")
+        # the server user's own group, and no other: root's groups would decide folder access first
+        ids = {} if user is None else {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/", **ids)
 
     def is_initialised(self) -> bool:
         return (self.data_dir / "PG_VERSION").exists()
@@ -114,7 +135,8 @@ class LocalPostgres:
     def _initialise(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         user = _server_user()
-        if user is not None:  # the server user owns its files and its log
+        if user is not None:  # the server user owns its files and its log, and can reach them
+            _let_others_traverse(self.data_dir.parent)
             entry = pwd.getpwnam(user)
             self.log_file.touch(exist_ok=True)
             for path in (self.data_dir, self.log_file):

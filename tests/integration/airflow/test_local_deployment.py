@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 from afm.alerts import alerts_file
@@ -57,14 +58,30 @@ def _synth(home: Path) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
 
 
+def parquet_digest(path: Path) -> str:
+    """sha256 of a parquet file's bytes: every data page byte for byte, and its footer.
+
+    The footer is compared decoded, with each column chunk's list of encodings sorted:
+    parquet-mr (Spark's writer) collects them in a JVM hash set, so their order changes from
+    one JVM to the next while the data pages stay identical.
+    """
+    raw = path.read_bytes()
+    footer_len = int.from_bytes(raw[-8:-4], "little")
+    meta = pq.read_metadata(path).to_dict()
+    for group in meta["row_groups"]:
+        for column in group["columns"]:
+            column["encodings"] = sorted(column["encodings"])
+    footer = json.dumps(meta, sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw[: len(raw) - 8 - footer_len] + footer).hexdigest()
+
+
 def _digests(layout: Layout) -> dict[str, list[str]]:
-    """{dataset/ds=D: sorted sha256 of its parquet files} (Spark names files with a random id)."""
+    """{dataset/ds=D: sorted digests of its parquet files} (Spark names files with a random id)."""
     out = {}
     for rel in OUTPUTS:
         for ds in DAYS:
             part = layout.root / rel / f"ds={ds}"
-            files = sorted(part.glob("*.parquet"))
-            out[f"{rel}/ds={ds}"] = sorted(hashlib.sha256(f.read_bytes()).hexdigest() for f in files)
+            out[f"{rel}/ds={ds}"] = sorted(parquet_digest(f) for f in part.glob("*.parquet"))
     return out
 
 

@@ -51,7 +51,13 @@ def test_failures_alert_and_only_transient_ones_retry(dagbag) -> None:
 
     for dag in dagbag.dags.values():
         for task in dag.tasks:
-            assert task_failed in (task.on_failure_callback or []) or task.on_failure_callback is task_failed
+            callbacks = task.on_failure_callback
+            assert callbacks is task_failed or task_failed in (callbacks or []), task.task_id
     assert dagbag.dags["activity_features"].get_task("gate").retries == 2  # bad data fails at once, at run time
     assert dagbag.dags["publish_serving"].get_task("roll_out").retries == 0  # it rolls back: never twice
-    assert dagbag.dags["activity_features"].deadline is not None
+    features = dagbag.dags["activity_features"]
+    assert features.dagrun_timeout.total_seconds() == 3 * 3600  # the deadline, alerting through run_failed
+    from afm.alerts import run_failed
+
+    callbacks = features.on_failure_callback
+    assert callbacks is run_failed or run_failed in (callbacks or [])

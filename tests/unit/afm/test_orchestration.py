@@ -106,26 +106,16 @@ def test_run_day_without_a_logical_date_or_events_is_none() -> None:
     assert run_day({"triggering_asset_events": {"a": [SimpleNamespace(extra={})]}}) is None
 
 
-def test_a_missed_deadline_alerts_for_scheduled_runs_and_not_for_backfills(tmp_path: Path, monkeypatch) -> None:
-    import asyncio
-
-    from afm.alerts import deadline_missed
+def test_a_run_past_its_deadline_alerts_and_a_run_failed_by_a_task_does_not_again(tmp_path: Path, monkeypatch) -> None:
+    from afm.alerts import run_failed
 
     monkeypatch.setenv("AFM_HOME", str(tmp_path))
     monkeypatch.delenv("AFM_ALERT_WEBHOOK", raising=False)
-
-    def context(run_id: str, run_type: str) -> dict:  # as Airflow 3.3 passes it: the run's REST JSON
-        run = {"dag_id": "activity_features", "dag_run_id": run_id, "run_type": run_type,
-               "logical_date": "2026-01-02T00:00:00Z"}  # fmt: skip
-        return {"dag_run": run, "deadline": {"id": "x", "deadline_time": "2026-01-03T03:00:00Z"}}
-
-    asyncio.run(deadline_missed(context=context("backfill__2026-01-02T00:00:00+00:00", "backfill")))
-    assert not alerts_file(Layout(tmp_path)).exists()
-    asyncio.run(
-        deadline_missed(
-            context=context("scheduled__2026-01-02T00:00:00+00:00", "scheduled"), dag_id="activity_features"
-        )
-    )
+    run = SimpleNamespace(dag_id="activity_features", run_id="scheduled__2026-01-02T00:00:00+00:00")
+    dag = SimpleNamespace(dag_id="activity_features", dagrun_timeout=dt.timedelta(hours=3))
+    context = {"dag_run": run, "dag": dag, "logical_date": dt.datetime(2026, 1, 2, tzinfo=dt.UTC)}
+    run_failed({**context, "reason": "task_failure"})
+    assert not alerts_file(Layout(tmp_path)).exists()  # the task alerted already
+    run_failed({**context, "reason": "timed_out"})
     (alert,) = [json.loads(x) for x in alerts_file(Layout(tmp_path)).read_text().splitlines()]
-    assert alert["kind"] == "deadline_missed" and alert["ds"] == "2026-01-02" and alert["dag_id"] == "activity_features"
-    assert alert["run_id"].startswith("scheduled__") and alert["deadline_time"] == "2026-01-03T03:00:00Z"
+    assert alert["kind"] == "deadline_missed" and alert["ds"] == "2026-01-02" and alert["deadline"] == "3:00:00"
