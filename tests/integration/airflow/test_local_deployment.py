@@ -219,15 +219,19 @@ def test_the_asset_scheduled_dags_follow_by_themselves_and_reach_the_service(dep
     airflow.wait_runs("foundation_pretrain", newest_backbone_is_from_the_day_before_the_last, timeout_s=900)
     pretrain = _last_with(airflow, "foundation_pretrain", "pretrain")
     for dag_id in ("ranker_finetune", "publish_serving"):
-        airflow.wait_runs(dag_id, lambda rs: _settled(rs) and max(r["start_date"] for r in rs) > pretrain["end_date"],
+        airflow.wait_runs(dag_id, lambda rs: _settled(rs) and max(r["start_date"] for r in rs) > pretrain["start_date"],
                           timeout_s=900)  # fmt: skip
     finetune = _last_with(airflow, "ranker_finetune", "finetune")
     publish = _last_with(airflow, "publish_serving", "roll_out")
     print(f"[deployment] asset-triggered chain settled {time.perf_counter() - t0:.0f} s after the backfill", flush=True)
     for dag_id in ("foundation_pretrain", "ranker_finetune", "publish_serving"):
         assert {r["run_type"] for r in airflow.dag_runs(dag_id)} == {"asset_triggered"}, dag_id
-    # in order, each on the data of the one before
-    assert pretrain["end_date"] <= finetune["start_date"] and finetune["end_date"] <= publish["start_date"]
+    # in order: each started once the one before had produced its asset
+    assert pretrain["start_date"] < finetune["start_date"] < publish["start_date"]
+    pretrain_task = airflow.api(
+        "GET", f"/api/v2/dags/foundation_pretrain/dagRuns/{pretrain['dag_run_id']}/taskInstances/pretrain"
+    )
+    assert pretrain_task["end_date"] <= finetune["start_date"]
 
     current = registry.current_version(layout)
     assert current is not None
