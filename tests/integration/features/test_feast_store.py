@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+from collections.abc import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -124,8 +125,30 @@ ITEMS = [
 ]
 
 
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def online_store(request) -> Iterator[str | None]:
+    """The online store the module's round trips run against: SQLite (local), then a real Redis.
+
+    Yields the Redis ``host:port`` (None for SQLite).
+    """
+    if request.param == "sqlite":
+        yield None
+        return
+    address = request.getfixturevalue("redis_address")
+    saved = {k: os.environ.get(k) for k in ("AFM_FEAST_ONLINE", "AFM_REDIS_URL")}
+    os.environ.update(AFM_FEAST_ONLINE="redis", AFM_REDIS_URL=address)
+    try:
+        yield address
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory, spark) -> Layout:
+def layout(tmp_path_factory, spark, online_store) -> Layout:
     lay = Layout(tmp_path_factory.mktemp("afm"))
     lay.items.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(ITEMS, schema=ITEM_SCHEMA), lay.items / "items.parquet")
@@ -267,3 +290,16 @@ def test_user_embeddings_round_trip_and_newest_version_wins(spark, layout):
         write_user_embeddings(layout, df_a.assign(embedding=[[0.1], [1.0, 2.0]]))
     with pytest.raises(FeatureStoreError, match="missing columns"):
         write_user_embeddings(layout, df_a.drop(columns=["model_version"]))
+
+
+def test_the_rows_live_in_the_online_store_named(layout, online_store) -> None:
+    """After the round trips: with Redis, the online rows are in the Redis server, not in a SQLite file."""
+    online_db = [f for f in layout.feast.rglob("*.db") if f.name == "online.db"]
+    if online_store is None:
+        assert online_db
+        return
+    import redis
+
+    host, port = online_store.split(":")
+    assert redis.Redis(host=host, port=int(port)).dbsize() >= 3  # users and items written by materialize
+    assert not online_db
