@@ -9,6 +9,7 @@ objects whose schema neither lists ``additionalProperties`` nor keeps unknown fi
 from __future__ import annotations
 
 import copy
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,38 @@ def _schema(group: str, kind: str, version: str) -> dict:
     return _closed(schema)
 
 
+def _custom(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    return [(f, d) for f, d in docs if (d["apiVersion"].partition("/")[0], d["kind"]) in CRD_FILES]
+
+
+def _builtin(docs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    return [(f, d) for f, d in docs if (d["apiVersion"].partition("/")[0], d["kind"]) not in CRD_FILES]
+
+
+def _id(x: object) -> str:
+    return x if isinstance(x, str) else f"{x['kind']}/{x['metadata']['name']}" if isinstance(x, dict) else ""
+
+
+@pytest.mark.parametrize(("path", "doc"), _builtin(_manifests()), ids=_id)
+def test_built_in_resources_match_the_kubernetes_schema(path: str, doc: dict) -> None:
+    """ConfigMap, PVC, Deployment, Service: kubernetes-validate's schemas, unknown fields refused."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_secrets_are_referenced_by_name_never_stored() -> None:
+    docs = _manifests()
+    assert not [d for _, d in docs if d["kind"] == "Secret"]
+    text = "\n".join((BASE / f).read_text() for f in {f for f, _ in docs})
+    refs = set(re.findall(r"secretKeyRef: \{name: ([\w-]+), key: ([\w-]+)\}", text))
+    assert refs == {("afm-secrets", "admin-token"), ("afm-secrets", "redis-password")}
+    names = {d["metadata"]["name"] for _, d in docs}
+    assert {"afm-config", "afm-data", "afm-redis"} <= names  # what the workloads name exists in the base
+
+
 @pytest.mark.skipif(not CRDS.exists(), reason="../shared/k8s/crds is not present")
-@pytest.mark.parametrize(("path", "doc"), _manifests(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(("path", "doc"), _custom(_manifests()), ids=_id)
 def test_custom_resources_match_their_crd_schema(path: str, doc: dict) -> None:
     group, _, version = doc["apiVersion"].partition("/")
     jsonschema.validate(doc, _schema(group, doc["kind"], version))
@@ -89,7 +120,7 @@ def _afm_args(doc: dict) -> list[str]:
     return container["args"]
 
 
-@pytest.mark.parametrize(("path", "doc"), _manifests(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(("path", "doc"), _custom(_manifests()), ids=_id)
 def test_every_afm_command_and_option_in_a_manifest_exists(path: str, doc: dict) -> None:
     args = [str(a) for a in _afm_args(doc)]
     words = [a for a in args if not a.startswith("-")][: next(i for i, a in enumerate(args) if a.startswith("-"))]
