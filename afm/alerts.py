@@ -28,14 +28,10 @@ def alerts_file(layout: Layout) -> Path:
     return layout.root / "alerts" / "alerts.jsonl"
 
 
-def _layout() -> Layout:
-    return Layout(Path(os.environ.get("AFM_HOME", "var")))
-
-
 def send_alert(record: Mapping[str, Any], layout: Layout | None = None) -> dict:
     """Append ``record`` (plus ``at``) to the alerts file and POST it to the webhook when one is set."""
     line = {**record, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    path = alerts_file(layout or _layout())
+    path = alerts_file(layout or Layout.default())
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:  # one short write: lines from parallel tasks do not interleave
         fh.write(json.dumps(line, sort_keys=True, default=str) + "\n")

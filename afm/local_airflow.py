@@ -280,8 +280,11 @@ class LocalAirflow:
             out["health"] = None
         return out
 
-    def _exited(self) -> list[str]:
-        return [c for c in COMPONENTS if self.pid(c) is None]
+    def _raise_if_exited(self) -> None:
+        """AirflowDeployError naming the first component that is not running, with its log's tail."""
+        dead = [c for c in COMPONENTS if self.pid(c) is None]
+        if dead:
+            raise AirflowDeployError(f"{dead[0]} exited (log {self.log_file(dead[0])}): {self._log_tail(dead[0])}")
 
     def _log_tail(self, component: str, lines: int = 5) -> str:
         path = self.log_file(component)
@@ -293,8 +296,7 @@ class LocalAirflow:
         deadline = time.monotonic() + timeout_s
         health: dict = {}
         while time.monotonic() < deadline:
-            if dead := self._exited():
-                raise AirflowDeployError(f"{dead[0]} exited (log {self.log_file(dead[0])}): {self._log_tail(dead[0])}")
+            self._raise_if_exited()
             try:
                 health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).json()
             except (httpx.HTTPError, ValueError):
@@ -358,8 +360,7 @@ class LocalAirflow:
             runs = self.dag_runs(dag_id)
             if done(runs):
                 return runs
-            if dead := self._exited():
-                raise AirflowDeployError(f"{dead[0]} exited (log {self.log_file(dead[0])}): {self._log_tail(dead[0])}")
+            self._raise_if_exited()
             time.sleep(poll_s)
         states = {r["dag_run_id"]: r["state"] for r in runs}
         raise AirflowDeployError(f"{dag_id}: runs not done within {timeout_s:.0f} s: {states}")

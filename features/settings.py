@@ -28,6 +28,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
+def json_digest(value: Any) -> str:
+    """Ten hex digits of a JSON-able value (keys sorted): names run directories."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:10]
+
+
 class SettingsError(ValueError):
     """A settings value, name or combination that cannot be used; the message names it."""
 
@@ -111,7 +116,7 @@ class Settings(BaseModel):
 
     def digest(self) -> str:
         """Ten hex digits that change when any setting does (names run directories)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        return json_digest(self.to_dict())
 
     # ------------------------------------------------------------------ command line
     def with_overrides(self, overrides: Iterable[str]) -> Self:

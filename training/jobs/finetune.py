@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
@@ -20,7 +18,7 @@ from pydantic import Field
 
 from features.config import Layout, day_window
 from features.contract import LABEL_ACTIONS
-from features.settings import Settings
+from features.settings import Settings, json_digest
 from training.data import ContentTable, ItemCreatedAt, RankingData, candidate_slots, load_ranking_data
 from training.jobs import registry
 from training.metrics import hit_at_k, roc_auc
@@ -369,7 +367,7 @@ class FinetunePlan:
         """Names the run directory: changes with the settings, the days and the backbone."""
         key = {"finetune": cfg.to_dict(), "ranker": self.rcfg.to_dict(), "days": self.train_days,
                "eval_day": self.eval_day, "backbone": self.backbone_version}  # fmt: skip
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return json_digest(key)
 
 
 def plan_finetune(layout: Layout, cfg: FinetuneConfig, ds: str | None, backbone: str) -> FinetunePlan:
