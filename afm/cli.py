@@ -19,6 +19,8 @@ from pathlib import Path
 import click
 
 from afm.airflow_cli import airflow as airflow_group
+from afm.k8s_cli import k8s as k8s_group
+from afm.kubernetes_profile import EXIT_NOTHING_TO_DO
 from features import cli as features_cli
 from features.cli_options import home_option, layout_of
 from serving import cli as serving_cli
@@ -46,6 +48,7 @@ for _command in (
     serving_cli.publish_embeddings,
     serving_cli.roll_out,
     airflow_group,
+    k8s_group,
 ):
     cli.add_command(_command)
 
@@ -106,7 +109,8 @@ def main() -> None:
             raise
         message = f"{SparkJobError.__name__}: {spark_failure(exc)}" if spark_failed else f"{type(exc).__name__}: {exc}"
         click.echo(f"afm: error: {message}", err=True)
-        sys.exit(1)
+        # a missing input says "nothing to do yet" to whoever runs the command (a DAG's pod or TrainJob)
+        sys.exit(EXIT_NOTHING_TO_DO if isinstance(exc, FileNotFoundError) else 1)
 
 
 if __name__ == "__main__":

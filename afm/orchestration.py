@@ -30,6 +30,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from afm.alerts import run_day, task_failed
 from afm.cli import run_afm
+from afm.kubernetes_profile import execution, operators
 from features.config import Layout, parse_ds
 
 #: All DAGs run in UTC; the run for day D has logical date D 00:00 and starts when D is over.
@@ -106,9 +107,17 @@ def afm_step(
     outlets: Sequence[Any] = (),
     skip_when_missing: bool = False,
     needs_env: str | None = None,
+    spark: bool = False,
+    trainjob: str | None = None,
     **task_kwargs: Any,
-) -> PythonOperator:
-    """An Airflow task that runs ``afm ARGS`` in-process for the run's day.
+) -> Any:
+    """An Airflow task that runs ``afm ARGS`` for the run's day: in-process, or on the cluster.
+
+    The profile is ``AFM_EXECUTION`` (:func:`afm.kubernetes_profile.execution`). ``local`` (the
+    default) runs the command in the task's process. ``kubernetes`` runs it as a
+    ``SparkApplication`` when ``spark``, as the ``TrainJob`` of template ``trainjob`` when that
+    is given, else in a pod (:mod:`afm.kubernetes_profile`). The task id, its place in the DAG,
+    its outlets and its skips are the same in both profiles.
 
     Args:
         task_id: Airflow task id.
@@ -118,11 +127,26 @@ def afm_step(
             failing it: nothing to do yet (e.g. no corpus of the previous day on the first day).
         needs_env: the task is skipped, saying so, when this environment variable is unset
             (e.g. ``AFM_SERVICE_URL``: no running service to roll out to).
+        spark: the command starts a Spark session (kubernetes profile: a SparkApplication).
+        trainjob: the TrainJob template it trains with in the kubernetes profile (``afm-pretrain``).
         **task_kwargs: passed to the operator (retries, depends_on_past, …).
 
     Example:
-        >>> gate = afm_step("gate", "features", "gate", "--ds", "{ds}")  # doctest: +SKIP
+        >>> gate = afm_step("gate", "features", "gate", "--ds", "{ds}", spark=True)  # doctest: +SKIP
     """
+    if execution() == "kubernetes":
+        ops = operators()
+        common = {
+            "task_id": task_id,
+            "afm_args": list(args),
+            "outlets": list(outlets),
+            "doc_md": f"`afm {' '.join(args)}`",
+        }
+        if spark:
+            return ops["spark"](**common, **task_kwargs)
+        if trainjob:
+            return ops["train"](**common, template_name=trainjob, skip_when_missing=skip_when_missing, **task_kwargs)
+        return ops["pod"](**common, needs_env=needs_env, skip_when_missing=skip_when_missing, **task_kwargs)
 
     def _run(**context: Any) -> None:
         if needs_env and not os.environ.get(needs_env):

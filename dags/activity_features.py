@@ -33,12 +33,12 @@ with DAG(
 ):
     chain(
         raw_events_arrived(),
-        afm_step("gate", "features", "gate", "--ds", "{ds}"),
+        afm_step("gate", "features", "gate", "--ds", "{ds}", spark=True),
         # the D snapshot is built from D-1's
-        afm_step("user_sequences", "features", "sequences", "--ds", "{ds}", outlets=[USER_SEQUENCES]),
-        afm_step("ranking_examples", "features", "examples", "--ds", "{ds}", outlets=[RANKING_EXAMPLES]),
-        afm_step("pretrain_corpus", "features", "corpus", "--ds", "{ds}", outlets=[PRETRAIN_CORPUS]),
-        afm_step("feast_export", "features", "feast-export", "--ds", "{ds}"),
+        afm_step("user_sequences", "features", "sequences", "--ds", "{ds}", outlets=[USER_SEQUENCES], spark=True),
+        afm_step("ranking_examples", "features", "examples", "--ds", "{ds}", outlets=[RANKING_EXAMPLES], spark=True),
+        afm_step("pretrain_corpus", "features", "corpus", "--ds", "{ds}", outlets=[PRETRAIN_CORPUS], spark=True),
+        afm_step("feast_export", "features", "feast-export", "--ds", "{ds}", spark=True),
         afm_step("feast_register", "features", "register"),
         afm_step("feast_materialize", "features", "materialize", "--end", "{ds}", outlets=[FEAST_ONLINE]),
         afm_step("data_docs", "features", "docs"),

@@ -21,4 +21,5 @@ with DAG(
     tags=["activityfm", "training"],
     doc_md=__doc__,
 ):
-    afm_step("pretrain", "train", "pretrain", "--ds", "{prev_ds}", outlets=[PINFM_BACKBONE], skip_when_missing=True)
+    afm_step("pretrain", "train", "pretrain", "--ds", "{prev_ds}", outlets=[PINFM_BACKBONE], skip_when_missing=True,
+             trainjob="afm-pretrain")  # fmt: skip

@@ -21,4 +21,4 @@ with DAG(
 ):
     # with examples of one day only there is nothing to train on yet: skipped
     afm_step("finetune", "train", "finetune", "--backbone", "latest", "--promote", outlets=[RANKER],
-             skip_when_missing=True)  # fmt: skip
+             skip_when_missing=True, trainjob="afm-finetune")  # fmt: skip
