@@ -32,3 +32,11 @@ def test_run_afm_raises_for_dag_tasks(tmp_path) -> None:
     # a DAG task must fail (not exit the worker) when its step fails
     with pytest.raises(FileNotFoundError, match="no ranking examples under .*run the feature pipeline first"):
         run_afm("train", "finetune", "--home", str(tmp_path), "--no-promote")
+
+
+def test_a_missing_input_exits_66_for_the_kubernetes_profile(tmp_path, monkeypatch, capsys) -> None:
+    # a pod or TrainJob step with skip_when_missing is skipped on this status (afm.kubernetes_profile)
+    from afm.kubernetes_profile import EXIT_NOTHING_TO_DO
+
+    assert _run(monkeypatch, "train", "finetune", "--home", str(tmp_path), "--no-promote") == EXIT_NOTHING_TO_DO == 66
+    assert "no ranking examples" in capsys.readouterr().err
