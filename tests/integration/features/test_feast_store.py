@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
-from collections.abc import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -123,28 +122,6 @@ ITEMS = [
     # created after DS1: must not be online when materializing up to DS1
     {"item_id": 13, "created_at": _ts(DS2, 5), "category": "c", "content": [3.0, 2.0, 1.0]},
 ]
-
-
-@pytest.fixture(scope="module", params=["sqlite", "redis"])
-def online_store(request) -> Iterator[str | None]:
-    """The online store the module's round trips run against: SQLite (local), then a real Redis.
-
-    Yields the Redis ``host:port`` (None for SQLite).
-    """
-    if request.param == "sqlite":
-        yield None
-        return
-    address = request.getfixturevalue("redis_address")
-    saved = {k: os.environ.get(k) for k in ("AFM_FEAST_ONLINE", "AFM_REDIS_URL")}
-    os.environ.update(AFM_FEAST_ONLINE="redis", AFM_REDIS_URL=address)
-    try:
-        yield address
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -295,11 +272,8 @@ def test_user_embeddings_round_trip_and_newest_version_wins(spark, layout):
 def test_the_rows_live_in_the_online_store_named(layout, online_store) -> None:
     """After the round trips: with Redis, the online rows are in the Redis server, not in a SQLite file."""
     online_db = [f for f in layout.feast.rglob("*.db") if f.name == "online.db"]
-    if online_store is None:
+    if online_store.kind == "sqlite":
         assert online_db
         return
-    import redis
-
-    host, port = online_store.split(":")
-    assert redis.Redis(host=host, port=int(port)).dbsize() >= 3  # users and items written by materialize
+    assert online_store.client().dbsize() >= 3  # users and items written by materialize
     assert not online_db

@@ -11,19 +11,15 @@ from features.config import Layout
 
 @pytest.fixture(scope="module")
 def pipeline_world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """The tiny synthetic world through every Spark step of each day, then Feast registered and materialized.
+    """The tiny synthetic world through every Spark step of each day (no Feast yet: see ``online_world``).
 
-    The online store is materialized up to the end of the day before the last (the
-    ``snapshot_day``), as a service running during the last day (the ``request_day``) sees
-    it: its ``user_sequence`` rows are that day's end-of-day snapshot. A module using this
-    fixture starts Spark: mark it ``spark`` (and ``slow``: about two minutes).
+    A module using this fixture starts Spark: mark it ``spark`` (and ``slow``: about two minutes).
 
     Returns:
         ``layout``, ``days`` (all days, oldest first), ``snapshot_day``, ``request_day``.
     """
     from features.pipeline import run_day
     from features.spark import spark_session
-    from features.store import materialize, register
     from features.synth import SynthConfig, generate_world
 
     layout = Layout(tmp_path_factory.mktemp("pipeline_world"))
@@ -33,6 +29,25 @@ def pipeline_world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         with spark_session("local[2]"):  # one session for every day (run_day reuses it), stopped after
             for ds in days:
                 run_day(layout, ds)
-    register(layout)
-    materialize(layout, end_ds=days[-2])
     return SimpleNamespace(layout=layout, days=days, snapshot_day=days[-2], request_day=days[-1])
+
+
+@pytest.fixture(scope="module")
+def online_world(pipeline_world: SimpleNamespace, online_store) -> SimpleNamespace:
+    """``pipeline_world`` with Feast registered and its online store (SQLite, then Redis) materialized.
+
+    The online store is materialized up to the end of the day before the last (the
+    ``snapshot_day``), as a service running during the last day (the ``request_day``) sees
+    it: its ``user_sequence`` rows are that day's end-of-day snapshot. The Spark outputs and
+    the registry file are the same for both stores; only the online rows are written per store.
+
+    Returns:
+        ``pipeline_world``'s fields and ``online_store``.
+    """
+    from features.store import materialize, register
+
+    register(pipeline_world.layout)  # idempotent; sets up the store's tables (SQLite) when this store comes first
+    materialize(pipeline_world.layout, end_ds=pipeline_world.snapshot_day)
+    if online_store.kind == "redis":  # the rows the service reads are in Redis (the SQLite file stays as it was)
+        assert online_store.client().dbsize() > 0
+    return SimpleNamespace(**vars(pipeline_world), online_store=online_store)

@@ -1,4 +1,7 @@
-"""Scoring service and embedding publisher over a real Feast store (SQLite online, parquet offline)."""
+"""Scoring service and embedding publisher over a real Feast store (parquet offline; online: SQLite, then Redis).
+
+The tests that read the online store run once per store (``online_store`` in tests/integration/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -81,8 +84,8 @@ class SeqModel:
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory) -> Layout:
-    lay = Layout(tmp_path_factory.mktemp("afm_serving"))
+def layout(tmp_path_factory, online_store) -> Layout:
+    lay = Layout(tmp_path_factory.mktemp(f"afm_serving_{online_store.kind}"))
     rows = [{**r, "last_ts": r["ts"][-1], "n_events": len(r["item_ids"])} for r in SEQUENCES]
     snap = pa.Table.from_pylist(rows, schema=USER_SEQUENCES_SCHEMA)
     part = lay.partition(lay.user_sequences, DS)
@@ -348,7 +351,7 @@ def test_published_embeddings_use_the_same_time_gaps_as_the_service(layout):
         np.testing.assert_allclose(precomputed, computed[user], atol=2e-6, rtol=0)
 
 
-def test_store_set_up_before_event_times_still_serves(tmp_path):
+def test_store_set_up_before_event_times_still_serves(tmp_path, fresh_online_store):
     """Sources and registry from before ``event_ts_s``: materialize names the fix; ranking works without gaps."""
     from feast import FeatureView
 
@@ -394,3 +397,13 @@ def test_store_set_up_before_event_times_still_serves(tmp_path):
     )
     served = _served_probs(client, model, 1)
     assert served.shape == (len(CANDIDATES), len(model.actions)) and np.isfinite(served).all()
+
+
+def test_the_service_reads_the_online_store_named(layout, online_store):
+    """With Redis, what the tests above served came from the Redis database, not from a SQLite file."""
+    online_db = layout.feast / "online.db"
+    if online_store.kind == "sqlite":
+        assert online_db.exists()
+        return
+    assert not online_db.exists()
+    assert online_store.client().dbsize() >= len(SEQUENCES) + len(ITEMS)  # one hash per user and per item

@@ -1,7 +1,8 @@
 """Train/serve parity: fine-tuning's batches and the service feed a ranker the same inputs and get the same scores.
 
 World: the tiny synthetic world through the real feature pipeline, Feast registered and
-materialized up to the end of the day before the last (``pipeline_world`` in conftest.py).
+materialized up to the end of the day before the last (``pipeline_world`` and ``online_world``
+in conftest.py); the service reads Feast's online store on SQLite, then on Redis.
 Two tiny rankers are fine-tuned on it by :func:`training.jobs.finetune.finetune` itself
 (early fusion, the served default, and late fusion, the published-embedding path), saved as
 artifacts and loaded as the service loads them (:func:`serving.model.load_ranker`), so the
@@ -142,15 +143,15 @@ def _served_probs(model: ServingModel, world: SimpleNamespace, train: SimpleName
 
 @pytest.mark.parametrize("mode", MODES)
 def test_training_batches_and_the_service_feed_the_ranker_the_same_inputs(
-    pipeline_world, models, requests, mode: str
+    online_world, models, requests, mode: str
 ) -> None:
     model = models[mode]
     ranker, hist = model.ranker, history_len(model.ranker.cfg)
     assert len(requests) >= 8
-    train = _training_path(model, pipeline_world, requests)
+    train = _training_path(model, online_world, requests)
     b = train.b
     train_gaps = ranker.time_gaps(b["seq"])  # (U, L) the buckets the backbone reads
-    features = FeastOnlineFeatures(pipeline_world.layout)
+    features = FeastOnlineFeatures(online_world.layout)
     cutoff = ranker.cfg.id_cutoff_s
     horizon_s = ranker.cfg.new_items.age_horizon_days * 86_400
     seen = {"truncated": 0, "gap_buckets": set(), "content_only": 0, "young_trained": 0, "candidates": 0}
@@ -190,14 +191,14 @@ def test_training_batches_and_the_service_feed_the_ranker_the_same_inputs(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_training_batches_and_the_service_give_the_same_scores(
-    pipeline_world, models, requests, mode: str, record_property
+    online_world, models, requests, mode: str, record_property
 ) -> None:
     model = models[mode]
-    train = _training_path(model, pipeline_world, requests)
-    served = _served_probs(model, pipeline_world, train)
+    train = _training_path(model, online_world, requests)
+    served = _served_probs(model, online_world, train)
     mask = train.b["cand_mask"].numpy()  # (U, C)
     diff = float(np.abs(served - train.probs)[mask].max())
-    record_property(f"max_abs_diff_{mode}", diff)
+    record_property(f"max_abs_diff_{mode}_{online_world.online_store.kind}", diff)
     print(f"{mode}: {int(mask.sum())} impressions of {len(requests)} requests, max |served - trained| = {diff:.3g}")
     assert diff <= ATOL
     assert train.probs[mask].std() > 1e-3  # the scores differ between candidates: the comparison means something
@@ -205,11 +206,11 @@ def test_training_batches_and_the_service_give_the_same_scores(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_rule_decided_differently_in_serving_changes_the_scores(
-    pipeline_world, models, requests, mode: str, monkeypatch
+    online_world, models, requests, mode: str, monkeypatch
 ) -> None:
     """The parity check would catch a drifted rule: each wrong rule moves the scores far beyond the tolerance."""
     model = models[mode]
-    train = _training_path(model, pipeline_world, requests)
+    train = _training_path(model, online_world, requests)
     mask = train.b["cand_mask"].numpy()
 
     def gap(served: np.ndarray) -> float:
@@ -220,15 +221,15 @@ def test_a_rule_decided_differently_in_serving_changes_the_scores(
         m.setattr(serving.model, "history_len", lambda cfg: history_len(cfg) - 1)
         shorter = ServingModel(model.ranker, model.version, model.content, model.created)
         assert shorter.max_len == model.max_len - 1
-        gaps["history_len - 1"] = gap(_served_probs(shorter, pipeline_world, train))
+        gaps["history_len - 1"] = gap(_served_probs(shorter, online_world, train))
     with monkeypatch.context() as m:  # event times not read: no time gaps
         m.setattr(serving.model, "reads_event_times", lambda cfg: False)
-        gaps["no time gaps"] = gap(_served_probs(model, pipeline_world, train))
+        gaps["no time gaps"] = gap(_served_probs(model, online_world, train))
     # candidate ages taken at the snapshot's time instead of the request's
-    snap_s = int(snapshot_timestamp(pipeline_world.snapshot_day).timestamp())
-    gaps["age at the snapshot"] = gap(_served_probs(model, pipeline_world, train, snap_s))
+    snap_s = int(snapshot_timestamp(online_world.snapshot_day).timestamp())
+    gaps["age at the snapshot"] = gap(_served_probs(model, online_world, train, snap_s))
     print(f"{mode}: max |served - trained| with a wrong rule: {gaps}")
     for rule, g in gaps.items():
         assert g > 10 * ATOL, (rule, g)
     # and the right rules, once more: within the tolerance
-    assert gap(_served_probs(model, pipeline_world, train)) <= ATOL
+    assert gap(_served_probs(model, online_world, train)) <= ATOL
