@@ -185,6 +185,7 @@ def _operators() -> dict[str, type]:
                 name=resource_name(kwargs["task_id"], None), namespace=namespace(), image=cpu_image(),
                 cmds=["afm"], arguments=fill_days(self.afm_args, None) if not _needs_day(self.afm_args) else [],
                 env_from=[k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name="afm-config"))],
+                env_vars=feast_env(k8s),
                 volumes=[k8s.V1Volume(name="data", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
                     claim_name="afm-data"))],
                 volume_mounts=[k8s.V1VolumeMount(name="data", mount_path="/data")],
@@ -278,6 +279,20 @@ def _operators() -> dict[str, type]:
             return False
 
     return {"pod": AfmPodOperator, "spark": SparkStepOperator, "train": TrainJobOperator}
+
+
+def feast_env(k8s: Any) -> list[Any]:
+    """What a pod needs to reach Feast on the cluster: the shared registry and Redis, secrets by reference."""
+
+    def secret(name: str, key: str) -> Any:
+        ref = k8s.V1SecretKeySelector(name="afm-secrets", key=key)
+        return k8s.V1EnvVar(name=name, value_from=k8s.V1EnvVarSource(secret_key_ref=ref))
+
+    return [
+        secret("AFM_FEAST_REGISTRY", "feast-registry-url"),
+        secret("REDIS_PASSWORD", "redis-password"),
+        k8s.V1EnvVar(name="AFM_REDIS_URL", value="afm-redis:6379,password=$(REDIS_PASSWORD)"),
+    ]
 
 
 def _needs_day(args: Sequence[str]) -> bool:

@@ -134,4 +134,9 @@ def test_every_pod_task_builds_a_valid_pod(bags: dict[str, Any]) -> None:
         (container,) = pod["spec"]["containers"]
         assert container["command"] == ["afm"] and container["args"] == task.afm_args
         assert pod["metadata"]["namespace"] == "activityfm"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["AFM_FEAST_REGISTRY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "afm-secrets",
+            "key": "feast-registry-url",
+        }
         assert {"name": "data", "mountPath": "/data"}.items() <= container["volumeMounts"][0].items()

@@ -61,7 +61,11 @@ def test_secrets_are_referenced_by_name_never_stored() -> None:
     assert not [d for _, d in docs if d["kind"] == "Secret"]
     text = "\n".join(p.read_text() for p in K8S.rglob("*.yaml"))
     refs = set(re.findall(r"secretKeyRef: \{name: ([\w-]+), key: ([\w-]+)\}", text))
-    assert refs == {("afm-secrets", "admin-token"), ("afm-secrets", "redis-password")}
+    assert refs == {
+        ("afm-secrets", "admin-token"),
+        ("afm-secrets", "redis-password"),
+        ("afm-secrets", "feast-registry-url"),
+    }
     names = {d["metadata"]["name"] for _, d in docs}
     assert {"afm-config", "afm-data", "afm-redis"} <= names  # what the workloads name exists in the base
 
