@@ -35,6 +35,8 @@ SLOW = {
     "tests/unit/training/model/test_objectives.py::test_objective_learns_a_deterministic_cycle",  # 5-35 s each
     "tests/unit/training/test_trainer.py::test_resumed_run_continues_exactly",
     "tests/unit/training/test_trainer.py::test_ddp_two_cpu_processes_stay_in_sync",
+    "tests/integration/training/test_torchrun.py::test_two_processes_take_the_single_process_steps_with_the_default_recipe",
+    "tests/integration/training/test_torchrun.py::test_pretrain_on_two_processes_saves_one_model_and_prints_one_line",
     "tests/unit/training/bench/test_dcat.py::test_compiled_sequence_module_matches_eager",
     "tests/unit/training/bench/test_pretrain.py::test_bench_line_on_cpu",
     "tests/unit/training/bench/test_seqrec.py::test_bench_learns_the_chains_and_eval_reproduces_it",

@@ -72,7 +72,9 @@ def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> No
     if losses:
         over.update(zip(("next_token", "multi_token", "future_token"), LOSS_CHOICES[losses], strict=True))
     cfg = PretrainConfig.preset(size).replace(device=device, seed=seed, time_gaps=time_gaps, **over)
-    echo_json(pretrain(layout_of(home), cfg, ds=ds))
+    out = pretrain(layout_of(home), cfg, ds=ds)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one line, rank 0's (the one that saved)
+        echo_json(out)
 
 
 @train.command("finetune")

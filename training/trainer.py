@@ -6,9 +6,15 @@ as a pure function of the step (see :class:`training.bench.seqrec.SeqRecBatches`
 the saved RNG, optimizer and scheduler state this makes a resumed run take exactly the
 steps (and losses) of an uninterrupted one.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes rows ``rank::world`` of every
-batch and gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on GPU);
-only rank 0 writes files.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process runs the backbone on rows ``rank::world``
+of every batch; the hidden states of all rows are gathered on every process and the objective
+scores the whole batch there (``loss_from_hidden``: in-batch negatives, the mean over the pairs
+and the sampled negatives are the full batch's). Dense gradients are averaged by
+DistributedDataParallel (gloo on CPU, nccl on GPU); the tables with sparse gradients stay out of
+DDP and are averaged by :func:`all_reduce_sparse_grads`. The gradient a step applies is thus the
+single-process gradient of the whole batch, up to float rounding, and clipping sees the global
+norm. Dropout draws from a per-rank stream, so the objective's draws (negatives) stay equal on
+every rank and a resumed run continues exactly. Only rank 0 writes files.
 
 Files under ``run_dir``: ``checkpoint.pt`` (latest, for resume), ``best.pt`` (weights of
 the best validation score), ``metrics.jsonl`` (one JSON object per logged step or eval)
@@ -28,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,6 +42,7 @@ from tqdm import tqdm
 
 from features.settings import Settings
 from training.model.backbone import resolve_device
+from training.model.objectives import batch_hidden
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +135,154 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class RowShards:
+    """This process's share of every batch under torchrun: rows ``rank::world``.
+
+    Attributes:
+        rank, world: this process and the number of processes.
+        group: the process group of the trainer's own collectives (None = the default group).
+    """
+
+    rank: int
+    world: int
+    group: object = None
+
+    def sizes(self, rows: int) -> list[int]:
+        """Rows of each rank in a batch of ``rows``."""
+        return [len(range(r, rows, self.world)) for r in range(self.world)]
+
+    def rows(self, batch: Batch) -> Batch:
+        """This rank's rows of a flat batch (tensors whose first dimension is the batch's)."""
+        if any(isinstance(v, dict) for v in batch.values()):
+            raise ValueError("a batch of nested groups cannot be split across DDP ranks")
+        b = batch["item_ids"].shape[0]
+        return {
+            k: v[self.rank :: self.world] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v
+            for k, v in batch.items()
+        }
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows (``rank::world``) back in the batch's row order, on every rank.
+
+    Backward: each rank differentiates its own copy of the batch-wide loss, so the gradient of
+    a rank's rows is the sum of all ranks' gradients of them (an all-reduce). DDP then averages
+    the parameters' gradients, which turns the sum back into one loss's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, rows: int, shards: RowShards) -> torch.Tensor:
+        sizes = shards.sizes(rows)
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(shards.world)]
+        dist.all_gather(parts, padded, group=shards.group)
+        out = local.new_empty((rows, *local.shape[1:]))
+        for r, (part, n) in enumerate(zip(parts, sizes, strict=True)):
+            out[r :: shards.world] = part[:n]
+        ctx.shards = shards
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        shards = ctx.shards
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=shards.group)
+        return total[shards.rank :: shards.world], None, None
+
+
+def gather_rows(local: torch.Tensor, rows: int, shards: RowShards) -> torch.Tensor:
+    """(rows, ...) tensor of the whole batch from each rank's (rows of rank ``r::world``, ...) part (autograd-aware)."""
+    return _GatherRows.apply(local, rows, shards)
+
+
 class LossModule(nn.Module):
-    """backbone + objective as one module, so DDP sees every parameter in one forward."""
+    """backbone + objective as one module, so DDP sees every parameter in one forward.
+
+    ``forward(batch)`` is the objective on the batch. With ``shards`` (set by the Trainer under
+    torchrun) the backbone runs on this rank's rows only, with dropout drawn from ``rng_seed``
+    (a stream of this rank's and step's own, the global RNG untouched); the hidden states of all
+    rows are gathered and ``objective.loss_from_hidden`` scores the whole batch, identically on
+    every rank. An objective without ``loss_from_hidden`` scores this rank's rows only (its loss
+    is then the mean of the ranks' losses: exact for a mean over equal shares of rows).
+    """
 
     def __init__(self, model: nn.Module, objective: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        return self.objective(self.model, batch)
+    def forward(
+        self, batch: Batch, shards: RowShards | None = None, rng_seed: int | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        if shards is None:
+            return self.objective(self.model, batch)
+        local = shards.rows(batch)
+        if not hasattr(self.objective, "loss_from_hidden"):
+            return self.objective(self.model, local)
+        rows = batch["item_ids"].shape[0]
+        device = batch["item_ids"].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+            if rng_seed is not None:
+                torch.manual_seed(rng_seed)
+            if local["item_ids"].shape[0]:
+                hidden = batch_hidden(self.model, local)  # (rows of this rank, L, D)
+            else:  # fewer rows than ranks: no rows here, but this rank still joins the gather's backward
+                d = self.model.cfg.d_model
+                hidden = torch.zeros(0, batch["item_ids"].shape[1], d, device=device, requires_grad=True)
+        return self.objective.loss_from_hidden(self.model, gather_rows(hidden, rows, shards), batch)
 
 
 def distributed_env() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def all_reduce_sparse_grads(params: list[nn.Parameter], world: int, group: object = None) -> None:
+    """Average the sparse gradients of ``params`` over the ranks: what a dense all-reduce gives.
+
+    Each rank's gradient is coalesced (one row per looked-up index); the (index, row) pairs of
+    every rank are all-gathered (padded to the longest), summed per index and divided by
+    ``world``. Every rank ends with the same coalesced gradient. A rank where a parameter has
+    no gradient takes part with no rows; a parameter without one on every rank keeps none.
+    Every rank must call this with the same parameters in the same order.
+    """
+    if world == 1 or not params:
+        return
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            g = torch.sparse_coo_tensor(
+                torch.empty(1, 0, dtype=torch.long, device=p.device),
+                torch.empty(0, *p.shape[1:], dtype=p.dtype, device=p.device),
+                p.shape,
+                check_invariants=False,
+            )
+        elif not g.is_sparse:
+            raise ValueError("all_reduce_sparse_grads: a parameter has a dense gradient")
+        grads.append(g.coalesce())
+    counts = torch.tensor([g._nnz() for g in grads], device=params[0].device)  # (P,)
+    gathered = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(gathered, counts, group=group)
+    per_rank = torch.stack(gathered).tolist()  # world × P
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        sizes = [row[i] for row in per_rank]
+        if max(sizes) == 0:
+            continue
+        idx, val = g._indices(), g._values()  # (S, n), (n, ...)
+        pad = max(sizes) - idx.shape[1]
+        idx = torch.cat([idx, idx.new_zeros(idx.shape[0], pad)], 1)
+        val = torch.cat([val, val.new_zeros(pad, *val.shape[1:])])
+        idxs = [torch.empty_like(idx) for _ in range(world)]
+        vals = [torch.empty_like(val) for _ in range(world)]
+        dist.all_gather(idxs, idx, group=group)
+        dist.all_gather(vals, val, group=group)
+        indices = torch.cat([t[:, :n] for t, n in zip(idxs, sizes, strict=True)], 1)
+        values = torch.cat([t[:n] for t, n in zip(vals, sizes, strict=True)])
+        summed = torch.sparse_coo_tensor(indices, values, p.shape, check_invariants=False).coalesce()
+        p.grad = summed / world
 
 
 def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -264,11 +405,28 @@ class Trainer:
         self.objective = objective.to(self.device)
         self.module = LossModule(self.model, self.objective)
         self.train_module: nn.Module = self.module
+        self.sparse_params = sparse_parameters(self.module)
+        self.shards: RowShards | None = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_module = DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+            # the trainer's own collectives (gathered rows, sparse gradients, checks) on a group of
+            # their own, so that their order never interleaves with DDP's bucket all-reduces
+            self.shards = RowShards(self.rank, self.world, dist.new_group())
+            ids = {id(p) for p in self.sparse_params}
+            ignored = [name for name, p in self.module.named_parameters() if id(p) in ids]
+            # DDP would all-reduce them densely (or refuse them): all_reduce_sparse_grads does it
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.module, ignored)
+            for p in self.sparse_params:  # DDP broadcasts rank 0's values of the parameters it keeps
+                dist.broadcast(p.data, 0, group=self.shards.group)
+            dev = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module = DistributedDataParallel(self.module, device_ids=dev, find_unused_parameters=True)
+            if not hasattr(self.objective, "loss_from_hidden"):
+                log.warning(
+                    "%s: %s has no loss_from_hidden: each rank scores its own rows and the ranks' losses are "
+                    "averaged (the whole batch's loss only when it is a mean over equal shares of rows)",
+                    cfg.desc, type(self.objective).__name__,
+                )  # fmt: skip
         self.batch_fn = batch_fn
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluate = evaluate
@@ -283,7 +441,7 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"),
         )
         # tables with sparse gradients: lazy Adam, which updates only the rows a step touched
-        sparse = sparse_parameters(self.module)
+        sparse = self.sparse_params
         if sparse and self.world > 1 and self.device.type == "cuda":
             raise ValueError("sparse_item_grads is not supported by DDP on NCCL: set it to False for multi-GPU runs")
         self.sparse_opt = (
@@ -375,17 +533,42 @@ class Trainer:
         return state["step"], result, state["since_best"]
 
     # ------------------------------------------------------------------ loop
-    def _shard(self, batch: Batch) -> Batch:
-        """This rank's rows of a flat batch (rows ``rank::world``), on the device."""
-        if self.world > 1:
-            if any(isinstance(v, dict) for v in batch.values()):
-                raise ValueError(f"{self.cfg.desc}: a batch of nested groups cannot be split across DDP ranks")
-            b = batch["item_ids"].shape[0]
-            batch = {
-                k: v[self.rank :: self.world] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b else v
-                for k, v in batch.items()
-            }
+    def _device_batch(self, batch: Batch) -> Batch:
+        """The whole batch on the device (under torchrun every rank holds it; the module takes its rows)."""
+        if self.world > 1 and any(isinstance(v, dict) for v in batch.values()):
+            raise ValueError(f"{self.cfg.desc}: a batch of nested groups cannot be split across DDP ranks")
         return to_device(batch, self.device)
+
+    def _rng_seed(self, step: int) -> int:
+        """Seed of this rank's dropout stream at ``step`` (a pure function of seed, step and rank)."""
+        return int(np.random.SeedSequence([self.cfg.seed, step, self.rank]).generate_state(1, np.uint64)[0] >> 1)
+
+    def step_gradients(self, step: int) -> tuple[torch.Tensor, dict, Batch]:
+        """Forward and backward of step ``step``'s batch: leaves the gradient of the whole batch's
+        loss in ``.grad`` (averaged over the ranks under torchrun; not clipped, no optimizer step).
+
+        Returns:
+            (loss, stats, the batch on the device).
+        """
+        batch = self._device_batch(self.batch_fn(step))
+        extra = {} if self.shards is None else {"shards": self.shards, "rng_seed": self._rng_seed(step)}
+        with self._autocast():
+            loss, stats = self.train_module(batch, **extra)
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.shards is not None:
+            all_reduce_sparse_grads(self.sparse_params, self.world, self.shards.group)
+        return loss, stats, batch
+
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        """The step's loss: the whole batch's (every rank holds it), or the ranks' mean for a per-row objective."""
+        value = loss.detach().float()
+        if self.shards is not None and not hasattr(self.objective, "loss_from_hidden"):
+            value = value.clone()
+            dist.all_reduce(value, group=self.shards.group)
+            value = value / self.world
+        return float(value)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.cfg.bf16:
@@ -431,25 +614,20 @@ class Trainer:
             disable=None if self.is_main and cfg.progress_bar else True,
         )
         for step in bar:
-            batch = self._shard(self.batch_fn(step))
-            with self._autocast():
-                loss, stats = self.train_module(batch)
-            for o in self.opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
+            loss, stats, batch = self.step_gradients(step)
+            if cfg.grad_clip:  # every rank holds the same averaged gradients: the norm is the global one
                 clip_grad_norm(list(self.module.parameters()), cfg.grad_clip)
             for o in self.opts:
                 o.step()
             for sc in self.scheds:
                 sc.step()
             done = step + 1
-            loss_value = float(loss.detach())
+            loss_value = self._loss_value(loss)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{cfg.desc}: loss became {loss_value} at step {done}; lower the lr")
             result.losses.append(loss_value)
             result.steps = done
-            result.tokens += count_tokens(batch) * self.world
+            result.tokens += count_tokens(batch)  # the whole batch's, on every rank
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if done % cfg.log_every == 0 or done == cfg.steps:
                 self._log({"step": done, "loss": loss_value, "lr": self.sched.get_last_lr()[0], **stats})
@@ -476,13 +654,11 @@ class Trainer:
         return result
 
     def _ranks_in_sync(self) -> bool:
-        """True when every rank holds the same weights (sum and sum of squares compared)."""
-        flat = torch.cat([p.detach().double().reshape(-1) for p in self.module.parameters()])
-        mine = torch.stack([flat.sum(), flat.square().sum()]).cpu()
-        if self.device.type == "cuda":
-            mine = mine.to(self.device)
+        """True when every rank holds the same weights (each parameter's sum and sum of squares compared)."""
+        sums = [s for p in self.module.parameters() for x in [p.detach().double()] for s in (x.sum(), x.square().sum())]
+        mine = torch.stack(sums)
         gathered = [torch.zeros_like(mine) for _ in range(self.world)]
-        dist.all_gather(gathered, mine)
+        dist.all_gather(gathered, mine, group=self.shards.group if self.shards is not None else None)
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
     def load_best(self) -> None:

@@ -197,7 +197,8 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
 
     Returns:
         {version, steps, final_loss, first_loss, tokens_per_s, seconds} (losses averaged
-        over the first / last tenth of the steps).
+        over the first / last tenth of the steps). Under torchrun only rank 0 saves the
+        artifact; the other ranks return {version: None, steps, first_loss, final_loss}.
     """
     t0 = time.perf_counter()
     ds = ds or latest_day(layout, layout.pretrain_corpus)
@@ -235,6 +236,8 @@ def pretrain(layout: Layout, cfg: PretrainConfig, ds: str | None = None) -> dict
     train_s = time.perf_counter() - t0
     k = max(1, len(losses) // 10)
     first_loss, final_loss = float(np.mean(losses[:k])), float(np.mean(losses[-k:]))
+    if not trainer.is_main:  # under torchrun rank 0 saves the model (every rank holds the same weights)
+        return {"version": None, "steps": cfg.steps, "first_loss": first_loss, "final_loss": final_loss}
     metrics = {
         "first_loss": first_loss,
         "final_loss": final_loss,
