@@ -442,8 +442,6 @@ class Trainer:
         )
         # tables with sparse gradients: lazy Adam, which updates only the rows a step touched
         sparse = self.sparse_params
-        if sparse and self.world > 1 and self.device.type == "cuda":
-            raise ValueError("sparse_item_grads is not supported by DDP on NCCL: set it to False for multi-GPU runs")
         self.sparse_opt = (
             torch.optim.SparseAdam(sparse, lr=cfg.lr * cfg.sparse_lr_scale, betas=betas) if sparse else None
         )
