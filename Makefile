@@ -9,7 +9,7 @@ export AFM_HOME ?= $(CURDIR)/var
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test quick lint unit integration e2e clean lock prereqs airflow-up airflow-down airflow-status
+.PHONY: setup demo test quick lint unit integration e2e clean lock prereqs airflow-up airflow-down airflow-status spark-up spark-down spark-status
 
 prereqs:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "ActivityFM needs Python 3.11: '$(PYTHON)' is not on PATH (install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...')."; exit 1; }
@@ -39,6 +39,18 @@ airflow-down: setup
 
 airflow-status: setup
 	$(BIN)/afm airflow status
+
+# A Spark standalone cluster on this machine (a master and two workers, 1 core and 1g each, from the
+# PySpark distribution) under $(AFM_HOME)/deploy/spark. Ports: AFM_SPARK_MASTER_PORT (7077),
+# AFM_SPARK_UI_PORT (8090; workers +1, +2). Run steps on it: afm features run-day --ds D --master spark://127.0.0.1:7077
+spark-up: setup
+	$(BIN)/afm spark up
+
+spark-down: setup
+	$(BIN)/afm spark down
+
+spark-status: setup
+	$(BIN)/afm spark status
 
 lint: setup
 	$(BIN)/ruff check .

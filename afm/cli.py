@@ -21,6 +21,7 @@ import click
 from afm.airflow_cli import airflow as airflow_group
 from afm.k8s_cli import k8s as k8s_group
 from afm.kubernetes_profile import EXIT_NOTHING_TO_DO
+from afm.spark_cli import spark as spark_group
 from features import cli as features_cli
 from features.cli_options import home_option, layout_of
 from serving import cli as serving_cli
@@ -49,6 +50,7 @@ for _command in (
     serving_cli.roll_out,
     airflow_group,
     k8s_group,
+    spark_group,
 ):
     cli.add_command(_command)
 

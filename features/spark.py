@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from features.config import Layout
 from features.contract import ContractError
+from features.reproducible import canonicalize_spark_parquet
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -75,6 +76,35 @@ def require_java() -> None:
         )
 
 
+def is_local_master(url: str) -> bool:
+    """True for ``local``, ``local[N]`` and ``local[*]``: the executors run inside the driver's JVM.
+
+    Args:
+        url: a Spark master URL.
+    """
+    return url == "local" or url.startswith("local[")
+
+
+def cluster_conf(url: str) -> dict[str, str]:
+    """Settings a session on a cluster master needs beyond :data:`SESSION_SQL_CONF` (none for local masters).
+
+    * ``spark.executor.memory``: ``$AFM_SPARK_EXECUTOR_MEMORY``, default ``768m``: an executor
+      fits a worker that offers 1g (``afm spark up``), with room left for the JVM's own memory.
+    * on a master at ``127.0.0.1``/``localhost`` (the one-machine cluster), the driver listens on
+      ``127.0.0.1`` too, where the executors look for it (not on the host name's address).
+
+    Args:
+        url: the Spark master URL.
+    """
+    if is_local_master(url):
+        return {}
+    conf = {"spark.executor.memory": os.environ.get("AFM_SPARK_EXECUTOR_MEMORY", "768m")}
+    host = url.split("://", 1)[-1].split(":", 1)[0]
+    if host in ("127.0.0.1", "localhost"):
+        conf.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
+    return conf
+
+
 @contextmanager
 def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterator[SparkSession]:
     """A SparkSession for the feature jobs, stopped on exit only if this call created it.
@@ -86,7 +116,9 @@ def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterat
             the next step in the same process (Airflow tasks under ``dags test``) reuses it.
 
     Yields:
-        The session, with UTC session time zone and small shuffle partitions.
+        The session, with UTC session time zone and small shuffle partitions. On a cluster master
+        (not ``local…``) the project's code is shipped to the executors
+        (:func:`features.shipping.ship_project_code`) and :func:`cluster_conf` applies.
     """
     existing = _active_session()
     if existing is not None:
@@ -108,17 +140,22 @@ def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterat
         .config("spark.default.parallelism", shuffle)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.pyspark.python", sys.executable)
+        .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])  # the executors' Python: this one by default
         .config("spark.pyspark.driver.python", sys.executable)
         .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
         .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
     )
-    for key, value in SESSION_SQL_CONF.items():
+    for key, value in {**SESSION_SQL_CONF, **cluster_conf(url)}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     configure_session(spark)
-    log.info("started Spark %s (master %s, shuffle partitions %s)", spark.version, url, shuffle)
+    shipped = ""
+    if not is_local_master(url):
+        from features.shipping import ship_project_code
+
+        shipped = f", code shipped as {ship_project_code(spark).name}"
+    log.info("started Spark %s (master %s, shuffle partitions %s%s)", spark.version, url, shuffle, shipped)
     if keep_alive:
         atexit.register(spark.stop)
         yield spark
@@ -356,7 +393,13 @@ class StagedPartition:
         return cls(final, staged)
 
     def publish(self) -> None:
-        """Swap the staged output in as ``final``."""
+        """Swap the staged output in as ``final``, its Spark part files made byte-reproducible first.
+
+        (:func:`features.reproducible.canonicalize_spark_parquet`: no job uuid in the file names,
+        sorted encodings lists in the footers; the same rows give the same bytes on any master.)
+        """
+        if self.staged.is_dir():
+            canonicalize_spark_parquet(self.staged)
         replace_dir(self.staged, self.final)
 
     def set_aside(self, folder: Path) -> Path:
