@@ -6,7 +6,8 @@ inside an image that has no ``kubectl``; tests and users without ``kubectl`` ren
 kustomize's meaning, and any other field is refused by name (so nothing is silently
 ignored); where ``kubectl`` is installed a test checks that both renderings are equal.
 
-Supported: ``resources`` (files, and folders holding a kustomization), ``namespace``,
+Supported: ``resources`` (files, and folders holding a kustomization), ``namespace`` (also
+on the service-account subjects of role bindings),
 ``labels`` (``pairs``, ``includeTemplates``; not ``includeSelectors``), ``images``
 (``name``, ``newName``, ``newTag``, ``digest``) on every ``containers[].image`` and
 ``initContainers[].image`` and on the paths of ``configurations`` files, and ``patches``
@@ -91,6 +92,9 @@ def _render(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         for doc in docs:
             if doc["kind"] not in CLUSTER_SCOPED:
                 doc.setdefault("metadata", {})["namespace"] = spec["namespace"]
+            for subject in doc.get("subjects", []) if doc["kind"] in ("RoleBinding", "ClusterRoleBinding") else []:
+                if subject.get("kind") == "ServiceAccount" and subject.get("namespace", "default") == "default":
+                    subject["namespace"] = spec["namespace"]  # the service account moved with the namespace
     return docs, image_paths
 
 

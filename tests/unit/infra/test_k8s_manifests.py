@@ -148,7 +148,7 @@ def test_afm_k8s_validate_and_render(tmp_path: Path) -> None:
     if not CRDS.exists():
         pytest.skip("../shared/k8s/crds is not present")
     ok = CliRunner().invoke(cli, ["k8s", "validate", str(K8S / "overlays" / "prod"), "--crds", str(CRDS)])
-    assert ok.exit_code == 0 and "8/8 resources" in ok.output, ok.output
+    assert ok.exit_code == 0 and "11/11 resources" in ok.output, ok.output
     out = CliRunner().invoke(
         cli, ["k8s", "render", str(K8S / "overlays" / "dev"), "--ds", "2026-01-05", "--image-tag", "7"]
     )
