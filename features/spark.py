@@ -131,11 +131,14 @@ def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterat
     require_java()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # launched by spark-submit (the Spark Operator's driver pod): its --master and conf hold, the
+    # image already carries the code, so nothing is set over them unless a master is named here
+    submitted = master is None and not os.environ.get("AFM_SPARK_MASTER") and "PYSPARK_GATEWAY_PORT" in os.environ
     url = master or os.environ.get("AFM_SPARK_MASTER") or DEFAULT_MASTER
-    shuffle = os.environ.get("AFM_SPARK_SHUFFLE_PARTITIONS", "4" if url.startswith("local") else "200")
+    shuffle = os.environ.get("AFM_SPARK_SHUFFLE_PARTITIONS", "4" if is_local_master(url) and not submitted else "200")
+    builder = SparkSession.builder if submitted else SparkSession.builder.master(url)
     builder = (
-        SparkSession.builder.master(url)
-        .appName("activityfm-features")
+        builder.appName("activityfm-features")
         .config("spark.sql.shuffle.partitions", shuffle)
         .config("spark.default.parallelism", shuffle)
         .config("spark.ui.enabled", "false")
@@ -145,13 +148,15 @@ def spark_session(master: str | None = None, keep_alive: bool = False) -> Iterat
         .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
         .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
     )
-    for key, value in {**SESSION_SQL_CONF, **cluster_conf(url)}.items():
+    for key, value in {**SESSION_SQL_CONF, **({} if submitted else cluster_conf(url))}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     configure_session(spark)
     shipped = ""
-    if not is_local_master(url):
+    if submitted:
+        url = spark.sparkContext.master
+    elif not is_local_master(url):
         from features.shipping import ship_project_code
 
         shipped = f", code shipped as {ship_project_code(spark).name}"
