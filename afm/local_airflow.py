@@ -20,11 +20,9 @@ other DAGs (:data:`DATA_SCHEDULED_DAGS`) run when the assets they are scheduled 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from afm.daemons import Daemons
 from afm.postgres import LocalPostgres, PostgresError, port_is_free
 from features.config import Layout
 
@@ -54,23 +53,8 @@ class AirflowDeployError(RuntimeError):
     """The local deployment could not start, stop or answer; the message names the component and its log."""
 
 
-def _alive(pid: int) -> bool:
-    """True while process ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 @dataclass(frozen=True)
-class LocalAirflow:
+class LocalAirflow(Daemons):
     """The deployment under one ``$AFM_HOME``.
 
     Args:
@@ -111,12 +95,6 @@ class LocalAirflow:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.api_port}"
-
-    def log_file(self, component: str) -> Path:
-        return self.root / "logs" / f"{component}.log"
-
-    def _pid_file(self, component: str) -> Path:
-        return self.root / "run" / f"{component}.pid"
 
     # ------------------------------------------------------------------ settings
     def secrets(self) -> dict[str, str]:
@@ -184,14 +162,6 @@ class LocalAirflow:
             return [airflow, "api-server", "--host", self.host, "--port", str(self.api_port), "--workers", "1"]
         return [airflow, component]
 
-    def pid(self, component: str) -> int | None:
-        """The component's pid when it runs."""
-        path = self._pid_file(component)
-        if not path.exists():
-            return None
-        pid = int(path.read_text().strip() or 0)
-        return pid if pid and _alive(pid) else None
-
     def airflow_cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """Run ``airflow ARGS`` against this deployment; raises with its output when it fails."""
         cmd = [str(Path(sys.executable).parent / "airflow"), *args]
@@ -200,32 +170,6 @@ class LocalAirflow:
             out = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-8:]
             raise AirflowDeployError(f"airflow {' '.join(args)} failed: " + " | ".join(out))
         return proc
-
-    def _start(self, component: str) -> None:
-        if self.pid(component) is not None:
-            return
-        log = self.log_file(component)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._pid_file(component).parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                self.command(component), env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
-            )  # fmt: skip
-        self._pid_file(component).write_text(str(proc.pid))
-
-    def _stop(self, component: str, grace_s: float = 30.0) -> None:
-        pid = self.pid(component)
-        self._pid_file(component).unlink(missing_ok=True)
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.5)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ lifecycle
     def up(self, timeout_s: float = 300.0, echo: Any = None) -> dict:

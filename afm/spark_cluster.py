@@ -22,11 +22,8 @@ the repository, so executors find the project's code only because the session sh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from afm.local_airflow import _alive
+from afm.daemons import Daemons
 from afm.postgres import port_is_free
 from features.config import Layout
 
@@ -65,7 +62,7 @@ def spark_home() -> Path:
 
 
 @dataclass(frozen=True)
-class LocalSparkCluster:
+class LocalSparkCluster(Daemons):
     """The standalone cluster under one ``$AFM_HOME``.
 
     Args:
@@ -111,12 +108,6 @@ class LocalSparkCluster:
         """Daemon names, master first: ``master``, ``worker-1`` … ``worker-N``."""
         return ("master", *(f"worker-{i}" for i in range(1, self.workers + 1)))
 
-    def log_file(self, daemon: str) -> Path:
-        return self.root / "logs" / f"{daemon}.log"
-
-    def _pid_file(self, daemon: str) -> Path:
-        return self.root / "run" / f"{daemon}.pid"
-
     def work_dir(self, daemon: str) -> Path:
         """A worker's work folder: one sub-folder per application, with its executors' logs and files."""
         return self.root / "work" / daemon
@@ -147,41 +138,11 @@ class LocalSparkCluster:
         env["SPARK_MASTER_OPTS"] = f"{env.get('SPARK_MASTER_OPTS', '')} -Dspark.master.rest.enabled=false".strip()
         return env
 
-    def pid(self, daemon: str) -> int | None:
-        """The daemon's pid when it runs."""
-        path = self._pid_file(daemon)
-        if not path.exists():
-            return None
-        pid = int(path.read_text().strip() or 0)
-        return pid if pid and _alive(pid) else None
-
-    def _start(self, daemon: str) -> None:
-        if self.pid(daemon) is not None:
-            return
-        for folder in (self.log_file(daemon).parent, self._pid_file(daemon).parent, self.root / "tmp",
-                       self.root / "conf"):  # fmt: skip
+    def _prepare(self, daemon: str) -> None:
+        for folder in (self.root / "tmp", self.root / "conf"):
             folder.mkdir(parents=True, exist_ok=True)
         if daemon != "master":
             self.work_dir(daemon).mkdir(parents=True, exist_ok=True)
-        with self.log_file(daemon).open("ab") as out:
-            proc = subprocess.Popen(
-                self.command(daemon), env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root,
-            )  # fmt: skip
-        self._pid_file(daemon).write_text(str(proc.pid))
-
-    def _stop(self, daemon: str, grace_s: float = 30.0) -> None:
-        pid = self.pid(daemon)
-        self._pid_file(daemon).unlink(missing_ok=True)
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ lifecycle
     def _check_ports(self) -> None:

@@ -41,6 +41,24 @@ SEQREC_SURFACE = SURFACE_IDS["home"]
 
 
 # --------------------------------------------------------------------------- data
+def write_chain_file(path: Path, n_users: int = 240, n_items: int = 120, seed: int = 0) -> Path:
+    """A small synthetic ``user item`` file for tests and smoke runs (what :meth:`SeqRecData.load` reads).
+
+    Each user starts at a random item and mostly steps to the next id (mod ``n_items``): 85 % of
+    steps go to ``item + 1``, the rest to a random item, so the next item is predictable from
+    the last one and a sequence model must beat popularity by far.
+    """
+    rng = np.random.default_rng(seed)
+    lines = []
+    for u in range(1, n_users + 1):
+        cur = int(rng.integers(1, n_items + 1))
+        for _ in range(int(rng.integers(5, 14))):
+            lines.append(f"{u} {cur}")
+            cur = cur % n_items + 1 if rng.random() < 0.85 else int(rng.integers(1, n_items + 1))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @dataclass
 class SeqRecData:
     """Per-user chronological item sequences (item ids ≥ 1) and the leave-one-out split.

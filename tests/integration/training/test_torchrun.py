@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training.bench.seqrec import write_chain_file
+
 REPO = Path(__file__).resolve().parents[3]
 STEPS_SCRIPT = Path(__file__).with_name("seqrec_steps.py")
 #: Per-step loss agreement of the 1- and 2-process runs (relative). The two compute the same
@@ -31,19 +33,6 @@ STEPS_SCRIPT = Path(__file__).with_name("seqrec_steps.py")
 #: mean of per-rank means over unequal pair counts, a sparse gradient summed and not averaged)
 #: moves the losses by 1e-2 or more (the old per-rank objective: up to 16 % on this data).
 LOSS_RTOL = 1e-4
-
-
-def _chain_file(path: Path, n_users: int = 160, n_items: int = 120, seed: int = 0) -> Path:
-    """``user item`` lines: each user mostly steps to the next item id (as tests/unit/training's chain files)."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for u in range(1, n_users + 1):
-        cur = int(rng.integers(1, n_items + 1))
-        for _ in range(int(rng.integers(5, 14))):
-            lines.append(f"{u} {cur}")
-            cur = cur % n_items + 1 if rng.random() < 0.85 else int(rng.integers(1, n_items + 1))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def _torchrun(nproc: int, *args: str, timeout: int = 240) -> tuple[subprocess.CompletedProcess, float]:
@@ -69,7 +58,7 @@ def _seqrec_run(nproc: int, data: Path, run_dir: Path) -> dict:
 
 
 def test_two_processes_take_the_single_process_steps_with_the_default_recipe(tmp_path: Path) -> None:
-    data = _chain_file(tmp_path / "chains.txt")
+    data = write_chain_file(tmp_path / "chains.txt", n_users=160)
     one = _seqrec_run(1, data, tmp_path / "one")
     two = _seqrec_run(2, data, tmp_path / "two")
 

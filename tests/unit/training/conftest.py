@@ -18,6 +18,7 @@ import pytest
 from features.config import Layout
 from features.contract import CONTENT_DIM, ITEM_SCHEMA, SURFACES
 from features.tables import PRETRAIN_CORPUS_SCHEMA, RANKING_EXAMPLES_SCHEMA, REQUEST_SEQUENCES_SCHEMA
+from training.bench.seqrec import write_chain_file
 
 N_CATS = 4
 DAYS = ("2026-01-01", "2026-01-02", "2026-01-03")
@@ -147,23 +148,6 @@ def make_world(
 def world(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     """One tiny world per test module (read-only by convention: tests that write models copy nothing into it)."""
     return make_world(tmp_path_factory.mktemp("world"))
-
-
-def write_chain_file(path: Path, n_users: int = 240, n_items: int = 120, seed: int = 0) -> Path:
-    """Each user starts at a random item and mostly steps to the next id (mod n_items).
-
-    85 % of steps go to ``item + 1``, the rest to a random item, so the next item is
-    predictable from the last one and a sequence model must beat popularity by far.
-    """
-    rng = np.random.default_rng(seed)
-    lines = []
-    for u in range(1, n_users + 1):
-        cur = int(rng.integers(1, n_items + 1))
-        for _ in range(int(rng.integers(5, 14))):
-            lines.append(f"{u} {cur}")
-            cur = cur % n_items + 1 if rng.random() < 0.85 else int(rng.integers(1, n_items + 1))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture()
