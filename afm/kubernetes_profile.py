@@ -73,8 +73,8 @@ def template(kind: str, name: str, overlay: str | None = None) -> dict[str, Any]
 
 
 def resource_name(task_id: str, ds: str | None, suffix: str = "") -> str:
-    """``afm-<task>-<day>[-suffix]``: an RFC 1035 label (lower case, digits, dashes; ≤ 63 characters)."""
-    raw = "-".join(p for p in ("afm", task_id, ds or "latest", suffix) if p)
+    """``afm-<task>[-<day>][-suffix]``: an RFC 1035 label (lower case, digits, dashes; ≤ 63 characters)."""
+    raw = "-".join(p for p in ("afm", task_id, ds, suffix) if p)
     name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
     return name[:63].rstrip("-")
 
