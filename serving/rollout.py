@@ -22,8 +22,8 @@ import httpx
 import pyarrow.dataset as pads
 
 from features.config import Layout
-from serving.app import ADMIN_TOKEN_ENV
 from serving.embeddings import iter_sequence_batches, latest_snapshot_day
+from serving.schemas import ADMIN_TOKEN_ENV
 from training.jobs import registry
 
 log = logging.getLogger(__name__)

@@ -102,7 +102,7 @@ def test_sql_registry_is_shared_by_data_roots_and_no_file_is_written(tmp_path, m
 
 
 def test_unreachable_sql_registry_is_named_without_its_password(tmp_path, monkeypatch):
-    from serving.app import FeastOnlineFeatures
+    from serving.online_features import FeastOnlineFeatures
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,9 @@ import pytest
 import uvicorn
 
 from features.config import Layout
-from serving.app import MAX_BODY_BYTES, UserRow, create_app
+from serving.app import create_app
+from serving.online_features import UserRow
+from serving.schemas import MAX_BODY_BYTES
 
 
 class ConstModel:

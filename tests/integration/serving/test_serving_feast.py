@@ -19,8 +19,9 @@ from features.contract import CONTENT_DIM, ITEM_SCHEMA
 from features.feature_repo import definitions as defs
 from features.store import FeatureStoreError, feature_store, materialize, register, snapshot_timestamp
 from features.tables import USER_SEQUENCES_SCHEMA
-from serving.app import FeastOnlineFeatures, create_app
+from serving.app import create_app
 from serving.embeddings import iter_sequence_batches, publish_user_embeddings
+from serving.online_features import FeastOnlineFeatures
 
 DS = "2026-01-05"
 UTC = dt.UTC

@@ -13,7 +13,7 @@ The two paths, for the same impressions:
 (a) training: :func:`training.data.load_ranking_data` of the last day with the ranker's
     history length, then :func:`training.jobs.finetune.batch_tensors` (the inputs) and
     :func:`training.jobs.finetune.predict` (the scores), as fine-tuning and evaluation do;
-(b) service: :class:`serving.app.FeastOnlineFeatures` ``user(...)`` and ``item_content(...)``,
+(b) service: :class:`serving.online_features.FeastOnlineFeatures` ``user(...)`` and ``item_content(...)``,
     read as ``POST /v1/rank`` reads them, then :meth:`serving.model.ServingModel.user_embeddings`
     and :meth:`~serving.model.ServingModel.score` at the request's time
     (:meth:`~serving.model.ServingModel.ranker_inputs` shows what it feeds the ranker).
@@ -47,8 +47,8 @@ import torch
 import serving.model
 from features.contract import IMPRESSION
 from features.store import snapshot_timestamp
-from serving.app import FeastOnlineFeatures
 from serving.model import ServingModel, load_ranker
+from serving.online_features import FeastOnlineFeatures
 from training.data import load_ranking_data, read_partition, to_unix_seconds
 from training.jobs.finetune import FinetuneConfig, ItemFacts, batch_tensors, finetune, predict
 from training.model.inputs import history_len

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serving.app import UserRow
+from serving.online_features import UserRow
 
 
 class TinyModel:

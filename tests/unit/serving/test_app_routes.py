@@ -11,7 +11,9 @@ from fastapi.testclient import TestClient
 
 from features.config import Layout
 from features.contract import MAX_ID, MIN_ID, SURFACES
-from serving.app import MAX_BODY_BYTES, MAX_CANDIDATES, UserRow, create_app
+from serving.app import create_app
+from serving.online_features import UserRow
+from serving.schemas import MAX_BODY_BYTES, MAX_CANDIDATES
 
 ADMIN = {"Authorization": "Bearer s3cret"}
 

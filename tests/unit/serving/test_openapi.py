@@ -21,7 +21,9 @@ from schemathesis.specs.openapi.checks import (
 
 from features.config import Layout
 from features.contract import MAX_ID, MIN_ID, SURFACES
-from serving.app import MAX_CANDIDATES, UserRow, create_app
+from serving.app import create_app
+from serving.online_features import UserRow
+from serving.schemas import MAX_CANDIDATES
 
 ADMIN_TOKEN = "s3cret"
 

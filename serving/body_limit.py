@@ -1,0 +1,77 @@
+"""ASGI middleware that refuses an oversized request body (413) before the app reads or parses it."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.schemas import MAX_CANDIDATES
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``, before the app reads or parses it.
+
+    A declared ``Content-Length`` over the limit is refused at once, without reading the body.
+    Otherwise the body is read while counting its bytes (chunked requests have no
+    ``Content-Length``) and refused as soon as the count passes the limit; a body within the
+    limit is handed to the app whole.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(send, f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes")
+            return
+
+        chunks: list[bytes] = []
+        size = 0
+        pending: list[Message] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: the app sees that
+                pending.append(message)
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send, f"request body is over the limit of {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending.insert(0, {"type": "http.request", "body": b"".join(chunks), "more_body": False})
+
+        async def replay() -> Message:
+            return pending.pop(0) if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send: Send, message: str) -> None:
+        body = json.dumps({"error": f"{message}; send at most {MAX_CANDIDATES} candidates per request"}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),  # the rest of the body is never read
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The request's declared ``Content-Length``; ``None`` when absent or not a number."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

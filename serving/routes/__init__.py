@@ -1,0 +1,1 @@
+"""The service's routes, one module per group; ``serving.app.create_app`` includes them."""
