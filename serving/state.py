@@ -44,7 +44,7 @@ class RankingModel(Protocol):
 EMPTY_SEQUENCE: dict[str, list] = {"item_ids": [], "actions": [], "surfaces": []}
 
 
-def score_once(model: RankingModel) -> None:
+def score_one_pass(model: RankingModel) -> None:
     """One scoring pass (an unknown user, one candidate), so that lazy set-up happens before traffic."""
     embedding = model.user_embeddings([dict(EMPTY_SEQUENCE)])[0]  # (U=1, D) → (D,)
     probs = np.asarray(model.score(embedding, [MIN_ID], SURFACES[0], None, sequence=dict(EMPTY_SEQUENCE)))
@@ -70,7 +70,7 @@ class ServiceState:
         try:
             model = self.loader()
             if score_once:
-                score_once(model)
+                score_one_pass(model)
         except Exception as exc:  # any failure: keep serving the old model, report why
             self.load_error = describe(exc)
             log.warning("could not load the ranker: %s", self.load_error)
@@ -87,7 +87,7 @@ class ServiceState:
                 warm_features()
             model = self.model
             if model is not None:
-                score_once(model)
+                score_one_pass(model)
         except Exception as exc:  # noqa: BLE001 - requests open the store again; /health reports it
             self.warm_up_error = describe(exc)
             log.warning("warm-up failed (serving anyway): %s", self.warm_up_error)
