@@ -8,6 +8,9 @@ Routes::
     GET  /metrics         Prometheus text: request counts, latency histogram, embedding sources
     POST /admin/reload    reload CURRENT (after `afm model promote/rollback`); Bearer $AFM_ADMIN_TOKEN
     GET  /v2/health/live, /v2/health/ready   KServe (Open Inference Protocol v2) probes
+    GET  /v2/models/ranker[/versions/V]          OIP v2 model metadata (name, versions, platform, tensors)
+    GET  /v2/models/ranker[/versions/V]/ready    200 {name, ready: true} | 503 {name, ready: false}
+    POST /v2/models/ranker[/versions/V]/infer    OIP v2 tensors user_id, candidate_ids, surface → scores [C, A]
 
 A ranking request reads the user's ``user_embedding`` and ``user_sequence`` rows and the
 candidates' ``item_features`` from the online store. The stored embedding is used only
@@ -53,6 +56,7 @@ from serving.body_limit import BodySizeLimit
 from serving.online_features import FeastOnlineFeatures, OnlineFeatures
 from serving.routes.admin import admin_router
 from serving.routes.health import health_router
+from serving.routes.oip import include_oip_routes
 from serving.routes.ranking import ranking_router
 from serving.schemas import (
     MAX_BODY_BYTES,
@@ -134,6 +138,7 @@ def create_app(
     app.include_router(health_router(state, metrics))
     app.include_router(ranking_router(state, metrics))
     app.include_router(admin_router(state))
+    include_oip_routes(app, state, metrics)
     return app
 
 

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.schemas import MAX_CANDIDATES
+from serving.schemas import MAX_CANDIDATES, OIP_ENVELOPE_BYTES
+
+#: The Open Inference Protocol inference routes: their bodies carry the candidates in a tensor envelope.
+OIP_INFER_PATH = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer")
+
+
+def limit_for(path: str, max_bytes: int) -> int:
+    """The body limit of a request to ``path``: ``max_bytes``, plus OIP_ENVELOPE_BYTES on an inference route.
+
+    ``max_bytes`` is sized for the largest valid ``/v1/rank`` body; an inference body holds as many
+    candidates in the same JSON array, and its tensors' names, datatypes and shapes, an ``id`` and
+    ``parameters`` take at most OIP_ENVELOPE_BYTES more.
+    """
+    return max_bytes + OIP_ENVELOPE_BYTES if OIP_INFER_PATH.fullmatch(path) else max_bytes
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for a request body over ``max_bytes``, before the app reads or parses it.
+    """ASGI middleware: 413 for a request body over its limit, before the app reads or parses it.
+
+    The limit is ``max_bytes``, more on the inference routes (:func:`limit_for`).
 
     A declared ``Content-Length`` over the limit is refused at once, without reading the body.
     Otherwise the body is read while counting its bytes (chunked requests have no
@@ -26,9 +42,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = limit_for(scope.get("path", ""), self.max_bytes)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(send, f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes")
+        if declared is not None and declared > limit:
+            await self._refuse(send, f"request body of {declared} bytes is over the limit of {limit} bytes")
             return
 
         chunks: list[bytes] = []
@@ -41,8 +58,8 @@ class BodySizeLimit:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send, f"request body is over the limit of {self.max_bytes} bytes")
+            if size > limit:
+                await self._refuse(send, f"request body is over the limit of {limit} bytes")
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from features.contract import MAX_ID, MIN_ID, PADDING_ID, SURFACES, id_in_domain
 
@@ -243,3 +243,224 @@ def exact_id_bounds(node: Any) -> None:
     elif isinstance(node, list):
         for value in node:
             exact_id_bounds(value)
+
+
+# ------------------------------------------------------------ Open Inference Protocol v2
+#: The ranker's name in the Open Inference Protocol (KServe v2) routes: ``/v2/models/ranker/infer``.
+OIP_MODEL_NAME = "ranker"
+#: What ``GET /v2/models/ranker`` says the model runs on: a custom runtime (it reads the features itself).
+OIP_PLATFORM = "activityfm"
+#: The input tensors of ``/v2/models/ranker/infer``, each once; and its output tensors.
+OIP_USER_ID, OIP_CANDIDATE_IDS, OIP_SURFACE = "user_id", "candidate_ids", "surface"
+OIP_INPUTS = (OIP_USER_ID, OIP_CANDIDATE_IDS, OIP_SURFACE)
+OIP_SCORES, OIP_ACTIONS = "scores", "actions"
+OIP_OUTPUTS = (OIP_SCORES, OIP_ACTIONS)
+#: Longest inference request ``id`` (echoed in the response).
+OIP_MAX_REQUEST_ID_CHARS = 256
+#: Bytes an inference body may take beyond ``max_body_bytes`` (the /v1/rank limit): its candidates
+#: are the same ids in one JSON array, and the rest is the tensors' envelope (names, datatypes,
+#: shapes, outputs: about 300 bytes compact, 550 indented) and an ``id`` of up to 256 characters. The
+#: largest valid request written with ``json.dumps(body, indent=2)`` (2,000 ids of 19 digits) fits
+#: with about 3 KiB left for ``parameters``; written compactly, with about 19 KiB left.
+OIP_ENVELOPE_BYTES = 4096
+#: Largest ``/v2/models/ranker/infer`` body by default: MAX_BODY_BYTES + OIP_ENVELOPE_BYTES.
+OIP_MAX_BODY_BYTES = MAX_BODY_BYTES + OIP_ENVELOPE_BYTES
+
+_OIP_PARAMETERS_DESCRIPTION = "Key/value parameters (Open Inference Protocol); accepted and ignored."
+
+
+def _shape_problem(shape: list[int], expected: list[int]) -> ValueError:
+    return ValueError(f"shape must be {expected}, got {preview(shape)}")
+
+
+class _OipInput(BaseModel):
+    """What every input tensor of an inference request carries besides its name, datatype, shape and data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any] | None = Field(default=None, description=_OIP_PARAMETERS_DESCRIPTION)
+
+
+#: JSON schema of a shape of one element: ``[1]``.
+_SHAPE_OF_ONE = {"minItems": 1, "maxItems": 1, "items": {"type": "integer", "const": 1}}
+
+
+class OipUserIdInput(_OipInput):
+    """Input ``user_id``: INT64, shape ``[1]``; the user to rank for (an id of the contract's id domain)."""
+
+    name: Literal["user_id"]
+    datatype: Literal["INT64"]
+    shape: list[StrictInt] = Field(json_schema_extra=_SHAPE_OF_ONE)
+    data: list[UserId] = Field(min_length=1, max_length=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _one_user(cls, v: list[int]) -> list[int]:
+        if v != [1]:
+            raise _shape_problem(v, [1])
+        return v
+
+
+class OipCandidateIdsInput(_OipInput):
+    """Input ``candidate_ids``: INT64, shape ``[C]``; the item ids to score, the same rules as ``/v1/rank``."""
+
+    name: Literal["candidate_ids"]
+    datatype: Literal["INT64"]
+    shape: list[StrictInt] = Field(
+        description="[C], C the number of candidates.",
+        json_schema_extra={
+            "minItems": 1,
+            "maxItems": 1,
+            "items": {"type": "integer", "minimum": 1, "maximum": MAX_CANDIDATES},
+        },
+    )
+    data: list[ItemId] = Field(
+        description=f"Item ids to score: 1 to {MAX_CANDIDATES}, no duplicates, each in the id domain.",
+        json_schema_extra={"minItems": 1, "maxItems": MAX_CANDIDATES, "uniqueItems": True},
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _candidates_ok(cls, v: list[int]) -> list[int]:
+        return RankRequest._candidates_ok(v)  # the /v1/rank rules
+
+    @model_validator(mode="after")
+    def _shape_matches_data(self) -> OipCandidateIdsInput:
+        if self.shape != [len(self.data)]:
+            raise _shape_problem(self.shape, [len(self.data)])
+        return self
+
+
+class OipSurfaceInput(_OipInput):
+    """Input ``surface``: BYTES, shape ``[1]``; where the items will be shown."""
+
+    name: Literal["surface"]
+    datatype: Literal["BYTES"]
+    shape: list[StrictInt] = Field(json_schema_extra=_SHAPE_OF_ONE)
+    data: list[str] = Field(min_length=1, max_length=1, json_schema_extra={"items": {"enum": list(SURFACES)}})
+
+    @field_validator("shape")
+    @classmethod
+    def _one_surface(cls, v: list[int]) -> list[int]:
+        if v != [1]:
+            raise _shape_problem(v, [1])
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _surface_known(cls, v: list[str]) -> list[str]:
+        return [RankRequest._surface_known(s) for s in v]  # the /v1/rank rule
+
+
+OipInput = Annotated[OipUserIdInput | OipCandidateIdsInput | OipSurfaceInput, Field(discriminator="name")]
+
+
+class OipRequestedOutput(BaseModel):
+    """An output tensor the client wants back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["scores", "actions"]
+    parameters: dict[str, Any] | None = Field(default=None, description=_OIP_PARAMETERS_DESCRIPTION)
+
+
+class InferRequest(BaseModel):
+    """Body of ``POST /v2/models/ranker/infer`` (Open Inference Protocol v2): three named input tensors."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "inputs": [
+                        {"name": "user_id", "datatype": "INT64", "shape": [1], "data": [7]},
+                        {"name": "candidate_ids", "datatype": "INT64", "shape": [3], "data": [3, 1, 2]},
+                        {"name": "surface", "datatype": "BYTES", "shape": [1], "data": ["home"]},
+                    ],
+                    "outputs": [{"name": "scores"}, {"name": "actions"}],
+                }
+            ]
+        },
+    )
+
+    id: str | None = Field(
+        default=None, max_length=OIP_MAX_REQUEST_ID_CHARS, description="Echoed in the response when given."
+    )
+    parameters: dict[str, Any] | None = Field(default=None, description=_OIP_PARAMETERS_DESCRIPTION)
+    inputs: list[OipInput] = Field(
+        description=f"The tensors {', '.join(OIP_INPUTS)}, each once, in any order.",
+        json_schema_extra={"minItems": len(OIP_INPUTS), "maxItems": len(OIP_INPUTS)},
+    )
+    outputs: list[OipRequestedOutput] | None = Field(
+        default=None, min_length=1, description=f"The outputs to return (default: all of {', '.join(OIP_OUTPUTS)})."
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _each_input_once(cls, v: list[Any]) -> list[Any]:
+        names = [t.name for t in v]
+        if sorted(names) != sorted(OIP_INPUTS):
+            raise ValueError(f"inputs must be the tensors {list(OIP_INPUTS)}, each once; got {preview(names)}")
+        return v
+
+    def tensor(self, name: str) -> Any:
+        """The input tensor ``name`` (validation made sure there is exactly one)."""
+        return next(t for t in self.inputs if t.name == name)
+
+
+class OipTensorMetadata(BaseModel):
+    """A tensor of the model's metadata; -1 is a dimension of any size."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataResponse(BaseModel):
+    """``GET /v2/models/ranker``: the model's name, served version, platform and tensors."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+
+
+class ModelReadyResponse(BaseModel):
+    """``GET /v2/models/ranker/ready``: 200 ready, 503 not (no model loaded, or still warming up)."""
+
+    name: str
+    ready: bool
+
+
+class OipOutput(BaseModel):
+    """An output tensor; ``data`` is flat, row-major."""
+
+    name: Literal["scores", "actions"]
+    datatype: Literal["FP32", "BYTES"]
+    shape: list[int]
+    data: list[float] | list[str]
+
+
+class InferResponseParameters(BaseModel):
+    """What ``/v1/rank`` also says about how the request was scored."""
+
+    user_known: bool = Field(description="Whether the online store has the user's sequence.")
+    embedding_source: Literal["precomputed", "computed"]
+    primary_action: str
+
+
+class InferResponse(BaseModel):
+    """Answer of ``POST /v2/models/ranker/infer``.
+
+    ``scores`` (FP32, shape ``[C, A]``): the probability of each action for each candidate, in the
+    order of ``candidate_ids``, flat and row-major (candidate ``i``'s action ``k`` is
+    ``data[i * A + k]``); ``actions`` (BYTES, shape ``[A]``): the action of each column.
+    """
+
+    model_name: str
+    model_version: str
+    id: str | None = Field(default=None, description="The request's id, when it had one.")
+    parameters: InferResponseParameters
+    outputs: list[OipOutput]
