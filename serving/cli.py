@@ -2,32 +2,75 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import click
 
 from features.cli_options import echo_json, home_option, layout_of
+
+#: Seconds a stopping service (SIGTERM, Ctrl-C) lets in-flight requests finish before it cancels
+#: them: well inside Kubernetes' default terminationGracePeriodSeconds (30 s) before its SIGKILL.
+GRACEFUL_SHUTDOWN_S = 20
 
 
 # ------------------------------------------------------------------------ serving
 @click.command("serve")
 @home_option
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, type=int, show_default=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind: this machine only by default; 0.0.0.0 for every interface (the Kubernetes pod does).",
+)
+@click.option("--port", default=8080, type=int, show_default=True, help="Port to bind; 0 picks a free one.")
 @click.option(
     "--max-body-bytes",
     envvar="AFM_MAX_BODY_BYTES",
     type=click.IntRange(min=1),
     default=None,
     help="Refuse request bodies larger than this with 413, before reading them "
-    "(default: room for the largest valid /v1/rank request; env AFM_MAX_BODY_BYTES).",
+    "(default: room for the largest valid /v1/rank request; env AFM_MAX_BODY_BYTES). "
+    "/v2/models/*/infer allows 4 KiB more for its tensor envelope (serving.schemas.OIP_ENVELOPE_BYTES).",
 )
-def serve(home, host, port, max_body_bytes) -> None:
-    """Run the scoring HTTP service (POST /v1/rank, GET /health)."""
+@click.option(
+    "--timeout-graceful-shutdown",
+    "graceful_shutdown_s",
+    envvar="AFM_GRACEFUL_SHUTDOWN_S",
+    type=click.IntRange(min=1),
+    default=GRACEFUL_SHUTDOWN_S,
+    show_default=True,
+    help="On SIGTERM: stop accepting connections, let in-flight requests finish for at most this many "
+    "seconds, then cancel them and stop (env AFM_GRACEFUL_SHUTDOWN_S).",
+)
+def serve(home, host, port, max_body_bytes, graceful_shutdown_s) -> None:
+    """Run the scoring HTTP service (POST /v1/rank, Open Inference Protocol v2 under /v2, GET /health).
+
+    SIGTERM stops it gracefully: no new connections, in-flight requests complete (for at most
+    --timeout-graceful-shutdown seconds), then it exits 0. A SIGTERM while the model is still
+    loading exits 0 at once.
+    """
     import uvicorn
 
     from serving.app import create_app
 
-    limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
-    uvicorn.run(create_app(layout_of(home), **limits), host=host, port=port, log_level="info")
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)  # uvicorn handles it while serving, then raises it again
+    try:
+        limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+        uvicorn.run(
+            create_app(layout_of(home), **limits),
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=graceful_shutdown_s,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM outside uvicorn's own handling (loading, or re-raised after its graceful shutdown): exit 0."""
+    sys.exit(0)
 
 
 @click.command("publish-embeddings")
