@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from afm.airflow_cli import airflow as airflow_group
+from afm.events_cli import events as events_group
 from afm.k8s_cli import k8s as k8s_group
 from afm.kubernetes_profile import EXIT_NOTHING_TO_DO
 from afm.spark_cli import spark as spark_group
@@ -48,6 +49,7 @@ for _command in (
     serving_cli.serve,
     serving_cli.publish_embeddings,
     serving_cli.roll_out,
+    events_group,
     airflow_group,
     k8s_group,
     spark_group,

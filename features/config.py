@@ -10,6 +10,7 @@ Layout under the root::
     raw/items/                      item catalogue (items.parquet)
     valid/events/ds=…/              events that passed the gate
     quarantine/events/ds=…/         rejected events, with a ``reason`` column
+    quarantine/realtime/ds=…/       events POST /v1/events rejected (JSON lines, with their reasons)
     features/user_sequences/ds=…/   per-user sequence snapshot
     features/ranking_examples/ds=…/ one row per impression, labels per action
     features/request_sequences/ds=…/ the user's sequence as of each request, once per request
@@ -85,6 +86,11 @@ class Layout:
     @property
     def quarantine_events(self) -> Path:
         return self.root / "quarantine" / "events"
+
+    @property
+    def quarantine_realtime(self) -> Path:
+        """Realtime events the service rejected: ``ds=<day received>/*.jsonl``, one JSON object per event."""
+        return self.root / "quarantine" / "realtime"
 
     # feature tables
     @property

@@ -42,6 +42,8 @@ import os
 import re
 import string
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -620,3 +622,141 @@ def write_user_embeddings(layout: Layout, df: pd.DataFrame) -> None:
     t0 = time.perf_counter()
     feature_store(layout).materialize(start_date=start, end_date=end, feature_views=["user_embedding"])
     log.info("materialized %d user embeddings in %.1fs", len(frame), time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ realtime events
+REALTIME_VIEW = "user_realtime_sequence"
+#: The list fields of a realtime row, aligned event by event (oldest first).
+REALTIME_LIST_FIELDS = ("event_ids", "item_ids", "actions", "surfaces", "event_ts_us")
+
+
+@dataclass(frozen=True)
+class RealtimeSequence:
+    """One user's ``user_realtime_sequence`` row: explicit events pushed since the snapshots.
+
+    Events are oldest first, ordered by ``(ts_us, event_id)`` (the training sequences' order),
+    one per event id, at most ``definitions.REALTIME_MAX_LEN``. ``written_us`` is when the row was
+    pushed (unix microseconds; 0 = never).
+    """
+
+    event_ids: tuple[str, ...] = ()
+    item_ids: tuple[int, ...] = ()
+    actions: tuple[str, ...] = ()
+    surfaces: tuple[str, ...] = ()
+    ts_us: tuple[int, ...] = ()
+    written_us: int = 0
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+    def events(self) -> list[tuple[int, str, int, str, str]]:
+        """``(ts_us, event_id, item_id, action, surface)`` per event, oldest first."""
+        return list(zip(self.ts_us, self.event_ids, self.item_ids, self.actions, self.surfaces, strict=True))
+
+    @classmethod
+    def of(cls, events: Iterable[tuple[int, str, int, str, str]], written_us: int = 0) -> RealtimeSequence:
+        """A row from ``(ts_us, event_id, item_id, action, surface)`` tuples, kept in the order given."""
+        rows = list(events)
+        return cls(
+            event_ids=tuple(r[1] for r in rows),
+            item_ids=tuple(int(r[2]) for r in rows),
+            actions=tuple(r[3] for r in rows),
+            surfaces=tuple(r[4] for r in rows),
+            ts_us=tuple(int(r[0]) for r in rows),
+            written_us=written_us,
+        )
+
+    def merged(self, new: Iterable[tuple[int, str, int, str, str]], max_len: int) -> tuple[RealtimeSequence, list[str]]:
+        """This row with ``new`` events added: deduplicated by event id, ordered by (time, event id), the newest ``max_len``.
+
+        An event id already in the row (or earlier in ``new``) keeps its first copy.
+
+        Returns:
+            ``(row, duplicates)``: the merged row (``written_us`` unchanged) and the event ids of ``new`` that were
+            already there.
+        """
+        seen = set(self.event_ids)
+        events = self.events()
+        duplicates = []
+        for ev in new:
+            if ev[1] in seen:
+                duplicates.append(ev[1])
+                continue
+            seen.add(ev[1])
+            events.append(ev)
+        events.sort(key=lambda e: (e[0], e[1]))
+        return RealtimeSequence.of(events[-max_len:] if max_len > 0 else [], self.written_us), duplicates
+
+
+def realtime_features() -> list[str]:
+    """Feature references of the realtime view (read them with ``full_feature_names=True``: names overlap user_sequence's)."""
+    from features.feature_repo import definitions as defs
+
+    return [f"{REALTIME_VIEW}:{f.name}" for f in defs.user_realtime_sequence.schema if f.name != "user_id"]
+
+
+def realtime_row(got: dict[str, list], i: int) -> RealtimeSequence | None:
+    """Row ``i`` of a ``get_online_features(realtime_features(), full_feature_names=True).to_dict()``; None when absent."""
+    from features.feature_repo import definitions as defs
+
+    def col(name: str) -> Any:
+        return (got.get(f"{REALTIME_VIEW}__{name}") or [None] * (i + 1))[i]
+
+    if col("event_ids") is None:
+        return None
+    lists = [list(col(name) or []) for name in REALTIME_LIST_FIELDS]
+    if len({len(x) for x in lists}) != 1:
+        raise FeatureStoreError(f"{REALTIME_VIEW}: row {i} has lists of different lengths {[len(x) for x in lists]}")
+    ids, items, actions, surfaces, ts = lists
+    return RealtimeSequence(
+        tuple(ids),
+        tuple(int(x) for x in items),
+        tuple(actions),
+        tuple(surfaces),
+        tuple(int(x) for x in ts),
+        int(col(defs.REALTIME_WRITTEN_FIELD) or 0),
+    )
+
+
+def read_realtime_sequences(fs: FeatureStore, user_ids: Sequence[int]) -> dict[int, RealtimeSequence]:
+    """The stored realtime rows of ``user_ids`` (users without one are left out)."""
+    if not user_ids:
+        return {}
+    got = fs.get_online_features(
+        features=realtime_features(), entity_rows=[{"user_id": int(u)} for u in user_ids], full_feature_names=True
+    ).to_dict()
+    rows = {int(u): realtime_row(got, i) for i, u in enumerate(user_ids)}
+    return {u: r for u, r in rows.items() if r is not None}
+
+
+def push_realtime_sequences(fs: FeatureStore, rows: dict[int, RealtimeSequence]) -> int:
+    """Write users' realtime rows to the online store through the push source; each replaces the user's row.
+
+    A row is stamped with its ``written_us`` (an online store that keeps the newest row per user, as
+    Redis does, drops a row not newer than the stored one: the caller stamps each write later than the
+    last).
+
+    Returns:
+        The number of rows pushed.
+    """
+    import pandas as pd
+
+    from features.feature_repo import definitions as defs
+
+    if not rows:
+        return 0
+    users = sorted(rows)
+    frame = pd.DataFrame(
+        {
+            "user_id": pd.Series(users, dtype="int64"),
+            "event_ids": [list(rows[u].event_ids) for u in users],
+            "item_ids": [[int(x) for x in rows[u].item_ids] for u in users],
+            "actions": [list(rows[u].actions) for u in users],
+            "surfaces": [list(rows[u].surfaces) for u in users],
+            defs.REALTIME_TS_FIELD: [[int(x) for x in rows[u].ts_us] for u in users],
+            defs.REALTIME_WRITTEN_FIELD: pd.Series([rows[u].written_us for u in users], dtype="int64"),
+            defs.TIMESTAMP_FIELD: pd.to_datetime([rows[u].written_us for u in users], unit="us", utc=True),
+        }
+    )
+    fs.push(defs.REALTIME_PUSH_SOURCE, frame)
+    return len(users)

@@ -4,7 +4,8 @@ Routes::
 
     GET  /health          200 {status: ok|degraded, model_version, feature_store, ...}
                           | 503 {status: no model|warming up, ...}
-    POST /v1/rank         {user_id, candidates[1..2000], surface} → items sorted by click probability
+    POST /v1/rank         {user_id, candidates[1..2000], surface[, request_time]} → items sorted by click probability
+    POST /v1/events       {events[1..1000]} today's events → realtime sequences; invalid ones rejected with reasons
     GET  /metrics         Prometheus text: request counts, latency histogram, embedding sources
     POST /admin/reload    reload CURRENT (after `afm model promote/rollback`); Bearer $AFM_ADMIN_TOKEN
     GET  /v2/health/live, /v2/health/ready   KServe (Open Inference Protocol v2) probes
@@ -55,6 +56,7 @@ from features.config import Layout
 from serving.body_limit import BodySizeLimit
 from serving.online_features import FeastOnlineFeatures, OnlineFeatures
 from serving.routes.admin import admin_router
+from serving.routes.events import events_router
 from serving.routes.health import health_router
 from serving.routes.oip import include_oip_routes
 from serving.routes.ranking import ranking_router
@@ -137,6 +139,7 @@ def create_app(
     _add_error_handlers(app)
     app.include_router(health_router(state, metrics))
     app.include_router(ranking_router(state, metrics))
+    app.include_router(events_router(state, metrics))
     app.include_router(admin_router(state))
     include_oip_routes(app, state, metrics)
     return app

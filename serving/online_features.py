@@ -1,4 +1,13 @@
-"""Where the service reads a user's sequence and stored embedding and the items' content: the Feast online store."""
+"""Where the service reads a user's sequence and stored embedding and the items' content: the Feast online store.
+
+A user's sequence at a request is built as the training examples build it
+(``features.examples.request_sequences``): the daily snapshot (``user_sequence``, the end of
+the newest materialized day) followed by the user's realtime events (``user_realtime_sequence``,
+pushed by ``POST /v1/events``) that came after the snapshot and strictly before the request
+time, ordered by (time, event id), one per event id, the newest ``MAX_SEQ_LEN``
+(:func:`merge_sequences`). The realtime events are written here too
+(:meth:`FeastOnlineFeatures.push_realtime`).
+"""
 
 from __future__ import annotations
 
@@ -11,20 +20,19 @@ from typing import Any, Protocol
 
 from features.config import Layout
 from features.contract import MIN_ID
+from features.store import REALTIME_VIEW, RealtimeSequence, realtime_row
+from features.store import realtime_features as _realtime_features
+from features.tables import MAX_SEQ_LEN
 
 log = logging.getLogger(__name__)
 
 EVENT_TS = "event_ts_s"  # user_sequence's per-event unix seconds (features/feature_repo/definitions.py)
 EVENT_TS_FEATURE = f"user_sequence:{EVENT_TS}"
-USER_FEATURES = [
-    "user_sequence:item_ids",
-    "user_sequence:actions",
-    "user_sequence:surfaces",
-    EVENT_TS_FEATURE,
-    "user_embedding:embedding",
-    "user_embedding:model_version",
-]
+SNAPSHOT_FEATURES = ["user_sequence:item_ids", "user_sequence:actions", "user_sequence:surfaces", EVENT_TS_FEATURE]
+EMBEDDING_FEATURES = ["user_embedding:embedding", "user_embedding:model_version"]
+USER_FEATURES = [*SNAPSHOT_FEATURES, *EMBEDDING_FEATURES]
 ITEM_FEATURES = ["item_features:content"]
+_US = 1_000_000
 
 
 @dataclass
@@ -34,6 +42,7 @@ class UserRow:
     sequence: dict | None = None  # {"item_ids", "actions", "surfaces"[, "ts"]}; ts: unix seconds per event
     embedding: list[float] | None = None
     model_version: str | None = None
+    realtime_events: int = 0  # how many of the sequence's events came from the realtime row (after the snapshot)
 
 
 class OnlineFeatures(Protocol):
@@ -41,7 +50,9 @@ class OnlineFeatures(Protocol):
 
     An implementation may also have ``warm_up() -> None``: called once at start, before the
     service reports ready, to open connections (raise when the store cannot be opened).
-    Implementations without it are served as they are.
+    Implementations without it are served as they are. ``user`` may also take ``before_us``
+    (the request time, unix microseconds: only events strictly before it); it is passed only
+    when the request carries a time and the implementation's ``user`` has that parameter.
     """
 
     def status(self) -> str: ...
@@ -51,18 +62,91 @@ class OnlineFeatures(Protocol):
     def item_content(self, item_ids: Sequence[int]) -> dict[int, list[float]]: ...
 
 
-class FeastOnlineFeatures:
-    """Reads the ranking features from the Feast online store under ``layout.feast``."""
+class RealtimeStore(Protocol):
+    """What ``POST /v1/events`` needs: read and replace users' realtime rows (``FeastOnlineFeatures`` has both)."""
 
-    def __init__(self, layout: Layout) -> None:
+    def realtime(self, user_ids: Sequence[int]) -> dict[int, RealtimeSequence]: ...
+
+    def push_realtime(self, rows: dict[int, RealtimeSequence]) -> int: ...
+
+
+def merge_sequences(
+    snapshot: dict | None,
+    snapshot_end_us: int | None,
+    realtime: RealtimeSequence | None,
+    before_us: int | None = None,
+    max_len: int = MAX_SEQ_LEN,
+) -> tuple[dict | None, int]:
+    """A request's sequence: the snapshot, then the realtime events after it and before the request, the newest ``max_len``.
+
+    The construction of the training examples (``features.examples.request_sequences``): the
+    previous day's snapshot followed by the day's explicit events strictly before the request
+    time, in (time, event id) order, capped at ``max_len``.
+
+    Args:
+        snapshot: the ``user_sequence`` row (``item_ids``, ``actions``, ``surfaces``, optionally
+            ``ts`` in unix seconds), or None for a user without one.
+        snapshot_end_us: the time up to which the snapshot holds every event (unix microseconds,
+            exclusive); realtime events before it are the snapshot's own (or were refused by the
+            daily gate) and are left out. None: no snapshot, every realtime event counts.
+        realtime: the user's realtime row (events in (time, event id) order), or None.
+        before_us: the request time (unix microseconds): only events strictly before it count;
+            None: every event.
+        max_len: how many of the newest events the sequence keeps (the training cap).
+
+    Returns:
+        ``(sequence, realtime_events)``: the sequence (``ts`` in unix seconds when the snapshot
+        has times or there is none; None when the user has neither a snapshot nor a realtime
+        event) and how many of its events came from the realtime row.
+    """
+    fresh: list[tuple[int, str, int, str, str]] = []
+    if realtime is not None:
+        seen: set[str] = set()
+        for ev in sorted(realtime.events(), key=lambda e: (e[0], e[1])):
+            ts_us, event_id = ev[0], ev[1]
+            if event_id in seen or (snapshot_end_us is not None and ts_us < snapshot_end_us):
+                continue
+            if before_us is not None and ts_us >= before_us:
+                continue
+            seen.add(event_id)
+            fresh.append(ev)
+    if snapshot is None and not fresh:
+        return None, 0
+    base = snapshot or {"item_ids": [], "actions": [], "surfaces": [], "ts": []}
+    items, actions, surfaces = list(base["item_ids"]), list(base["actions"]), list(base["surfaces"])
+    ts = None if base.get("ts") is None else [int(t) for t in base["ts"]]
+    if before_us is not None and ts is not None:  # a request older than the snapshot: its events before the request
+        keep = [i for i, t in enumerate(ts) if t * _US < before_us]
+        if len(keep) < len(ts):
+            items, actions, surfaces = ([x[i] for i in keep] for x in (items, actions, surfaces))
+            ts = [ts[i] for i in keep]
+    items += [e[2] for e in fresh]
+    actions += [e[3] for e in fresh]
+    surfaces += [e[4] for e in fresh]
+    start = max(len(items) - max_len, 0)
+    sequence: dict[str, list] = {"item_ids": items[start:], "actions": actions[start:], "surfaces": surfaces[start:]}
+    if ts is not None:
+        sequence["ts"] = (ts + [e[0] // _US for e in fresh])[start:]  # unix seconds (floored), as training reads them
+    return sequence, min(len(fresh), len(sequence["item_ids"]))
+
+
+class FeastOnlineFeatures:
+    """Reads the ranking features from the Feast online store under ``layout.feast``, and writes the realtime rows."""
+
+    def __init__(self, layout: Layout, max_len: int = MAX_SEQ_LEN) -> None:
         """Args:
         layout: The data root whose Feast registry and online store to read.
+        max_len: How many of the newest events a merged sequence keeps (the training examples' cap).
         """
         self.layout = layout
+        self.max_len = max_len
         self._store: Any = None
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one push at a time (the SQLite store shares one connection)
         self._has_event_ts = False  # once the registry has user_sequence's event times, it keeps them
         self._warned_no_event_ts = False
+        self._has_realtime = False  # once the registry has the realtime view, it keeps it
+        self._warned_no_realtime = False
 
     def _fs(self) -> Any:
         from features.store import FeatureStoreError, feature_store, is_registered, registry_location
@@ -104,46 +188,108 @@ class FeastOnlineFeatures:
             return str(exc)
 
     def _user_features(self, fs: Any) -> list[str]:
-        """USER_FEATURES, less the event times while the registry predates them (scored without gaps)."""
-        if self._has_event_ts:
-            return USER_FEATURES
-        if EVENT_TS in {f.name for f in fs.get_feature_view("user_sequence").features}:
-            self._has_event_ts = True
-            return USER_FEATURES
-        if not self._warned_no_event_ts:
-            self._warned_no_event_ts = True
-            log.warning(
-                "the Feast registry's user_sequence view has no %s field: sequences are scored without time "
-                "gaps; run `afm features register`, then re-export and materialize the sequences",
-                EVENT_TS,
-            )
-        return [f for f in USER_FEATURES if f != EVENT_TS_FEATURE]
+        """USER_FEATURES (+ the realtime view), less what the registry predates (event times: scored without gaps)."""
+        features = list(USER_FEATURES)
+        if not self._has_event_ts:
+            if EVENT_TS in {f.name for f in fs.get_feature_view("user_sequence").features}:
+                self._has_event_ts = True
+            else:
+                if not self._warned_no_event_ts:
+                    self._warned_no_event_ts = True
+                    log.warning(
+                        "the Feast registry's user_sequence view has no %s field: sequences are scored without time "
+                        "gaps; run `afm features register`, then re-export and materialize the sequences",
+                        EVENT_TS,
+                    )
+                features.remove(EVENT_TS_FEATURE)
+        if self._realtime_registered(fs):
+            features += _realtime_features()
+        return features
 
-    def user(self, user_id: int) -> UserRow:
-        """The user's sequence (with per-event times when stored) and stored embedding (``None`` where absent)."""
+    def _realtime_registered(self, fs: Any) -> bool:
+        """Whether the registry has the realtime view (a registry from before it: snapshot only, warned once)."""
+        if not self._has_realtime:
+            if REALTIME_VIEW in {v.name for v in fs.list_feature_views(allow_cache=True)}:
+                self._has_realtime = True
+            elif not self._warned_no_realtime:
+                self._warned_no_realtime = True
+                log.warning(
+                    "the Feast registry has no %s view: sequences are served from the daily snapshot only and "
+                    "POST /v1/events is refused; run `afm features register`",
+                    REALTIME_VIEW,
+                )
+        return self._has_realtime
+
+    def user(self, user_id: int, before_us: int | None = None) -> UserRow:
+        """The user's sequence at a request and stored embedding (``None`` where absent).
+
+        The sequence is the snapshot followed by the realtime events after it (and strictly before
+        ``before_us``, the request time in unix microseconds, when given): :func:`merge_sequences`.
+        """
         fs = self._fs()
-        got = fs.get_online_features(features=self._user_features(fs), entity_rows=[{"user_id": user_id}]).to_dict()
+        got = fs.get_online_features(
+            features=self._user_features(fs), entity_rows=[{"user_id": user_id}], full_feature_names=True
+        ).to_dict(include_event_timestamps=True)
         row = UserRow()
-        if got["item_ids"][0] is not None:
-            row.sequence = {
-                "item_ids": list(got["item_ids"][0]),
-                "actions": list(got["actions"][0] or []),
-                "surfaces": list(got["surfaces"][0] or []),
+        snapshot, snapshot_end_us = None, None
+        if got["user_sequence__item_ids"][0] is not None:
+            snapshot = {
+                "item_ids": list(got["user_sequence__item_ids"][0]),
+                "actions": list(got["user_sequence__actions"][0] or []),
+                "surfaces": list(got["user_sequence__surfaces"][0] or []),
             }
-            ts = (got.get(EVENT_TS) or [None])[0]
-            if ts is not None and len(ts) == len(row.sequence["item_ids"]):
-                row.sequence["ts"] = [int(t) for t in ts]  # unix seconds, aligned with item_ids
+            ts = (got.get(f"user_sequence__{EVENT_TS}") or [None])[0]
+            if ts is not None and len(ts) == len(snapshot["item_ids"]):
+                snapshot["ts"] = [int(t) for t in ts]  # unix seconds, aligned with item_ids
             elif ts is not None:
                 log.warning(
                     "user %d: %d event times for %d events in the online store; scoring without time gaps",
                     user_id,
                     len(ts),
-                    len(row.sequence["item_ids"]),
+                    len(snapshot["item_ids"]),
                 )
-        if got["embedding"][0] is not None:
-            row.embedding = list(got["embedding"][0])
-            row.model_version = got["model_version"][0]
+            # a snapshot is stamped with the last microsecond of its day and holds every event up to then;
+            # Feast returns the stamp in whole seconds: the snapshot covers up to the end of that second
+            stamp_s = (got.get("user_sequence__item_ids__ts") or [0])[0]
+            snapshot_end_us = (int(stamp_s) + 1) * _US if stamp_s else None
+        realtime = realtime_row(got, 0) if f"{REALTIME_VIEW}__event_ids" in got else None
+        row.sequence, row.realtime_events = merge_sequences(
+            snapshot, snapshot_end_us, realtime, before_us, self.max_len
+        )
+        if got["user_embedding__embedding"][0] is not None:
+            row.embedding = list(got["user_embedding__embedding"][0])
+            row.model_version = got["user_embedding__model_version"][0]
         return row
+
+    def realtime(self, user_ids: Sequence[int]) -> dict[int, RealtimeSequence]:
+        """The users' stored realtime rows (users without one are left out).
+
+        Raises:
+            FeatureStoreError: the registry has no realtime view (run ``afm features register``).
+        """
+        from features.store import read_realtime_sequences
+
+        fs = self._fs()
+        self._require_realtime(fs)
+        return read_realtime_sequences(fs, list(user_ids))
+
+    def push_realtime(self, rows: dict[int, RealtimeSequence]) -> int:
+        """Replace the users' realtime rows in the online store (through the push source); returns the rows written."""
+        from features.store import push_realtime_sequences
+
+        fs = self._fs()
+        self._require_realtime(fs)
+        with self._write_lock:
+            return push_realtime_sequences(fs, rows)
+
+    def _require_realtime(self, fs: Any) -> None:
+        from features.store import FeatureStoreError, registry_location
+
+        if not self._realtime_registered(fs):
+            raise FeatureStoreError(
+                f"the Feast registry at {registry_location(self.layout)} has no {REALTIME_VIEW} view; "
+                "run `afm features register`"
+            )
 
     def item_content(self, item_ids: Sequence[int]) -> dict[int, list[float]]:
         """Content vectors of the items that have one in the online store."""

@@ -1,13 +1,25 @@
-"""``POST /v1/rank``: the friendly ranking route."""
+"""``POST /v1/rank``: the friendly ranking route.
+
+The user's sequence is the daily snapshot merged with the realtime events pushed since
+(``POST /v1/events``; :func:`serving.online_features.merge_sequences`). A request may carry
+its time (``request_time``, RFC 3339): then only events strictly before it count and the
+candidates' ages are taken at it, as in the training examples; without it, every stored
+event counts and the time is now. A stored user embedding was computed from the snapshot:
+it is used only when no realtime event joined the sequence (and its model version is the
+served one); otherwise the embedding is computed from the merged sequence.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import Field, field_validator
 
+from serving.routes.events import parse_time_us
 from serving.schemas import (
     PREVIEW_CHARS,
     PRIMARY_ACTION,
@@ -17,39 +29,92 @@ from serving.schemas import (
     describe,
     error_response,
     error_responses,
+    preview,
 )
 from serving.state import EMPTY_SEQUENCE, ServiceMetrics, ServiceState
 
 log = logging.getLogger(__name__)
+
+_US = 1_000_000
+
+
+class TimedRankRequest(RankRequest):
+    """Body of ``POST /v1/rank``: a ranking request, optionally with its time."""
+
+    request_time: str | None = Field(
+        default=None,
+        description=(
+            "When the request was made: an RFC 3339 date-time with an offset (e.g. 2026-01-04T10:00:00.123456Z). "
+            "Only the user's events strictly before it count, and candidate ages are taken at it. Default: now, "
+            "with every stored event."
+        ),
+        json_schema_extra={"examples": ["2026-01-04T10:00:00Z"]},
+    )
+
+    @field_validator("request_time")
+    @classmethod
+    def _rfc3339(cls, v: str | None) -> str | None:
+        if v is not None and parse_time_us(v) is None:
+            raise ValueError(
+                f"request_time must be an RFC 3339 date-time with an offset, e.g. 2026-01-04T10:00:00Z, got {preview(v)}"
+            )
+        return v
+
+
+class TimedRankResponse(RankResponse):
+    """Answer of ``POST /v1/rank``."""
+
+    realtime_events: int = Field(
+        default=0, description="How many events of the user's sequence came from today's realtime events."
+    )
 
 
 def ranking_router(state: ServiceState, metrics: ServiceMetrics) -> APIRouter:
     """``POST /v1/rank``."""
     router = APIRouter()
 
-    @router.post("/v1/rank", response_model=RankResponse, responses=error_responses(413, 422, 503))
-    def rank(req: RankRequest) -> JSONResponse:
+    @router.post("/v1/rank", response_model=TimedRankResponse, responses=error_responses(413, 422, 503))
+    def rank(req: TimedRankRequest) -> JSONResponse:
         """Rank the candidates for the user by the probability of the primary action (click)."""
         return _rank(state, metrics, req)
 
     return router
 
 
+def _takes(method: object, parameter: str) -> bool:
+    """Whether ``method`` has ``parameter``: a feature reader's ``user`` without realtime events may lack
+    ``before_us``, a ranking model's ``score`` may lack ``request_ts`` (then it scores at now)."""
+    try:
+        return parameter in inspect.signature(method).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSONResponse:
-    """Score one validated request with the model loaded now (a reload during the request cannot mix versions)."""
+    """Score one validated request with the model loaded now (a reload during the request cannot mix versions).
+
+    ``req`` may be a :class:`TimedRankRequest` (with ``request_time``) or a plain ``RankRequest`` (now).
+    """
     model = state.model
     if model is None:
         return error_response(503, f"no model loaded: {state.load_error}")
+    request_time = getattr(req, "request_time", None)
+    before_us = None if request_time is None else parse_time_us(request_time)
     try:
-        user = state.features.user(req.user_id)
+        if before_us is None or not _takes(state.features.user, "before_us"):
+            user = state.features.user(req.user_id)
+        else:  # only the events strictly before the request
+            user = state.features.user(req.user_id, before_us=before_us)
         content = state.features.item_content(req.candidates)
     except Exception as exc:  # noqa: BLE001 - the store is down or not set up
         log.warning("feature store read failed: %s", exc)
         return error_response(503, f"feature store unavailable: {clip(describe(exc), 4 * PREVIEW_CHARS)}")
 
     sequence = user.sequence or dict(EMPTY_SEQUENCE)
+    realtime_events = int(getattr(user, "realtime_events", 0))
     if (
         user.embedding is not None
+        and realtime_events == 0  # computed from the snapshot: today's events are not in it
         and user.model_version == model.version
         and len(user.embedding) == model.embedding_dim
     ):
@@ -62,8 +127,9 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
     metrics.candidates.observe(len(req.candidates))
 
     # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend
+    at = {} if before_us is None or not _takes(model.score, "request_ts") else {"request_ts": before_us // _US}
     probs = np.asarray(
-        model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence)
+        model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence, **at)
     )  # (C, A)
     if probs.shape != (len(req.candidates), len(model.actions)):
         return error_response(500, f"model returned scores of shape {probs.shape}, expected ({len(req.candidates)}, A)")
@@ -84,6 +150,7 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
             "surface": req.surface,
             "user_known": user.sequence is not None,
             "embedding_source": source,
+            "realtime_events": realtime_events,
             "primary_action": model.actions[primary],
             "items": items,
         }

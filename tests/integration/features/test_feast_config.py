@@ -42,7 +42,12 @@ def test_register_from_another_cwd_is_idempotent(tmp_path, monkeypatch):
     assert first["feature_services"] == ["ranking_item", "ranking_user"]
     assert list(elsewhere.iterdir()) == []  # nothing written into the working directory
     fs = feature_store(layout)
-    assert {fv.name for fv in fs.list_feature_views()} == {"user_sequence", "item_features", "user_embedding"}
+    assert {fv.name for fv in fs.list_feature_views()} == {
+        "user_sequence",
+        "user_realtime_sequence",
+        "item_features",
+        "user_embedding",
+    }
     # sources are stored relative, so the registry does not pin this machine's paths
     assert fs.get_data_source("user_sequence_source").path == "sources/user_sequence"
 

@@ -37,7 +37,7 @@ DS = "2026-01-05"
 UTC = dt.UTC
 SEQUENCES = {1: ([10, 11], ["click", "save"]), 2: ([12], ["hide"])}
 ITEMS = {10: "a", 11: "b", 12: "c"}
-VIEWS = ["item_features", "user_embedding", "user_sequence"]
+VIEWS = ["item_features", "user_embedding", "user_realtime_sequence", "user_sequence"]
 
 
 def _free_port() -> int:

@@ -160,7 +160,7 @@ def test_materialize_before_register_is_a_clear_error(tmp_path):
 
 def test_round_trip_spark_to_online_and_point_in_time(spark, layout):
     summary = register(layout)
-    assert summary["feature_views"] == ["item_features", "user_embedding", "user_sequence"]
+    assert summary["feature_views"] == ["item_features", "user_embedding", "user_realtime_sequence", "user_sequence"]
     assert summary["entities"] == ["item", "user"]
     assert register(layout) == summary  # idempotent
 

@@ -21,6 +21,7 @@ from schemathesis.specs.openapi.checks import (
 
 from features.config import Layout
 from features.contract import MAX_ID, MIN_ID, SURFACES
+from features.store import RealtimeSequence
 from serving.app import create_app
 from serving.online_features import UserRow
 from serving.schemas import MAX_CANDIDATES
@@ -44,7 +45,10 @@ class ConstModel:
 
 
 class DictFeatures:
-    """Online features of user 1 (sequence + a precomputed r1 embedding) and item 2's content."""
+    """Online features of user 1 (sequence + a precomputed r1 embedding) and item 2's content; realtime rows in memory."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, RealtimeSequence] = {}
 
     def status(self) -> str:
         return "ok"
@@ -60,6 +64,13 @@ class DictFeatures:
 
     def item_content(self, item_ids: Sequence[int]) -> dict[int, list[float]]:
         return {2: [0.5, 0.5]} if 2 in item_ids else {}
+
+    def realtime(self, user_ids: Sequence[int]) -> dict[int, RealtimeSequence]:  # POST /v1/events: rows in memory
+        return {u: self.rows[u] for u in user_ids if u in self.rows}
+
+    def push_realtime(self, rows: dict[int, RealtimeSequence]) -> int:
+        self.rows.update(rows)
+        return len(rows)
 
 
 #: The service under test, built at import: schemathesis loads its spec when this module is collected.
