@@ -2,8 +2,18 @@
 
 Two calls: :meth:`ServingModel.user_embeddings` (once per user, can be precomputed and
 published) and :meth:`ServingModel.score` (per request, for any number of candidates). An
-early-fusion ranker (``pinfm_early``, DCAT) or a TransAct ranker also reads the request's
-sequence in :meth:`score`: one context pass, then every candidate cross-attends to it.
+early-fusion ranker (``hybrid``, ``pinfm_early``: DCAT) or a TransAct ranker also reads the
+request's sequence in :meth:`score`: one context pass, then every candidate cross-attends to it.
+
+The default ranker, ``hybrid`` (TransAct's hybrid), reads both: the user embedding (PinFM's
+pass over the user's history, published per model version by ``publish-embeddings``) and the
+realtime sequence (DCAT at request time). ``pinfm_late`` reads the embedding alone; the other
+modes ignore it (:attr:`ServingModel.uses_user_embedding`), and for them
+:meth:`~ServingModel.user_embeddings` runs no model pass and returns zeros. Without a stored
+embedding, ``score(None, …, sequence=…)`` computes it from the sequence in the same pass that
+reads the sequence for the candidates (for ``hybrid``, the DCAT context pass), so the fallback
+does only the work the scores use; it gives the scores of
+``score(user_embeddings([sequence])[0], …, sequence=…)``.
 
 A sequence may carry ``"ts"``, each event's time (unix seconds or datetimes, oldest first,
 aligned with ``item_ids``): a ranker trained with ``RankerConfig.time_gaps`` then gets the
@@ -60,6 +70,11 @@ class ServingModel:
         self.created = created if created is not None else ItemCreatedAt(np.zeros(0, np.int64), np.zeros(0, np.int64))
         self.chunk = 1024  # users per backbone pass in user_embeddings
 
+    @property
+    def uses_user_embedding(self) -> bool:
+        """Whether the scores read the user embedding (``hybrid``, ``pinfm_late``); other rankers ignore it."""
+        return self.ranker.uses_user_embedding
+
     @classmethod
     def from_artifact(cls, layout: Layout, artifact: dict) -> ServingModel:
         """Build from :func:`training.jobs.registry.load_artifact` output (``config["ranker"]`` holds the shape)."""
@@ -107,7 +122,9 @@ class ServingModel:
                 (unix seconds, aligned with "item_ids"; absent or None = unknown).
 
         Returns:
-            (U, D) float32.
+            (U, D) float32: the ranker's :meth:`~training.model.ranker.Ranker.user_embedding` of
+            the newest ``max_len`` events; zeros, without a model pass, when the ranker does not
+            read a user embedding (:attr:`uses_user_embedding`).
         """
         if not sequences:
             return np.zeros((0, self.embedding_dim), np.float32)
@@ -116,6 +133,8 @@ class ServingModel:
             if missing:
                 raise ContractError(f"sequence {i} lacks keys {missing}")
         times = [self._event_times(s, f"sequence {i}") for i, s in enumerate(sequences)]
+        if not self.uses_user_embedding:  # its scores never read it: compute nothing
+            return np.zeros((len(sequences), self.embedding_dim), np.float32)
         known = np.array([t is not None for t in times])  # (U,)
         out = np.zeros((len(sequences), self.embedding_dim), np.float32)
         # sequences with and without times in separate passes: unknown times mean no gaps, not zero gaps
@@ -186,7 +205,7 @@ class ServingModel:
 
     def score(
         self,
-        user_embedding: np.ndarray,
+        user_embedding: np.ndarray | None,
         candidates: Sequence[int],
         surface: str,
         content: dict[int, Sequence[float]] | None = None,
@@ -196,7 +215,11 @@ class ServingModel:
         """Per-action probabilities of each candidate.
 
         Args:
-            user_embedding: (D,) from :meth:`user_embeddings`.
+            user_embedding: (D,) from :meth:`user_embeddings` (the published one, for this
+                model version), or None: computed here from ``sequence`` as
+                :meth:`user_embeddings` computes it, in the pass that also reads the sequence
+                for the candidates (``hybrid``: the DCAT context pass); ignored by rankers that
+                do not read it (:attr:`uses_user_embedding`).
             candidates: C item ids.
             surface: one of features.contract.SURFACES.
             content: optional item_id → content vector, overriding the catalogue's.
@@ -212,14 +235,23 @@ class ServingModel:
         """
         if surface not in SURFACE_IDS:
             raise ContractError(f"unknown surface {surface!r}; expected one of {sorted(SURFACE_IDS)}")
-        user = np.asarray(user_embedding, dtype=np.float32).reshape(-1)
-        if user.shape != (self.embedding_dim,):
-            raise ContractError(
-                f"user embedding has {user.size} values, model {self.version} expects {self.embedding_dim}"
-            )
+        user = None
+        if user_embedding is not None:
+            user = np.asarray(user_embedding, dtype=np.float32).reshape(-1)
+            if user.shape != (self.embedding_dim,):
+                raise ContractError(
+                    f"user embedding has {user.size} values, model {self.version} expects {self.embedding_dim}"
+                )
         if len(candidates) == 0:
             return np.zeros((0, len(self.actions)), np.float32)
         per_candidate = self.ranker.uses_sequence_per_candidate
+        if user is None and self.uses_user_embedding and not per_candidate:  # pinfm_late: the embedding is all
+            user = self.user_embeddings([sequence or {"item_ids": [], "actions": [], "surfaces": []}])[0]
+        if user is None or not self.uses_user_embedding:
+            user = np.zeros(self.embedding_dim, np.float32)  # not read; hybrid computes its own below
+            stored = None
+        else:
+            stored = torch.from_numpy(user)[None, :]  # (1, D)
         b = self.ranker_inputs(candidates, surface, content, sequence if per_candidate else None, request_ts)
         with torch.no_grad():
             if per_candidate:
@@ -230,6 +262,7 @@ class ServingModel:
                     b["cand_content"],
                     cand_age_s=b["cand_age_s"],
                     request_ts=b["request_ts"],
+                    user_emb=stored,  # hybrid without it: the user vector of this context pass
                 )  # (1, C, A)
             else:
                 logits = self.ranker.score_from_user_embedding(

@@ -91,10 +91,11 @@ def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> No
 )
 @click.option(
     "--sequence",
-    type=click.Choice(["none", "transact", "pinfm_late", "pinfm_early"]),
-    default="pinfm_early",
+    type=click.Choice(["none", "transact", "pinfm_late", "pinfm_early", "hybrid"]),
+    default="hybrid",
     show_default=True,
-    help="Sequence module: none, TransAct, PinFM late fusion (precomputable), PinFM early fusion (DCAT).",
+    help="Sequence module: none, TransAct, PinFM late fusion (the published user embedding alone), PinFM early "
+    "fusion (DCAT over the realtime sequence alone), hybrid (DCAT + the published user embedding).",
 )
 @click.option(
     "--new-item-techniques/--no-new-item-techniques",

@@ -19,14 +19,21 @@ from pydantic import Field
 from features.config import Layout, day_window
 from features.contract import LABEL_ACTIONS
 from features.settings import Settings, json_digest
-from training.data import ContentTable, ItemCreatedAt, RankingData, candidate_slots, load_ranking_data
+from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays, candidate_slots, load_ranking_data
 from training.jobs import registry
 from training.metrics import hit_at_k, roc_auc
 from training.model.backbone import PinFMConfig, resolve_device
 from training.model.inputs import history_len, resolve_time_gaps, saved_time_gaps
 from training.model.interaction import default_label_weights
 from training.model.objectives import ItemCatalog, PinFMObjective
-from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig, init_from_backbone
+from training.model.ranker import (
+    SEQUENCE_MODES,
+    USER_EMBEDDING_MODES,
+    NewItemConfig,
+    Ranker,
+    RankerConfig,
+    init_from_backbone,
+)
 from training.model.ranker_objective import RankerObjective, ranker_logits
 from training.model.recipes import PINFM
 from training.trainer import Trainer, TrainerConfig
@@ -35,6 +42,11 @@ log = logging.getLogger(__name__)
 
 #: The new model is promoted when its click AUC ≥ the current one's minus this.
 PROMOTION_TOLERANCE = 0.01
+#: UTC days: the user embeddings published after day D's pipeline serve the requests of D + 1
+DAY_S = 86_400
+#: A ranker that reads a published user embedding loads this many times its history length of
+#: each request's sequence: enough to find the history as it was at the start of the request's day
+LATE_LOAD_FACTOR = 2
 
 
 class FinetuneConfig(Settings):
@@ -50,7 +62,10 @@ class FinetuneConfig(Settings):
         grad_clip: max gradient norm.
         label_weights: (A, A) rows = heads, columns = labels of LABEL_ACTIONS
             (:func:`training.model.interaction.weighted_bce`); None = identity (plain BCE).
-        sequence: the ranker's sequence module (:data:`training.model.ranker.SEQUENCE_MODES`).
+        sequence: the ranker's sequence module (:data:`training.model.ranker.SEQUENCE_MODES`);
+            ``hybrid`` (default): DCAT early fusion over the realtime sequence + the published
+            user embedding (trained on the history as of the start of each request's day, what
+            ``publish-embeddings`` served that day).
         next_action_weight: TransAct V2's Next Action Loss (impression negatives) weight; 0 = off.
         aux_next_token_weight: the backbone's next-token loss on the request sequences; 0 = off.
         new_items: candidate-ID randomization and age-dependent ID dropout (NewItemConfig.off() = none).
@@ -74,7 +89,7 @@ class FinetuneConfig(Settings):
     warmup: int = 20
     grad_clip: float = 1.0
     label_weights: tuple[tuple[float, ...], ...] | None = None
-    sequence: str = "pinfm_early"
+    sequence: str = "hybrid"
     next_action_weight: float = 0.01
     aux_next_token_weight: float = 0.0
     new_items: NewItemConfig = Field(default_factory=NewItemConfig)
@@ -149,14 +164,80 @@ class ItemFacts:
         return cls(ContentTable.from_layout(layout, content_dim), ItemCreatedAt.from_layout(layout))
 
 
-def batch_tensors(data: RankingData, idx: np.ndarray, items: ItemFacts, device: torch.device) -> dict:
+def window(arrays: SequenceArrays, rows: np.ndarray, end: np.ndarray, width: int) -> SequenceArrays:
+    """Of each selected row, the (at most) ``width`` events before position ``end`` (exclusive), right-padded.
+
+    Args:
+        arrays: right-padded sequences, oldest first.
+        rows: (n,) rows of ``arrays``.
+        end: (n,) per row, one past the last event to keep (≤ the row's length).
+        width: events to keep at most.
+
+    Returns:
+        (n, width) arrays; ``ts`` when ``arrays`` has it.
+    """
+    end = np.asarray(end, dtype=np.int64)
+    start = np.maximum(end - width, 0)
+    count = end - start  # (n,)
+    valid = np.arange(width)[None, :] < count[:, None]  # (n, width)
+    cols = np.minimum(start[:, None] + np.arange(width)[None, :], max(arrays.item_ids.shape[1] - 1, 0))
+
+    def take(a: np.ndarray) -> np.ndarray:
+        return np.where(valid, np.take_along_axis(a[rows], cols, axis=1), 0)
+
+    ts = None if arrays.ts is None else take(arrays.ts)
+    return SequenceArrays(take(arrays.item_ids), take(arrays.action_ids), take(arrays.surface_ids), count, ts)
+
+
+def late_sequences(data: RankingData, reqs: np.ndarray, width: int) -> SequenceArrays | None:
+    """Each request's history as the user embedding published for its day saw it.
+
+    ``publish-embeddings`` runs after a day's pipeline on that day's snapshot, so a request of
+    day D is served with the embedding of the user's events before D 00:00 UTC: of the
+    request's sequence (oldest first), the newest ``width`` events before the start of its day.
+    A request of unknown time keeps its whole sequence.
+
+    Returns:
+        (len(reqs), width) arrays, or None when the sequences carry no event times.
+    """
+    seqs = data.sequences
+    if seqs.ts is None or data.request_ts is None:
+        return None
+    request_ts = data.request_ts[reqs]  # (n,)
+    lengths = seqs.lengths[reqs]
+    day_start = request_ts - request_ts % DAY_S
+    real = np.arange(seqs.ts.shape[1])[None, :] < lengths[:, None]  # (n, L)
+    before = ((seqs.ts[reqs] < day_start[:, None]) & real).sum(1)  # events are oldest first: a prefix
+    end = np.where(request_ts > 0, before, lengths)
+    return window(seqs, reqs, end, width)
+
+
+def batch_tensors(
+    data: RankingData,
+    idx: np.ndarray,
+    items: ItemFacts,
+    device: torch.device,
+    history: int | None = None,
+    late: bool = False,
+) -> dict:
     """Impressions ``idx`` grouped by request: each unique sequence once, its candidates in one row.
+
+    Args:
+        data, idx: the impressions.
+        items: content vectors and creation times.
+        device: where the tensors go.
+        history: the ranker's history length (:func:`training.model.inputs.history_len`): the
+            newest events of each sequence it reads; None = the sequences as loaded.
+        late: also lay out ``late_seq``, the histories the published user embeddings of the
+            requests' days were computed from (:func:`late_sequences`; ``pinfm_late`` and
+            ``hybrid`` read them, see :meth:`training.model.ranker.Ranker.forward`).
 
     Returns:
         ``seq`` (the U sequences' tensors), candidate grids (U, C): ``cand_ids``,
         ``cand_surface_ids``, ``cand_mask``, ``cand_age_s``, ``labels`` (U, C, A),
         ``cand_content`` (U, C, Cd) or None, ``request_ts`` (U,), and ``inverse``/``slot``
-        (N,) mapping every impression of ``idx`` to its cell.
+        (N,) mapping every impression of ``idx`` to its cell; with ``late`` and event times,
+        ``late_seq``: the unique histories' tensors (K, L') and ``index`` (U,), each request's row.
     """
     reqs, inverse = np.unique(data.req_index[idx], return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -172,8 +253,11 @@ def batch_tensors(data: RankingData, idx: np.ndarray, items: ItemFacts, device: 
     request_ts = data.request_ts[reqs] if data.request_ts is not None else np.zeros(U, np.int64)
     age = items.created.age_at(ids, request_ts[inverse])  # (N,) seconds, -1 = unknown
     cand_ids = grid(ids)
+    seqs, rows = data.sequences, reqs
+    if history is not None and seqs.item_ids.shape[1] > history:  # loaded longer: the newest ``history`` events
+        seqs, rows = window(seqs, reqs, seqs.lengths[reqs], history), np.arange(U)
     out = {
-        "seq": data.sequences.tensors(reqs, items.content, device),
+        "seq": seqs.tensors(rows, items.content, device),
         "cand_ids": torch.from_numpy(cand_ids).to(device),  # (U, C)
         "cand_surface_ids": torch.from_numpy(grid(data.surface_ids[idx])).to(device),  # (U, C)
         "cand_mask": torch.from_numpy(grid(np.ones(len(idx), bool), False)).to(device),  # (U, C)
@@ -186,6 +270,15 @@ def batch_tensors(data: RankingData, idx: np.ndarray, items: ItemFacts, device: 
     }
     if len(items.content):
         out["cand_content"] = torch.from_numpy(items.content.lookup(cand_ids)).to(device)  # (U, C, Cd)
+    hist = late_sequences(data, reqs, history or data.sequences.item_ids.shape[1]) if late else None
+    if hist is not None and hist.ts is not None:
+        # a user's requests of one day share that day's history: one backbone pass each
+        key = np.concatenate([hist.item_ids, hist.action_ids, hist.surface_ids, hist.ts], axis=1)  # (U, 4·L')
+        _, first, index = np.unique(key, axis=0, return_index=True, return_inverse=True)
+        out["late_seq"] = {
+            **hist.tensors(first, items.content, device),
+            "index": torch.from_numpy(index.reshape(-1)).to(device),  # (U,)
+        }
     return out
 
 
@@ -193,9 +286,10 @@ def predict(model: Ranker, data: RankingData, items: ItemFacts, device: torch.de
     """(N, A) probabilities of every impression of ``data`` (eval mode, no grad)."""
     model.eval()
     out = np.zeros((len(data), len(model.actions)), np.float32)
+    history, late = history_len(model.cfg), model.uses_user_embedding
     with torch.no_grad():
         for idx in data.request_batches(batch, rng=None):
-            b = batch_tensors(data, idx, items, device)
+            b = batch_tensors(data, idx, items, device, history, late)
             logits = ranker_logits(model, b)[b["inverse"], b["slot"]]  # (N, A)
             out[idx] = torch.sigmoid(logits).cpu().numpy()
     return out
@@ -269,18 +363,29 @@ class RankingBatches:
         batch_size: impressions per batch (a batch closes at the request that reaches it).
         epochs: passes over ``data``.
         seed: the shuffles' seed.
+        history, late: as in :func:`batch_tensors`.
     """
 
-    def __init__(self, data: RankingData, items: ItemFacts, batch_size: int, epochs: int, seed: int) -> None:
+    def __init__(
+        self,
+        data: RankingData,
+        items: ItemFacts,
+        batch_size: int,
+        epochs: int,
+        seed: int,
+        history: int | None = None,
+        late: bool = False,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.data, self.items = data, items
+        self.history, self.late = history, late
         self.batches = [idx for _ in range(epochs) for idx in data.request_batches(batch_size, rng)]
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __call__(self, step: int) -> dict:
-        return batch_tensors(self.data, self.batches[step], self.items, torch.device("cpu"))
+        return batch_tensors(self.data, self.batches[step], self.items, torch.device("cpu"), self.history, self.late)
 
 
 def ranker_objective(cfg: FinetuneConfig, train: RankingData) -> RankerObjective:
@@ -328,7 +433,8 @@ def train_ranker(
     model = Ranker(rcfg)
     if backbone_state is not None:
         init_from_backbone(model, backbone_state)
-    batches = RankingBatches(train, items, cfg.batch_size, cfg.epochs, cfg.seed)
+    late = rcfg.sequence in USER_EMBEDDING_MODES
+    batches = RankingBatches(train, items, cfg.batch_size, cfg.epochs, cfg.seed, history_len(rcfg), late)
     trainer = Trainer(
         model,
         ranker_objective(cfg, train),
@@ -434,6 +540,8 @@ def finetune(
     device = resolve_device(cfg.device)
     items = ItemFacts.from_layout(layout, plan.rcfg.backbone.content_dim)
     seq_len = history_len(plan.rcfg)  # the newest events the ranker reads, as the service does
+    if plan.rcfg.sequence in USER_EMBEDDING_MODES:  # and the history before each request's day (late_sequences)
+        seq_len *= LATE_LOAD_FACTOR
     train = load_ranking_data(layout, plan.train_days, seq_len)
     test = load_ranking_data(layout, [plan.eval_day], seq_len)
     if len(train) == 0 or len(test) == 0:

@@ -149,6 +149,20 @@ def context_pass(
     return cast(torch.Tensor, hidden), cache
 
 
+def context_cache(
+    model: PinFM,
+    item_ids: torch.Tensor,
+    action_ids: torch.Tensor,
+    surface_ids: torch.Tensor,
+    content: torch.Tensor | None = None,
+    pad_mask: torch.Tensor | None = None,
+    time_gaps: torch.Tensor | None = None,
+) -> KVCache:
+    """:func:`context_pass` when only the cache is needed: it stops once the last layer's K, V are known
+    (the last attention, MLP and ``ln_f`` over the sequence are skipped). Arguments as :func:`context_pass`."""
+    return _context(model, item_ids, action_ids, surface_ids, content, pad_mask, time_gaps, False)[1]
+
+
 def _context(
     model: PinFM,
     item_ids: torch.Tensor,
@@ -338,7 +352,7 @@ def dcat_scores(
     """
     _check_candidates(item_ids.shape[0], cand_ids, cand_surface_ids, cand_content, cand_mask)
     _check_fits(model, _lengths(item_ids, pad_mask))
-    _, cache = _context(model, item_ids, action_ids, surface_ids, content, pad_mask, time_gaps, False)
+    cache = context_cache(model, item_ids, action_ids, surface_ids, content, pad_mask, time_gaps)
     tokens = candidate_tokens(model, cand_ids, cand_surface_ids, cache.lengths, cand_content)  # (U, C, D)
     return crossing_pass(model, cache, tokens, cand_mask)  # (U, C, D)
 

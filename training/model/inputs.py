@@ -44,11 +44,13 @@ TIME_GAPS_IF_UNSAVED = False
 def history_len(cfg: RankerConfig) -> int:
     """How many of the newest events of a user's sequence the ranker reads.
 
-    Early fusion (``pinfm_early``) appends the candidate as one more token after the
-    sequence, so one of the backbone's ``max_len`` positions stays free for it; every other
-    mode reads up to ``max_len`` events.
+    Early fusion (``pinfm_early``, ``hybrid``) appends the candidate as one more token after
+    the sequence, so one of the backbone's ``max_len`` positions stays free for it; every other
+    mode reads up to ``max_len`` events. A ``hybrid`` ranker's published user embedding reads the
+    same window of the user's history (the service encodes both with this length).
     """
-    return cfg.backbone.max_len - 1 if cfg.sequence == "pinfm_early" else cfg.backbone.max_len
+    early = cfg.sequence in ("pinfm_early", "hybrid")  # training.model.ranker.EARLY_FUSION_MODES
+    return cfg.backbone.max_len - 1 if early else cfg.backbone.max_len
 
 
 # --------------------------------------------------------------------- candidate age

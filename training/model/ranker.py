@@ -9,7 +9,18 @@ The sequence module is one of (``RankerConfig.sequence``):
   one vector per user that can be precomputed and published ("PinFM-lite", late fusion).
 * ``pinfm_early``: the candidate is a token appended to the user's sequence (early fusion),
   computed with DCAT: one context pass per unique sequence caches K/V, every candidate
-  cross-attends to it (:mod:`training.model.dcat`). The late user vector is added too.
+  cross-attends to it (:mod:`training.model.dcat`). The same pass's last hidden state is the
+  user vector of the late features: everything comes from the request-time sequence.
+* ``hybrid`` (the default; TransAct's hybrid ranker as the papers deploy it): the early fusion
+  of ``pinfm_early`` over the realtime sequence, scored per candidate with DCAT at request
+  time, fused with the batch user embedding: PinFM's pass over the long history, precomputed
+  and published with the model version (``user_emb``; in training, ``late_seq``: the history as
+  the publisher saw it). Its late features read that embedding, not the request-time pass.
+
+The late user vector of ``pinfm_late`` and ``hybrid`` comes, in this order, from ``user_emb``
+(precomputed, (U, D)), from ``late_seq`` (a backbone pass over those sequences, with
+gradients in training) or from the request's own sequence (``hybrid``: the same context pass
+that fills the DCAT cache, so it costs nothing extra).
 
 New-item handling during fine-tuning (:class:`NewItemConfig`): candidate-ID randomization
 (an id is swapped for a random, never-seen one, so the model learns to score from content
@@ -32,12 +43,26 @@ from torch import nn
 
 from features.settings import Settings
 from training.model.backbone import PinFM, PinFMConfig, last_hidden
-from training.model.dcat import candidate_tokens, context_pass, crossing_pass, naive_candidate_hidden
+from training.model.dcat import (
+    KVCache,
+    candidate_tokens,
+    context_cache,
+    context_pass,
+    crossing_pass,
+    naive_candidate_hidden,
+)
+from training.model.folded_head import FoldedHead
 from training.model.inputs import TIME_GAPS_DEFAULT, history_len, saved_time_gaps, time_gap_buckets
 from training.model.interaction import InteractionArch, InteractionConfig
 from training.model.transact import TransActEncoder, gather_selected, random_time_window_mask, select_lifelong
 
-SEQUENCE_MODES: tuple[str, ...] = ("none", "transact", "pinfm_late", "pinfm_early")
+SEQUENCE_MODES: tuple[str, ...] = ("none", "transact", "pinfm_late", "pinfm_early", "hybrid")
+#: modes that append the candidate to the sequence (DCAT early fusion)
+EARLY_FUSION_MODES: tuple[str, ...] = ("pinfm_early", "hybrid")
+#: modes whose late features read a user vector that can be precomputed and published
+USER_EMBEDDING_MODES: tuple[str, ...] = ("pinfm_late", "hybrid")
+#: the head is folded per request (:class:`training.model.folded_head.FoldedHead`) from this many candidates on
+FOLD_MIN_CANDIDATES = 32
 #: ids drawn by candidate-ID randomization come from [RANDOM_ID_BASE, 2·RANDOM_ID_BASE): far above real ids
 RANDOM_ID_BASE = 1 << 40
 DAY_S = 86_400
@@ -122,7 +147,7 @@ class RankerConfig(Settings):
     """
 
     backbone: PinFMConfig = Field(default_factory=lambda: PinFMConfig.preset("small"))
-    sequence: str = "pinfm_early"
+    sequence: str = "hybrid"
     surface_dim: int = 16
     interaction: InteractionConfig = Field(default_factory=InteractionConfig)
     new_items: NewItemConfig = Field(default_factory=NewItemConfig)
@@ -178,7 +203,9 @@ class Ranker(nn.Module):
         # stands in for a dropped ID part (NewItemConfig.missing_id_vector); starts at zero = no change
         self.missing_id = nn.Parameter(torch.zeros(d)) if cfg.new_items.missing_id_vector else None
         self.transact: TransActEncoder | None = None
-        seq_dim = {"none": 0, "pinfm_late": 2 * d + 1, "pinfm_early": 3 * d + 1}.get(cfg.sequence, 0)
+        seq_dim = {"none": 0, "pinfm_late": 2 * d + 1, "pinfm_early": 3 * d + 1, "hybrid": 3 * d + 1}.get(
+            cfg.sequence, 0
+        )
         if cfg.sequence == "transact":
             self.transact = TransActEncoder(
                 item_dim=d,
@@ -192,6 +219,11 @@ class Ranker(nn.Module):
         in_dim = d + cfg.surface_dim + seq_dim  # candidate, surface, sequence features
         self.in_norm = nn.LayerNorm(in_dim)
         self.interaction = InteractionArch.from_config(cfg.interaction, in_dim)
+        self._folded: FoldedHead | None = None  # the inference head of the late-feature modes
+        if cfg.sequence in ("pinfm_late", *EARLY_FUSION_MODES):
+            early = d if cfg.sequence in EARLY_FUSION_MODES else 0
+            folded = FoldedHead(d, cfg.surface_dim, early)
+            self._folded = folded if folded.applies(self.in_norm, self.interaction) else None
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -200,7 +232,13 @@ class Ranker(nn.Module):
     @property
     def uses_sequence_per_candidate(self) -> bool:
         """True when scoring needs the sequence itself, not only a precomputed user vector."""
-        return self.cfg.sequence in ("transact", "pinfm_early")
+        return self.cfg.sequence in ("transact", *EARLY_FUSION_MODES)
+
+    @property
+    def uses_user_embedding(self) -> bool:
+        """True when the scores read a user vector that is precomputed and published
+        (:meth:`user_embedding`; ``pinfm_late`` and ``hybrid``); other modes ignore it."""
+        return self.cfg.sequence in USER_EMBEDDING_MODES
 
     # ------------------------------------------------------------------ pieces
     def time_gaps(self, seq: dict) -> torch.Tensor | None:
@@ -294,7 +332,11 @@ class Ranker(nn.Module):
         pad_mask: torch.Tensor | None = None,
         ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Late-fusion user vector: backbone hidden state at the last real position, (U, L) → (U, D)."""
+        """Late-fusion user vector: backbone hidden state at the last real position, (U, L) → (U, D).
+
+        This is the user embedding that ``publish-embeddings`` computes over every user's history
+        and the service passes back to :meth:`forward` (``user_emb``) for ``pinfm_late`` and ``hybrid``.
+        """
         if pad_mask is None:
             pad_mask = item_ids != 0  # (U, L)
         seq = {"ts": ts, "pad_mask": pad_mask}
@@ -309,6 +351,55 @@ class Ranker(nn.Module):
     def _head(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.interaction(self.in_norm(torch.cat(feats, dim=-1)))  # (U, C, A)
 
+    def _late_head(
+        self, cand: torch.Tensor, surf: torch.Tensor, early: torch.Tensor | None, user: torch.Tensor, fold: bool | None
+    ) -> torch.Tensor:
+        """(U, C, A) logits from ``[cand, surf, early, u, u ⊙ cand, cos]``.
+
+        ``fold``: compute the per-request part once per request (:class:`training.model.folded_head.FoldedHead`),
+        True / False, or None = where it applies: inference (eval mode, no gradients, no autocast)
+        with at least :data:`FOLD_MIN_CANDIDATES` candidates per request.
+        """
+        if fold is None:
+            fold = (
+                self._folded is not None
+                and not self.training
+                and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(cand.device.type)
+                and cand.shape[1] >= FOLD_MIN_CANDIDATES
+            )
+        if fold and self._folded is not None:
+            return self._folded(self.in_norm, self.interaction, cand, surf, early, user)
+        feats = [cand, surf, *([] if early is None else [early]), *self._late_features(user, cand)]
+        return self._head(feats)
+
+    def _late_user(
+        self, seq: dict, user_emb: torch.Tensor | None, late_seq: dict | None, n_rows: int
+    ) -> torch.Tensor | None:
+        """(U, D) late user vector from ``user_emb`` or ``late_seq``; None when neither is given."""
+        if user_emb is not None:
+            if (
+                user_emb.dim() != 2
+                or user_emb.shape[0] not in (1, n_rows)
+                or user_emb.shape[1] != self.cfg.backbone.d_model
+            ):
+                raise ValueError(
+                    f"user_emb must be ({n_rows}, {self.cfg.backbone.d_model}) or (1, {self.cfg.backbone.d_model}), "
+                    f"got {tuple(user_emb.shape)}"
+                )
+            return user_emb.expand(n_rows, -1)
+        if late_seq is None:
+            return None
+        emb = self.user_embedding(
+            late_seq["item_ids"], late_seq["action_ids"], late_seq["surface_ids"], late_seq.get("content"),
+            late_seq["pad_mask"], late_seq.get("ts"),
+        )  # fmt: skip
+        index = late_seq.get("index")
+        user = emb if index is None else emb[index]  # (U, D)
+        if user.shape[0] != n_rows:
+            raise ValueError(f"late_seq gives {user.shape[0]} user vectors for {n_rows} candidate rows")
+        return user
+
     # ------------------------------------------------------------------ scoring
     def forward(
         self,
@@ -321,6 +412,10 @@ class Ranker(nn.Module):
         request_ts: torch.Tensor | None = None,
         return_user: bool = False,
         naive: bool = False,
+        *,
+        user_emb: torch.Tensor | None = None,
+        late_seq: dict | None = None,
+        fold: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of every candidate of every request.
 
@@ -334,19 +429,30 @@ class Ranker(nn.Module):
             cand_mask: (U, C) bool, True at real candidates (default: ``cand_ids != 0``).
             cand_age_s: (U, C) item age at the request in seconds (< 0 unknown), for age dropout.
             request_ts: (U,) request time in seconds, for TransAct's time-window mask.
-            return_user: also return the late user vector (U, D) (None without a backbone pass).
-            naive: ``pinfm_early`` only: compute the early fusion the slow, obvious way (one full
-                backbone pass per candidate, :func:`training.model.dcat.naive_candidate_hidden`), the
-                reference DCAT must match (eval mode; no new-item dropout on that path).
+            return_user: also return the late user vector (U, D) (None without one).
+            naive: early fusion only: compute it the slow, obvious way (one full backbone pass per
+                candidate, :func:`training.model.dcat.naive_candidate_hidden`), the reference DCAT
+                must match (eval mode; no new-item dropout on that path).
+            user_emb: ``pinfm_late`` and ``hybrid``: the precomputed user embedding, (U, D) or
+                (1, D) (:meth:`user_embedding` of the user's history, as published); ignored by
+                the other modes.
+            late_seq: ``pinfm_late`` and ``hybrid`` without ``user_emb``: the sequences the user
+                vector is computed from (keys as ``seq``, (K, L) each, plus an optional ``index``
+                (U,) row of each request). Without either, the request's own ``seq``.
+            fold: fold the head per request (:meth:`_late_head`); None = where it applies.
 
         Returns:
             (U, C, A) logits (and the user vector when ``return_user``).
         """
+        if fold and self._folded is None:
+            raise ValueError(f"the {self.cfg.sequence!r} ranker's head cannot be folded")
+        late = {"user_emb": user_emb, "late_seq": late_seq, "fold": fold}
         keep = None if naive else self._young_mix_keep(cand_age_s, request_ts)
         if keep is None:
             return self._forward(
-                seq, cand_ids, cand_surface_ids, cand_content, cand_mask, cand_age_s, request_ts, return_user, naive
-            )
+                seq, cand_ids, cand_surface_ids, cand_content, cand_mask, cand_age_s, request_ts, return_user, naive,
+                **late,
+            )  # fmt: skip
         # young_mix: every candidate twice, with its ID and without it, in one crossing pass
         twice = [
             None if t is None else torch.cat([t, t], dim=1) for t in (cand_ids, cand_content, cand_mask, cand_age_s)
@@ -354,7 +460,7 @@ class Ranker(nn.Module):
         surfaces = cand_surface_ids if cand_surface_ids.dim() == 1 else torch.cat([cand_surface_ids] * 2, dim=1)
         id_keep = torch.cat([(keep > 0).float(), torch.zeros_like(keep)], dim=1)  # (U, 2C)
         logits2, user = self._forward(
-            seq, twice[0], surfaces, twice[1], twice[2], twice[3], request_ts, True, False, id_keep
+            seq, twice[0], surfaces, twice[1], twice[2], twice[3], request_ts, True, False, id_keep, **late
         )  # (U, 2C, A)
         logits = self._mix_logits(logits2, keep)  # (U, C, A)
         if cand_mask is None:
@@ -374,6 +480,9 @@ class Ranker(nn.Module):
         return_user: bool,
         naive: bool,
         id_keep: torch.Tensor | None = None,
+        user_emb: torch.Tensor | None = None,
+        late_seq: dict | None = None,
+        fold: bool | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward` with one input per candidate; ``id_keep`` overrides the inference ID rule."""
         U, C = cand_ids.shape
@@ -385,49 +494,82 @@ class Ranker(nn.Module):
             cand_mask = cand_ids != 0
         pad_mask = seq["pad_mask"].bool()
         cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts, id_keep)  # (U, C, D)
-        feats = [cand, self.surface_emb(cand_surface_ids)]
+        surf = self.surface_emb(cand_surface_ids)  # (U, C, S)
         user = None
         mode = self.cfg.sequence
-        if mode in ("pinfm_late", "pinfm_early"):
+        if mode in ("pinfm_late", *EARLY_FUSION_MODES):
             bb = self.backbone
             args = (seq["item_ids"], seq["action_ids"], seq["surface_ids"], seq.get("content"), pad_mask)
             gaps = self.time_gaps(seq)
+            if mode in USER_EMBEDDING_MODES:
+                user = self._late_user(seq, user_emb, late_seq, U)  # (U, D) or None: from this sequence
+            early = None
             if mode == "pinfm_late":
-                hidden = bb(*args, time_gaps=gaps)  # (U, L, D)
+                if user is None:
+                    user = last_hidden(bb(*args, time_gaps=gaps), pad_mask)  # (U, D)
             else:
-                hidden, cache = context_pass(bb, *args, gaps)  # (U, L, D) + every layer's K/V
-            user = last_hidden(hidden, pad_mask)  # (U, D)
-            if mode == "pinfm_early":
-                lengths = cache.lengths
-                if lengths.numel() and int(lengths.max()) > history_len(self.cfg):
-                    raise ValueError(
-                        f"early fusion appends the candidate after the sequence: sequences must be shorter than "
-                        f"the backbone's max_len={bb.cfg.max_len}; truncate them to {history_len(self.cfg)}"
-                    )
-                if naive:
-                    crossed = naive_candidate_hidden(
-                        bb, *args[:3], cand_ids, cand_surface_ids, args[3], pad_mask, cand_content, cand_mask, gaps
-                    )  # (U, C, D)
-                else:
-                    tokens = candidate_tokens(bb, cand_ids, cand_surface_ids, lengths, item_emb=cand)  # (U, C, D)
-                    crossed = crossing_pass(bb, cache, tokens, cand_mask)  # (U, C, D)
-                feats.append(crossed)
-            feats += self._late_features(user, cand)
-        elif mode == "transact":
-            keep = pad_mask
-            if self.training and seq.get("ts") is not None and request_ts is not None:
-                keep = random_time_window_mask(
-                    seq["ts"], pad_mask, request_ts, self.cfg.transact_window_s, self.cfg.transact_window_p
-                )  # (U, L)
-            seq_emb = self.backbone.items(seq["item_ids"], seq.get("content"))  # (U, L, D)
-            actions = seq["action_ids"] * keep  # (U, L)
-            if self.cfg.lifelong_top_k > 0:
-                feats.append(self._lifelong_transact(seq, seq_emb, actions, keep, cand, cand_content))
-            else:
-                feats.append(self.transact(seq_emb, actions, keep, cand))  # (U, C, (K+1)·D)
-        logits = self._head(feats)  # (U, C, A)
+                if user is None:  # pinfm_early, or hybrid without a published embedding: this pass gives it
+                    hidden, cache = context_pass(bb, *args, gaps)  # (U, L, D) + every layer's K/V
+                    user = last_hidden(hidden, pad_mask)  # (U, D)
+                else:  # the user vector is given: the cache alone
+                    cache = context_cache(bb, *args, gaps)
+                early = self._early(bb, args, gaps, cache, cand, cand_ids, cand_surface_ids, cand_content, cand_mask,
+                                    naive)  # fmt: skip
+            logits = self._late_head(cand, surf, early, user, fold)  # (U, C, A)
+        else:
+            feats = [cand, surf]
+            if mode == "transact":
+                feats.append(self._transact(seq, pad_mask, cand, cand_content, request_ts))
+            logits = self._head(feats)  # (U, C, A)
         logits = logits.masked_fill(~cand_mask.unsqueeze(-1), 0.0)
         return (logits, user) if return_user else logits
+
+    def _early(
+        self,
+        bb: PinFM,
+        args: tuple,
+        gaps: torch.Tensor | None,
+        cache: KVCache,
+        cand: torch.Tensor,
+        cand_ids: torch.Tensor,
+        cand_surface_ids: torch.Tensor,
+        cand_content: torch.Tensor | None,
+        cand_mask: torch.Tensor,
+        naive: bool,
+    ) -> torch.Tensor:
+        """(U, C, D) early fusion: every candidate's final hidden state as a token after its user's sequence."""
+        lengths = cache.lengths
+        if lengths.numel() and int(lengths.max()) > history_len(self.cfg):
+            raise ValueError(
+                f"early fusion appends the candidate after the sequence: sequences must be shorter than "
+                f"the backbone's max_len={bb.cfg.max_len}; truncate them to {history_len(self.cfg)}"
+            )
+        if naive:
+            return naive_candidate_hidden(
+                bb, *args[:3], cand_ids, cand_surface_ids, args[3], args[4], cand_content, cand_mask, gaps
+            )  # (U, C, D)
+        tokens = candidate_tokens(bb, cand_ids, cand_surface_ids, lengths, item_emb=cand)  # (U, C, D)
+        return crossing_pass(bb, cache, tokens, cand_mask)  # (U, C, D)
+
+    def _transact(
+        self,
+        seq: dict,
+        pad_mask: torch.Tensor,
+        cand: torch.Tensor,
+        cand_content: torch.Tensor | None,
+        request_ts: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(U, C, (K+1)·D) TransAct's summary of the sequence for every candidate."""
+        keep = pad_mask
+        if self.training and seq.get("ts") is not None and request_ts is not None:
+            keep = random_time_window_mask(
+                seq["ts"], pad_mask, request_ts, self.cfg.transact_window_s, self.cfg.transact_window_p
+            )  # (U, L)
+        seq_emb = self.backbone.items(seq["item_ids"], seq.get("content"))  # (U, L, D)
+        actions = seq["action_ids"] * keep  # (U, L)
+        if self.cfg.lifelong_top_k > 0:
+            return self._lifelong_transact(seq, seq_emb, actions, keep, cand, cand_content)
+        return self.transact(seq_emb, actions, keep, cand)  # (U, C, (K+1)·D)
 
     def _lifelong_transact(
         self,
@@ -483,10 +625,10 @@ class Ranker(nn.Module):
 
         def head(id_keep: torch.Tensor | None) -> torch.Tensor:
             cand = self.candidate_embedding(cand_ids, cand_content, cand_age_s, request_ts, id_keep)  # (U, C, D)
-            feats = [cand, self.surface_emb(surface_ids)]
+            surf = self.surface_emb(surface_ids)  # (U, C, S)
             if self.cfg.sequence == "pinfm_late":
-                feats += self._late_features(user_emb.expand(U, -1), cand)
-            return self._head(feats)  # (U, C, A)
+                return self._late_head(cand, surf, None, user_emb.expand(U, -1), None)  # (U, C, A)
+            return self._head([cand, surf])  # (U, C, A)
 
         keep = self._young_mix_keep(cand_age_s, request_ts)
         if keep is None:

@@ -25,7 +25,12 @@ from training.model.transact import next_action_loss
 
 
 def ranker_logits(model: Ranker, b: dict, return_user: bool = False):
-    """(U, C, A) logits of a ranking batch (and the late user vector (U, D) with ``return_user``)."""
+    """(U, C, A) logits of a ranking batch (and the late user vector (U, D) with ``return_user``).
+
+    A batch with ``late_seq`` (the histories the published user embeddings were computed from)
+    gives ``pinfm_late`` and ``hybrid`` rankers their user vector from those; a batch with
+    ``user_emb`` (U, D), precomputed ones.
+    """
     return model(
         b["seq"],
         b["cand_ids"],
@@ -35,6 +40,8 @@ def ranker_logits(model: Ranker, b: dict, return_user: bool = False):
         b["cand_age_s"],
         b["request_ts"],
         return_user=return_user,
+        user_emb=b.get("user_emb"),
+        late_seq=b.get("late_seq"),
     )
 
 

@@ -102,7 +102,7 @@ def test_time_gap_buckets_only_when_the_ranker_reads_event_times() -> None:
     assert time_gap_buckets(on, {**seq, "ts": None}) is None  # unknown times: no gaps, not zero gaps
 
 
-@pytest.mark.parametrize("sequence", ["pinfm_early", "pinfm_late"])
+@pytest.mark.parametrize("sequence", ["pinfm_early", "pinfm_late", "hybrid"])
 def test_serving_model_feeds_event_times_like_offline_scoring(sequence: str) -> None:
     model = _model(sequence)
     served = _served(model, TS)

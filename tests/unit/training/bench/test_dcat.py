@@ -18,7 +18,8 @@ TINY = {"d_model": 32, "n_layers": 1, "n_heads": 4, "device": "cpu", "reps": 1}
 #: Every field the line documents, top level and per figure.
 LINE_FIELDS = {
     "bench", "seq_len", "candidates", "requests", "d_model", "n_layers", "n_heads", "device", "dtype",
-    "crossing_attention", "reps", "seq_module", "ranker", "ratio",
+    "crossing_attention", "reps", "seq_module", "ranker", "ratio", "ranker_sequence", "seq_module_cands_per_s",
+    "ranker_cands_per_s", "ranker_vs_seq_module",
 }  # fmt: skip
 FIGURE_FIELDS = {"dcat_cands_per_s", "naive_cands_per_s", "ratio", "dcat_ms", "naive_ms", "max_abs_diff"}
 
@@ -65,12 +66,31 @@ def test_bench_line_at_a_tiny_size(candidates: int, requests: int, naive_max: in
     ranker = line["ranker"]  # the whole early-fusion ranker, DCAT vs naive, same weights
     assert_consistent(ranker, requests * candidates, requests * n_naive)
     assert line["ratio"] == ranker["ratio"]  # judged by the whole ranker
+    assert line["ranker_sequence"] == "hybrid"  # the default ranker, scored with a precomputed user embedding
+    # the whole ranker against its sequence part, DCAT on both
+    assert (line["ranker_cands_per_s"], line["seq_module_cands_per_s"]) == (
+        ranker["dcat_cands_per_s"],
+        seq["dcat_cands_per_s"],
+    )
+    want = line["ranker_cands_per_s"] / line["seq_module_cands_per_s"]
+    assert line["ranker_vs_seq_module"] == pytest.approx(want, abs=5e-4)
     assert json.loads(json.dumps(line)) == line  # one JSON line, nothing lost on the way
 
 
 def test_naive_max_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="naive_max must be ≥ 1"):
         bench_dcat(seq_len=8, candidates=4, requests=1, naive_max=0, **TINY)
+    with pytest.raises(ValueError, match="sequence must be one of"):
+        bench_dcat(seq_len=8, candidates=4, requests=1, sequence="pinfm_late", **TINY)
+
+
+def test_the_folded_head_and_the_modules_agree_at_many_candidates() -> None:
+    """From FOLD_MIN_CANDIDATES on the ranker's head is folded; max_abs_diff compares it with the plain modules."""
+    line = bench_dcat(seq_len=8, candidates=40, requests=1, naive_max=40, **TINY)
+    assert 0 <= line["ranker"]["max_abs_diff"] < 1e-4
+    assert bench_dcat(seq_len=8, candidates=4, requests=1, sequence="pinfm_early", **TINY)["ranker_sequence"] == (
+        "pinfm_early"
+    )
 
 
 def test_compiled_sequence_module_matches_eager() -> None:

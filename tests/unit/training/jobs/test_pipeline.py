@@ -80,7 +80,8 @@ def test_serving_model_matches_ranker_forward(world: Layout, trained: dict) -> N
     cands = [int(x) for x in read_partition(world.ranking_examples, "2026-01-03")["item_id"].iloc[:5]] + [424242]
     probs = sm.score(emb[0], cands, "search", sequence=sequences[0])
     assert probs.shape == (6, len(LABEL_ACTIONS)) and ((probs > 0) & (probs < 1)).all()
-    assert sm.ranker.cfg.sequence == "pinfm_early"  # the default: DCAT early fusion reads the sequence
+    assert sm.ranker.cfg.sequence == "hybrid"  # the default: DCAT over the sequence + the user embedding
+    assert sm.uses_user_embedding and np.abs(emb[0] - emb[-1]).max() > 1e-4  # a history vs none
     assert not np.allclose(sm.score(emb[0], cands, "search", sequence=sequences[-1]), probs)  # a new user
 
     # the same numbers from the plain Ranker forward on hand-built tensors

@@ -1,4 +1,5 @@
-"""Ranker: the four sequence modes, DCAT = naive for the whole ranker, new-item techniques, configs."""
+"""Ranker: the sequence modes, DCAT = naive for the whole ranker, the hybrid's user embedding, the folded
+head, new-item techniques, configs."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ import torch
 from features.contract import SURFACE_IDS
 from serving.model import ServingModel
 from training.data import ContentTable, ItemCreatedAt, RankingData, SequenceArrays, encode_sequences
-from training.jobs.finetune import ItemFacts, batch_tensors, evaluate, new_item_mask, predict
+from training.jobs.finetune import ItemFacts, batch_tensors, evaluate, late_sequences, new_item_mask, predict
 from training.model.backbone import PinFMConfig
 from training.model.inputs import history_len
-from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig
+from training.model.ranker import (
+    EARLY_FUSION_MODES,
+    FOLD_MIN_CANDIDATES,
+    SEQUENCE_MODES,
+    USER_EMBEDDING_MODES,
+    NewItemConfig,
+    Ranker,
+    RankerConfig,
+)
 from training.model.ranker_objective import next_action_term, ranker_logits
 from training.model.transact import select_lifelong
 
@@ -56,12 +65,13 @@ def test_every_mode_scores_and_trains(mode: str) -> None:
     logits.sum().backward()
     assert all(p.grad is not None for p in ranker.interaction.parameters())
     blocks_grad = sum(float(p.grad.abs().sum()) for p in ranker.backbone.blocks.parameters() if p.grad is not None)
-    assert (blocks_grad > 0) == (mode in ("pinfm_late", "pinfm_early"))
+    assert (blocks_grad > 0) == (mode in ("pinfm_late", "pinfm_early", "hybrid"))
 
 
-def test_whole_ranker_dcat_equals_naive() -> None:
+@pytest.mark.parametrize("mode", EARLY_FUSION_MODES)
+def test_whole_ranker_dcat_equals_naive(mode: str) -> None:
     """Early fusion by DCAT and by one full backbone pass per candidate: same scores, same weights."""
-    ranker = _ranker("pinfm_early").eval()
+    ranker = _ranker(mode).eval()
     seq, cands = _inputs()
     with torch.no_grad():
         fast = ranker(seq, **cands)
@@ -69,7 +79,103 @@ def test_whole_ranker_dcat_equals_naive() -> None:
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["pinfm_early", "transact", "pinfm_late"])
+def _randomize_norms(ranker: Ranker) -> Ranker:
+    """LayerNorm affines away from (1, 0), so that a folding that forgot one would show."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in ranker.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+    return ranker
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "pinfm_early", "pinfm_late"])
+def test_the_folded_head_scores_as_the_modules_do(mode: str) -> None:
+    """The inference head with the per-request work folded (FoldedHead) = the plain MaskNet → DCNv2 → heads."""
+    ranker = _randomize_norms(_ranker(mode)).eval()
+    seq, _ = _inputs()
+    U, C = 3, FOLD_MIN_CANDIDATES + 3
+    g = torch.Generator().manual_seed(2)
+    cand_mask = torch.ones(U, C, dtype=torch.bool)
+    cand_mask[1, 5:] = False
+    cands = {
+        "cand_ids": torch.randint(1, 500, (U, C), generator=g) * cand_mask,
+        "cand_surface_ids": torch.randint(1, 3, (U, C), generator=g),
+        "cand_content": torch.randn(U, C, BACKBONE.content_dim, generator=g),
+        "cand_mask": cand_mask,
+    }
+    user = torch.randn(U, BACKBONE.d_model, generator=g)
+    kw = {"user_emb": user} if mode in USER_EMBEDDING_MODES else {}
+    with torch.no_grad():
+        folded = ranker(seq, **cands, **kw, fold=True)
+        plain = ranker(seq, **cands, **kw, fold=False)
+        auto = ranker(seq, **cands, **kw)  # enough candidates per request: folded by default at inference
+        naive = ranker(seq, **cands, **kw, fold=False, naive=mode != "pinfm_late")
+    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(auto, folded, atol=0, rtol=0)
+    torch.testing.assert_close(folded, naive, atol=1e-5, rtol=0)  # DCAT + folded head = the naive reference
+    assert (folded[~cand_mask] == 0).all()
+    if mode == "pinfm_late":  # the precomputed-user-vector path folds too
+        split = ranker.score_from_user_embedding(user, cands["cand_ids"], cands["cand_content"],
+                                                 cands["cand_surface_ids"])  # fmt: skip
+        torch.testing.assert_close(split[cand_mask], folded[cand_mask], atol=1e-5, rtol=0)
+    # in training (gradients) the modules run
+    ranker.train()
+    ranker(seq, **cands, **kw).sum().backward()
+    assert all(p.grad is not None for p in ranker.interaction.parameters())
+    with pytest.raises(ValueError, match="cannot be folded"):
+        _ranker("none").eval()(seq, **cands, fold=True)
+
+
+def test_hybrid_scores_read_the_stored_user_embedding() -> None:
+    """The default ranker fuses the published user embedding with DCAT over the realtime sequence."""
+    assert RankerConfig().sequence == "hybrid"
+    ranker = _ranker("hybrid").eval()
+    seq, cands = _inputs()
+    U, D = 3, BACKBONE.d_model
+    with torch.no_grad():
+        zeros = ranker(seq, **cands, user_emb=torch.zeros(U, D))
+        ones = ranker(seq, **cands, user_emb=torch.ones(U, D))
+        broadcast = ranker(seq, **cands, user_emb=torch.ones(1, D))
+        # without a stored embedding: the one the model would compute, from the same context pass
+        own = ranker.user_embedding(seq["item_ids"], seq["action_ids"], seq["surface_ids"], seq["content"],
+                                    seq["pad_mask"])  # fmt: skip
+        fallback, user = ranker(seq, **cands, return_user=True)
+        stored = ranker(seq, **cands, user_emb=own)
+        from_history = ranker(seq, **cands, late_seq={**seq, "index": torch.arange(U)})
+    real = cands["cand_mask"]
+    assert (zeros - ones)[real].abs().min() > 1e-4  # every candidate's score moves with the embedding
+    torch.testing.assert_close(broadcast, ones, atol=0, rtol=0)
+    torch.testing.assert_close(user, own, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fallback, stored, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_history, stored, atol=1e-5, rtol=0)
+    # the realtime sequence still matters with the embedding fixed
+    other = {**seq, "item_ids": seq["item_ids"].roll(1, dims=1) * seq["pad_mask"]}
+    with torch.no_grad():
+        moved = ranker(other, **cands, user_emb=torch.ones(U, D))
+    assert (moved - ones)[0].abs().max() > 1e-4
+    with pytest.raises(ValueError, match="user_emb must be"):
+        ranker(seq, **cands, user_emb=torch.ones(2, D))
+
+
+def test_hybrid_trains_the_backbone_through_the_published_history() -> None:
+    """In fine-tuning the user vector comes from ``late_seq`` (one pass per unique history), with gradients."""
+    ranker = _ranker("hybrid")
+    seq, cands = _inputs()
+    late = {k: v[:2] if v is not None else None for k, v in seq.items()}  # 2 histories for 3 requests
+    late["index"] = torch.tensor([0, 1, 0])
+    logits, user = ranker(seq, **cands, late_seq=late, return_user=True)
+    own = ranker.user_embedding(late["item_ids"], late["action_ids"], late["surface_ids"], late["content"],
+                                late["pad_mask"])  # fmt: skip
+    torch.testing.assert_close(user, own[[0, 1, 0]], atol=1e-6, rtol=0)
+    logits.sum().backward()
+    assert ranker.backbone.ln_f.weight.grad is not None and ranker.backbone.ln_f.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="user vectors for 3 candidate rows"):
+        ranker(seq, **cands, late_seq={**late, "index": torch.tensor([0, 1])})
+
+
+@pytest.mark.parametrize("mode", ["pinfm_early", "transact", "pinfm_late", "hybrid"])
 def test_a_candidate_score_ignores_the_other_candidates(mode: str) -> None:
     ranker = _ranker(mode).eval()
     seq, cands = _inputs()
@@ -255,10 +361,10 @@ def test_early_fusion_needs_a_free_position() -> None:
 @pytest.mark.parametrize("mode", SEQUENCE_MODES)
 def test_history_length_is_one_rule_for_training_and_serving(mode: str) -> None:
     cfg = RankerConfig(backbone=BACKBONE, sequence=mode)
-    want = BACKBONE.max_len - 1 if mode == "pinfm_early" else BACKBONE.max_len  # early fusion: the candidate's slot
+    want = BACKBONE.max_len - 1 if mode in EARLY_FUSION_MODES else BACKBONE.max_len  # the candidate's slot
     assert history_len(cfg) == want
     assert ServingModel(Ranker(cfg), "v").max_len == want
-    if mode == "pinfm_early":  # the longest history that fits, and one event more does not
+    if mode in EARLY_FUSION_MODES:  # the longest history that fits, and one event more does not
         ranker = _ranker(mode).eval()
         for L, fits in ((want, True), (want + 1, False)):
             seq = {k: torch.ones(1, L, dtype=torch.long) for k in ("item_ids", "action_ids", "surface_ids")}
@@ -301,6 +407,38 @@ def test_batch_tensors_groups_impressions_by_request() -> None:
     # every impression finds its cell again
     assert b["cand_ids"][b["inverse"], b["slot"]].tolist() == [40, 10, 20, 30]
     assert torch.equal(b["labels"][b["inverse"], b["slot"]], torch.from_numpy(data.labels))
+
+
+def test_late_sequences_are_the_history_before_each_requests_day() -> None:
+    """What publish-embeddings computed the embedding of a request's day from, and one pass per unique history."""
+    day = 86_400
+    d0 = 1_700_006_400  # a UTC midnight
+    ts = [d0 - 3 * day, d0 - 2 * day, d0 - 60, d0 + 10, d0 + 20]  # three events before the day, two on it
+    users = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [1, 2, 9]]
+    actions, surfaces = [["click"] * len(u) for u in users], [["home"] * len(u) for u in users]
+    arrays = encode_sequences(users, actions, surfaces, 8, [ts, ts, ts[:3]])
+    data = RankingData(
+        sequences=arrays,
+        request_ids=np.array(["a", "b", "c"]),
+        req_index=np.array([0, 1, 2]),
+        item_ids=np.array([7, 7, 7]),
+        surface_ids=np.ones(3, np.int64),
+        labels=np.zeros((3, 3), np.float32),
+        days=["2023-11-15"],
+        request_ts=np.array([d0 + 30, d0 + 40, 0]),  # two requests on the day; one of unknown time
+    )
+    hist = late_sequences(data, np.arange(3), width=2)
+    assert hist is not None and hist.lengths.tolist() == [2, 2, 2]
+    assert hist.item_ids.tolist() == [[2, 3], [2, 3], [2, 9]]  # the newest 2 before the day; unknown time: all
+    b = batch_tensors(data, np.arange(3), ItemFacts(ContentTable.empty(), ItemCreatedAt(np.zeros(0, np.int64),
+                      np.zeros(0, np.int64))), torch.device("cpu"), history=4, late=True)  # fmt: skip
+    assert b["seq"]["item_ids"].tolist() == [[2, 3, 4, 5], [2, 3, 4, 5], [1, 2, 9, 0]]  # the newest 4
+    late = b["late_seq"]
+    assert late["item_ids"].shape[0] == 2 and late["index"].tolist()[0] == late["index"].tolist()[1]
+    rows = late["item_ids"][late["index"]]  # the newest ``history`` events before the day; one pass per history
+    assert rows.tolist() == [[1, 2, 3], [1, 2, 3], [1, 2, 9]]
+    no_times = RankingData(**{**data.__dict__, "sequences": encode_sequences(users, actions, surfaces, 8)})
+    assert late_sequences(no_times, np.arange(3), 2) is None  # unknown event times: the request's own sequence
 
 
 def test_next_action_term_uses_the_engaged_item_against_silent_impressions() -> None:
@@ -379,9 +517,19 @@ def test_serving_scores_items_newer_than_the_training_data_from_content(mode: st
     assert np.abs(before[2] - before[3]).max() > 1e-6
 
 
-@pytest.mark.parametrize("mode", ["pinfm_early", "pinfm_late"])
+def _before(user: dict, t: int) -> dict:
+    """The user's events before unix second ``t``."""
+    k = int((np.asarray(user["ts"], dtype=np.int64) < t).sum())
+    return {key: list(v[:k]) for key, v in user.items()}
+
+
+@pytest.mark.parametrize("mode", ["pinfm_early", "pinfm_late", "hybrid"])
 def test_serving_feeds_a_request_as_the_training_batch_does(mode: str) -> None:
-    """ServingModel.ranker_inputs of a request = its row of finetune.batch_tensors, and score = evaluation's predict."""
+    """ServingModel.ranker_inputs of a request = its row of finetune.batch_tensors, and score = evaluation's predict.
+
+    The user embedding is the one published for the request's day: of the user's history before
+    that day (``late_sequences``); the realtime sequence also holds the day's events before the request.
+    """
     cutoff, day = 1_700_000_000, 86_400
     torch.manual_seed(0)
     ranker = Ranker(RankerConfig(backbone=BACKBONE, sequence=mode, id_cutoff_s=cutoff)).eval()
@@ -392,7 +540,8 @@ def test_serving_feeds_a_request_as_the_training_batch_does(mode: str) -> None:
         "item_ids": (100 + np.arange(n)).tolist(),
         "actions": rng.choice(["click", "save", "share"], n).tolist(),
         "surfaces": rng.choice(["home", "search"], n).tolist(),
-        "ts": (cutoff - 5 * day + np.cumsum(rng.integers(1, 50_000, n))).tolist(),
+        # the last two events on the requests' day, before the requests
+        "ts": [*(cutoff - 5 * day + np.cumsum(rng.integers(1, 50_000, n - 2))).tolist(), cutoff + 60, cutoff + 120],
     }
     new_user = {"item_ids": [], "actions": [], "surfaces": [], "ts": []}
     users = [long_user, new_user]
@@ -401,9 +550,10 @@ def test_serving_feeds_a_request_as_the_training_batch_does(mode: str) -> None:
     content = ContentTable(np.array([5, 6, 7, *long_user["item_ids"]]), rng.normal(size=(3 + n, BACKBONE.content_dim)))
     created = ItemCreatedAt(np.array([5, 6, 8]), np.array([cutoff - 2 * day, cutoff + 60, cutoff - 30 * day]))
     C = len(cands)
+    loaded = 2 * hist  # as fine-tuning loads the sequences of a ranker with a published embedding
     data = RankingData(
         sequences=encode_sequences(
-            *([u[k] for u in users] for k in ("item_ids", "actions", "surfaces")), hist, [u["ts"] for u in users]
+            *([u[k] for u in users] for k in ("item_ids", "actions", "surfaces")), loaded, [u["ts"] for u in users]
         ),  # fmt: skip
         request_ids=np.array(["r0", "r1"]),
         req_index=np.repeat([0, 1], C),
@@ -414,7 +564,9 @@ def test_serving_feeds_a_request_as_the_training_batch_does(mode: str) -> None:
         request_ts=request_ts,
     )
     items = ItemFacts(content, created)
-    b = batch_tensors(data, np.arange(2 * C), items, torch.device("cpu"))
+    late = ranker.uses_user_embedding
+    b = batch_tensors(data, np.arange(2 * C), items, torch.device("cpu"), hist, late)
+    assert ("late_seq" in b) == late
     trained = predict(ranker, data, items, torch.device("cpu")).reshape(2, C, -1)  # (R, C, A)
     model = ServingModel(ranker, "v", content, created)
     for u, user in enumerate(users):
@@ -431,7 +583,12 @@ def test_serving_feeds_a_request_as_the_training_batch_does(mode: str) -> None:
         since = 3_600 * (u + 1)  # the request's time after the cutoff
         assert served["cand_age_s"][0].tolist() == [2 * day + since, since - 60, -1, 30 * day + since]
         assert int(served["request_ts"][0]) == int(b["request_ts"][u])
-        probs = model.score(model.user_embeddings([user])[0], cands, "search", sequence=user, request_ts=request_ts[u])
+        day_start = int(request_ts[u]) - int(request_ts[u]) % day
+        published = model.user_embeddings([_before(user, day_start)])[0]  # (D,) as publish-embeddings computed it
+        if late:
+            index = int(b["late_seq"]["index"][u])
+            assert int(b["late_seq"]["pad_mask"][index].sum()) == min(len(_before(user, day_start)["item_ids"]), hist)
+        probs = model.score(published, cands, "search", sequence=user, request_ts=request_ts[u])
         np.testing.assert_allclose(probs, trained[u], atol=1e-5, rtol=0)
     with torch.no_grad():  # the batch itself scores as predict does
         direct = torch.sigmoid(ranker_logits(ranker, b)).numpy()
