@@ -21,9 +21,11 @@ import http.server
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -114,9 +116,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Layout:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalAirflow, str, str]]:
-    """``afm airflow up`` on a fresh world, with a scoring service and an alert webhook; down afterwards."""
-    home = tmp_path_factory.mktemp("deployment")
+def deployment() -> Iterator[tuple[LocalAirflow, str, str]]:
+    """``afm airflow up`` on a fresh world, with a scoring service and an alert webhook; down afterwards.
+
+    Its data root is not under pytest's temporary root: a pytest session that starts takes the
+    others' permissions off that root, and PostgreSQL runs as another user when this is root.
+    """
+    home = Path(tempfile.mkdtemp(prefix="afm-deployment-"))
     _synth(home)
     webhook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
     threading.Thread(target=webhook.serve_forever, daemon=True).start()
@@ -143,6 +149,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Local
         service.terminate()
         service.wait(30)
         webhook.shutdown()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _airflow_cli(airflow: LocalAirflow, *args: str) -> str:
