@@ -64,9 +64,14 @@ def event_records(table: pa.Table, *, sort: bool = True) -> tuple[list[dict], np
         time sorts first, with ``ts_us`` = the smallest int64).
     """
     columns = [c for c in EVENT_COLUMNS if c in table.column_names]
-    ts = table.column("ts").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    ts_us = pc.fill_null(ts, np.iinfo(np.int64).min).to_numpy(zero_copy_only=False).astype(np.int64)
-    ids = [str(x) if x is not None else "" for x in table.column("event_id").to_pylist()]
+    none = np.iinfo(np.int64).min
+    if "ts" in table.column_names:
+        ts = table.column("ts").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        ts_us = pc.fill_null(ts, none).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:  # every event is then rejected for its missing time
+        ts_us = np.full(table.num_rows, none, np.int64)
+    raw_ids = table.column("event_id").to_pylist() if "event_id" in table.column_names else [None] * table.num_rows
+    ids = [str(x) if x is not None else "" for x in raw_ids]
     order = sorted(range(table.num_rows), key=lambda i: (ts_us[i], ids[i])) if sort else list(range(table.num_rows))
     rows = table.select(columns).to_pylist()
     events = []

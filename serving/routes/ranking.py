@@ -4,15 +4,17 @@ The user's sequence is the daily snapshot merged with the realtime events pushed
 (``POST /v1/events``; :func:`serving.online_features.merge_sequences`). A request may carry
 its time (``request_time``, RFC 3339): then only events strictly before it count and the
 candidates' ages are taken at it, as in the training examples; without it, every stored
-event counts and the time is now. A stored user embedding was computed from the snapshot:
-it is used only when no realtime event joined the sequence (and its model version is the
-served one); otherwise the embedding is computed from the merged sequence.
+event counts and the time is now. A stored user embedding (published from the daily
+snapshot) is used when its model version is the served one; otherwise the embedding is
+computed from the sequence's events before the request's day, the history a published
+embedding covers (:func:`history_before_day`), as fine-tuning computes it.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import time
 
 import numpy as np
 from fastapi import APIRouter
@@ -36,6 +38,7 @@ from serving.state import EMPTY_SEQUENCE, ServiceMetrics, ServiceState
 log = logging.getLogger(__name__)
 
 _US = 1_000_000
+_DAY_S = 86_400
 
 
 class TimedRankRequest(RankRequest):
@@ -81,6 +84,22 @@ def ranking_router(state: ServiceState, metrics: ServiceMetrics) -> APIRouter:
     return router
 
 
+def history_before_day(sequence: dict, request_s: int) -> dict:
+    """The sequence's events before the UTC day of the request (unix seconds): the history a user embedding covers.
+
+    ``afm publish-embeddings`` runs on a day's snapshot, so during day D the published embedding is
+    of the user's events before D 00:00 UTC, and fine-tuning computes the user embedding of a request
+    from the same events (``training.jobs.finetune.late_sequences``); the events of the day reach the
+    ranker through the sequence itself. A sequence without event times is taken whole.
+    """
+    ts = sequence.get("ts")
+    if ts is None:
+        return sequence
+    start = request_s - request_s % _DAY_S
+    n = sum(1 for t in ts if int(t) < start)  # oldest first: a prefix
+    return {key: list(values)[:n] for key, values in sequence.items()}
+
+
 def _takes(method: object, parameter: str) -> bool:
     """Whether ``method`` has ``parameter``: a feature reader's ``user`` without realtime events may lack
     ``before_us``, a ranking model's ``score`` may lack ``request_ts`` (then it scores at now)."""
@@ -112,16 +131,16 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
 
     sequence = user.sequence or dict(EMPTY_SEQUENCE)
     realtime_events = int(getattr(user, "realtime_events", 0))
+    request_s = int(time.time()) if before_us is None else before_us // _US
     if (
         user.embedding is not None
-        and realtime_events == 0  # computed from the snapshot: today's events are not in it
         and user.model_version == model.version
         and len(user.embedding) == model.embedding_dim
     ):
         embedding = np.asarray(user.embedding, dtype=np.float32)  # (D,)
         source = "precomputed"
-    else:
-        embedding = model.user_embeddings([sequence])[0]  # (U=1, D) → (D,)
+    else:  # what the published embedding would hold: the history before the request's day
+        embedding = model.user_embeddings([history_before_day(sequence, request_s)])[0]  # (U=1, D) → (D,)
         source = "computed"
     metrics.embedding_source.labels(source).inc()
     metrics.candidates.observe(len(req.candidates))

@@ -20,6 +20,7 @@ from features.store import RealtimeSequence
 from serving.app import create_app
 from serving.online_features import UserRow, merge_sequences
 from serving.routes.events import FUTURE_SKEW_S, EventIngestor, parse_event, parse_time_us
+from serving.routes.ranking import history_before_day
 
 US = 1_000_000
 NOW_US = int(dt.datetime(2026, 1, 4, 12, tzinfo=dt.UTC).timestamp()) * US
@@ -328,7 +329,7 @@ def test_post_events_then_rank_at_a_time_sees_the_events_before_it(service):
     r = client.post("/v1/rank", json={"user_id": 7, "candidates": [5, 6], "surface": "home",
                                       "request_time": "2026-01-04T10:30:00.000001Z"})  # fmt: skip
     assert r.status_code == 200, r.text
-    assert r.json()["realtime_events"] == 1 and r.json()["embedding_source"] == "computed"
+    assert r.json()["realtime_events"] == 1 and r.json()["embedding_source"] == "precomputed"
     call = model.calls[-1]
     assert call["sequence"]["item_ids"] == [1, 2, 3]
     assert call["request_ts"] == int(dt.datetime(2026, 1, 4, 10, 30, tzinfo=dt.UTC).timestamp())
@@ -339,16 +340,26 @@ def test_post_events_then_rank_at_a_time_sees_the_events_before_it(service):
     assert model.calls[-1]["request_ts"] is None and store.user_calls[-1] == (7, None)
 
 
-def test_the_stored_embedding_is_used_only_while_no_realtime_event_joined(service):
+def test_the_user_embedding_covers_the_history_before_the_requests_day(service):
     client, model, store, _ = service
+    client.post("/v1/events", json={"events": [event("e1"), event("e2", user_id=9)]})
     r = client.post("/v1/rank", json={"user_id": 7, "candidates": [5], "surface": "home"})
-    assert r.json()["embedding_source"] == "precomputed" and r.json()["realtime_events"] == 0
-    client.post("/v1/events", json={"events": [event("e1")]})
-    r = client.post("/v1/rank", json={"user_id": 7, "candidates": [5], "surface": "home"})
-    assert r.json()["embedding_source"] == "computed" and model.calls[-1]["embedding"] == [3.0, 0.0]
-    r = client.post("/v1/rank", json={"user_id": 7, "candidates": [5], "surface": "home",
-                                      "request_time": "2026-01-04T09:00:00Z"})  # fmt: skip
-    assert r.json()["embedding_source"] == "precomputed"  # before the event: the snapshot alone
+    assert r.json()["embedding_source"] == "precomputed" and r.json()["realtime_events"] == 1  # published: kept
+    assert model.calls[-1]["embedding"] == [9.0, 9.0] and len(model.calls[-1]["sequence"]["item_ids"]) == 3
+    store.snapshots[9] = dict(SNAPSHOT)  # no published embedding: computed from the events before the day
+    r = client.post("/v1/rank", json={"user_id": 9, "candidates": [5], "surface": "home",
+                                      "request_time": "2026-01-04T11:00:00Z"})  # fmt: skip
+    assert r.json()["embedding_source"] == "computed" and r.json()["realtime_events"] == 1
+    assert model.embedded[-1]["item_ids"] == [1, 2] and model.calls[-1]["embedding"] == [2.0, 0.0]
+    assert model.calls[-1]["sequence"]["item_ids"] == [1, 2, 10]
+
+
+def test_history_before_day():
+    seq = {"item_ids": [1, 2, 3], "actions": ["click"] * 3, "surfaces": ["home"] * 3, "ts": [100, 86_399, 86_400]}
+    assert history_before_day(seq, 86_400 + 5)["item_ids"] == [1, 2]
+    assert history_before_day(seq, 86_399)["ts"] == []  # the request's day is day 0: nothing before it
+    no_times = {k: v for k, v in seq.items() if k != "ts"}
+    assert history_before_day(no_times, 10**9) == no_times
 
 
 @pytest.mark.parametrize(
