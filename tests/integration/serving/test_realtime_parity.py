@@ -3,7 +3,9 @@
 World: the tiny synthetic world through the real feature pipeline, Feast registered and
 materialized up to the end of the day before the last (``pipeline_world``, ``online_world``
 in conftest.py), on SQLite, then on Redis. A tiny ranker per mode is fine-tuned on the days
-before the last by :func:`training.jobs.finetune.finetune` and loaded as the service loads it.
+before the last by :func:`training.jobs.finetune.finetune` and loaded as the service loads it:
+the default (``hybrid``: DCAT over the sequence and the user embedding), early fusion alone
+and the user embedding alone.
 
 The replay (:func:`afm.replay.replay`, what ``afm events replay`` runs) sends the last day's
 raw events (every file, the planted bad rows too) to ``POST /v1/events`` in time order, and
@@ -49,7 +51,7 @@ from training.model.inputs import history_len
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(2400)]
 
-MODES = ("pinfm_early", "pinfm_late")
+MODES = ("hybrid", "pinfm_early", "pinfm_late")  # the served default first
 ATOL = 1e-5  # fp32
 SCORES = [f"score_{a}" for a in LABEL_ACTIONS]
 
@@ -137,9 +139,9 @@ def _replay(world: SimpleNamespace, model: ServingModel, day: DayLog, realtime: 
 
 @pytest.fixture(scope="module")
 def replays(online_world: SimpleNamespace, models, day) -> dict[str, SimpleNamespace]:
-    """Per mode, the replay with realtime events; ``"snapshot only"``: the early-fusion ranker without them."""
+    """Per mode, the replay with realtime events; ``"snapshot only"``: the default (hybrid) ranker without them."""
     out = {mode: _replay(online_world, models[mode], day, realtime=True) for mode in MODES}
-    out["snapshot only"] = _replay(online_world, models["pinfm_early"], day, realtime=False)
+    out["snapshot only"] = _replay(online_world, models["hybrid"], day, realtime=False)
     clear_realtime(online_world.layout, sorted({int(u) for u in day.requests["user_id"]}))
     return out
 
@@ -193,7 +195,7 @@ def test_every_replayed_impression_gets_the_training_score(online_world, replays
 
 def test_the_bad_rows_are_rejected_for_the_gates_reasons_and_quarantined(online_world, replays):
     gate = json.loads((online_world.layout.reports / f"ds={online_world.request_day}" / "gate.json").read_text())
-    pushed = replays["pinfm_early"].result.pushed
+    pushed = replays["hybrid"].result.pushed
     by_reason = gate["by_reason"]
     # unknown actions and surfaces are refused by the contract; the duplicate is taken once; the row moved into
     # the next day is valid on its own (a realtime path has no day) and is sent after every request of the day
@@ -216,13 +218,11 @@ def test_the_snapshot_alone_differs_and_the_replay_reports_the_auc(online_world,
     expected = _expected_sequences(online_world)
     alone = replays["snapshot only"]
     differ = sum(_as_compared(s["sequence"]) != expected[r] for r, s in alone.served.items())
-    merged = trained["pinfm_early"].merge(alone.result.scores, on=["request_id", "item_id"], validate="one_to_one")
+    merged = trained["hybrid"].merge(alone.result.scores, on=["request_id", "item_id"], validate="one_to_one")
     diff = max(float(np.abs(merged[f"score_{a}"] - merged[f"prob_{a}"]).max()) for a in LABEL_ACTIONS)
     assert differ >= len(alone.served) // 4 and diff > 10 * ATOL
-    auc = {run: replays[run].result.auc(day.examples) for run in ("pinfm_early", "snapshot only")}
-    evaluated = day.examples.merge(trained["pinfm_early"], on=["request_id", "item_id"], validate="one_to_one")
-    print(f"AUC on {online_world.request_day}: realtime {auc['pinfm_early']}, snapshot only {auc['snapshot only']}")
+    auc = {run: replays[run].result.auc(day.examples) for run in ("hybrid", "snapshot only")}
+    evaluated = day.examples.merge(trained["hybrid"], on=["request_id", "item_id"], validate="one_to_one")
+    print(f"AUC on {online_world.request_day}: realtime {auc['hybrid']}, snapshot only {auc['snapshot only']}")
     for a in LABEL_ACTIONS:  # served with the day's events = what evaluation measures (the same scores)
-        assert auc["pinfm_early"][a] == pytest.approx(
-            roc_auc(evaluated[f"label_{a}"], evaluated[f"prob_{a}"]), abs=1e-6
-        )
+        assert auc["hybrid"][a] == pytest.approx(roc_auc(evaluated[f"label_{a}"], evaluated[f"prob_{a}"]), abs=1e-6)
