@@ -98,6 +98,14 @@ def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> No
     "fusion (DCAT over the realtime sequence alone), hybrid (DCAT + the published user embedding).",
 )
 @click.option(
+    "--hybrid-user",
+    type=click.Choice(["fused", "stored"]),
+    default="fused",
+    show_default=True,
+    help="--sequence hybrid: the late features read the published user embedding fused with the realtime "
+    "sequence's summary, or the embedding alone.",
+)
+@click.option(
     "--new-item-techniques/--no-new-item-techniques",
     default=True,
     show_default=True,
@@ -123,7 +131,7 @@ def train_pretrain(home, ds, size, steps, device, seed, losses, time_gaps) -> No
     help="Feed log-time-gap buckets of the sequence to the backbone (default: as the backbone was pretrained).",
 )
 def train_finetune(
-    home, ds, backbone, epochs, device, seed, promote, sequence, new_item_techniques, missing_id_vector,
+    home, ds, backbone, epochs, device, seed, promote, sequence, hybrid_user, new_item_techniques, missing_id_vector,
     next_action_weight, aux_next_token, lifelong_top_k, time_gaps,
 ) -> None:  # fmt: skip
     """Fine-tune the ranker on ranking examples; per-action AUC and HIT@3 (new/old items) on the last day."""
@@ -134,6 +142,7 @@ def train_finetune(
         device=device,
         seed=seed,
         sequence=sequence,
+        hybrid_user=hybrid_user,
         next_action_weight=next_action_weight,
         aux_next_token_weight=aux_next_token,
         lifelong_top_k=lifelong_top_k,

@@ -68,6 +68,8 @@ class FinetuneConfig(Settings):
             ``publish-embeddings`` served that day).
         next_action_weight: TransAct V2's Next Action Loss (impression negatives) weight; 0 = off.
         aux_next_token_weight: the backbone's next-token loss on the request sequences; 0 = off.
+        hybrid_user: ``hybrid`` only: the late features' user vector (``RankerConfig.hybrid_user``):
+            ``fused`` (the published embedding and the realtime summary) or ``stored`` (the embedding alone).
         new_items: candidate-ID randomization and age-dependent ID dropout (NewItemConfig.off() = none).
         lifelong_top_k: ``transact`` only: TransAct V2's per-candidate selection of the
             ``lifelong_recent_r`` most recent + ``lifelong_top_k`` most content-similar actions
@@ -90,6 +92,7 @@ class FinetuneConfig(Settings):
     grad_clip: float = 1.0
     label_weights: tuple[tuple[float, ...], ...] | None = None
     sequence: str = "hybrid"
+    hybrid_user: str = "fused"
     next_action_weight: float = 0.01
     aux_next_token_weight: float = 0.0
     new_items: NewItemConfig = Field(default_factory=NewItemConfig)
@@ -491,6 +494,7 @@ def plan_finetune(layout: Layout, cfg: FinetuneConfig, ds: str | None, backbone:
     rcfg = RankerConfig(
         backbone=bb_cfg,
         sequence=cfg.sequence,
+        hybrid_user=cfg.hybrid_user,
         new_items=cfg.new_items,
         # items created after the last fine-tuning day never had a trained ID (content carries them)
         id_cutoff_s=int(day_window(train_days[-1])[1].timestamp()),

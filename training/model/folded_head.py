@@ -93,14 +93,14 @@ class FoldedHead:
         c0, s0, e0 = 0, D, D + S
         u0 = e0 + E
         uc0 = u0 + D
-        # the per-candidate columns besides c: surface, early, cos, and −μ against A_g 1
-        rest = torch.cat([Ag[:, s0:u0], Ag[:, uc0 + D :], Ag.sum(1, keepdim=True)], dim=1)  # (3H, S + E + 2)
+        # the per-candidate columns besides c: surface, early, cos, −μ against A_g 1, and 1 against the bias
+        bias = A @ in_norm.bias + a  # (3H,)
+        rest = torch.cat([Ag[:, s0:u0], Ag[:, uc0 + D :], Ag.sum(1, keepdim=True), bias[:, None]], dim=1)
         self._w = {
             "c_t": Ag[:, c0:s0].t().contiguous(),  # (D, 3H)
             "uc_t": Ag[:, uc0 : uc0 + D].t().contiguous(),  # (D, 3H)
             "u": Ag[:, u0:uc0].contiguous(),  # (3H, D)
-            "rest_t": rest.t().contiguous(),  # (S + E + 2, 3H)
-            "bias": A @ in_norm.bias + a,  # (3H,)
+            "rest_t": rest.t().contiguous(),  # (S + E + 3, 3H)
         }
         self._key = key
         return self._w
@@ -158,9 +158,10 @@ class FoldedHead:
         w_req = torch.empty((D + 1, w["c_t"].shape[1]), dtype=c.dtype, device=c.device)  # (D + 1, 3H)
         torch.addcmul(w["c_t"], w["uc_t"], u.unsqueeze(1), out=w_req[:D])  # (A_c + A_uc diag(u))ᵀ
         torch.mv(w["u"], u, out=w_req[D])  # A_u u
-        v_req = torch.cat([c, torch.ones_like(cos)], dim=-1) * rho  # (C, D + 1)
-        v_rest = torch.cat([s, e, cos, -mu], dim=-1) * rho  # (C, S + E + 2)
-        z = torch.addmm(w["bias"], v_rest, w["rest_t"])  # (C, 3H)
+        ones = torch.ones_like(cos)  # (C, 1)
+        v_req = torch.cat([c, ones], dim=-1) * rho  # (C, D + 1)
+        v_rest = torch.cat([torch.cat([s, e, cos, -mu], dim=-1) * rho, ones], dim=-1)  # (C, S + E + 3)
+        z = torch.mm(v_rest, w["rest_t"])  # (C, 3H); the bias comes in as a column, not as a copy of (C, 3H)
         z.addmm_(v_req, w_req).relu_()  # (C, 3H) every block's ReLU(aggregate(x))
         H = blocks[0].aggregate.out_features
         normed: dict[float, torch.Tensor] = {}  # every block's LayerNorm of x shares its statistics

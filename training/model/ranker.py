@@ -15,9 +15,11 @@ The sequence module is one of (``RankerConfig.sequence``):
   of ``pinfm_early`` over the realtime sequence, scored per candidate with DCAT at request
   time, fused with the batch user embedding: PinFM's pass over the long history, precomputed
   and published with the model version (``user_emb``; in training, ``late_seq``: the history as
-  the publisher saw it). Its late features read that embedding, not the request-time pass.
+  the publisher saw it). The user vector of its late features is a learned fusion of that
+  embedding and the realtime sequence's summary (the DCAT context pass's last hidden state)
+  (``RankerConfig.hybrid_user="fused"``), or the embedding alone (``"stored"``).
 
-The late user vector of ``pinfm_late`` and ``hybrid`` comes, in this order, from ``user_emb``
+The batch user vector of ``pinfm_late`` and ``hybrid`` comes, in this order, from ``user_emb``
 (precomputed, (U, D)), from ``late_seq`` (a backbone pass over those sequences, with
 gradients in training) or from the request's own sequence (``hybrid``: the same context pass
 that fills the DCAT cache, so it costs nothing extra).
@@ -63,6 +65,8 @@ EARLY_FUSION_MODES: tuple[str, ...] = ("pinfm_early", "hybrid")
 USER_EMBEDDING_MODES: tuple[str, ...] = ("pinfm_late", "hybrid")
 #: the head is folded per request (:class:`training.model.folded_head.FoldedHead`) from this many candidates on
 FOLD_MIN_CANDIDATES = 32
+#: ``hybrid``: the late features' user vector fuses the batch embedding with the realtime summary, or is the former
+HYBRID_USERS: tuple[str, ...] = ("fused", "stored")
 #: ids drawn by candidate-ID randomization come from [RANDOM_ID_BASE, 2·RANDOM_ID_BASE): far above real ids
 RANDOM_ID_BASE = 1 << 40
 DAY_S = 86_400
@@ -144,6 +148,9 @@ class RankerConfig(Settings):
             content is most similar to the candidate's (needs content); 0 = the whole sequence.
         id_cutoff_s: unix seconds of the end of the fine-tuning data (set by fine-tuning): an
             item created later cannot have a trained ID (see ``NewItemConfig.content_only_unseen``).
+        hybrid_user: ``hybrid`` only: the user vector of the late features, one of
+            :data:`HYBRID_USERS`: ``fused`` = a learned linear map of the batch embedding and the
+            realtime sequence's summary (starts as their mean), ``stored`` = the batch embedding alone.
     """
 
     backbone: PinFMConfig = Field(default_factory=lambda: PinFMConfig.preset("small"))
@@ -160,10 +167,13 @@ class RankerConfig(Settings):
     lifelong_top_k: int = 0
     lifelong_recent_r: int = 8
     id_cutoff_s: int | None = None
+    hybrid_user: str = "fused"
 
     def check(self) -> None:
         if self.sequence not in SEQUENCE_MODES:
             raise ValueError(f"sequence must be one of {SEQUENCE_MODES}, got {self.sequence!r}")
+        if self.hybrid_user not in HYBRID_USERS:
+            raise ValueError(f"hybrid_user must be one of {HYBRID_USERS}, got {self.hybrid_user!r}")
         if self.lifelong_top_k < 0 or self.lifelong_recent_r < 0:
             raise ValueError(
                 f"lifelong_top_k and lifelong_recent_r must be >= 0, got {self.lifelong_top_k}, {self.lifelong_recent_r}"
@@ -216,6 +226,13 @@ class Ranker(nn.Module):
                 n_actions=cfg.backbone.n_actions,
             )
             seq_dim = self.transact.out_dim
+        # hybrid: [batch embedding, realtime summary] → the late features' user vector, from their mean
+        self.user_fuse: nn.Linear | None = None
+        if cfg.sequence == "hybrid" and cfg.hybrid_user == "fused":
+            self.user_fuse = nn.Linear(2 * d, d)
+            with torch.no_grad():
+                self.user_fuse.weight.copy_(torch.cat([torch.eye(d), torch.eye(d)], dim=1) / 2)
+                self.user_fuse.bias.zero_()
         in_dim = d + cfg.surface_dim + seq_dim  # candidate, surface, sequence features
         self.in_norm = nn.LayerNorm(in_dim)
         self.interaction = InteractionArch.from_config(cfg.interaction, in_dim)
@@ -429,7 +446,8 @@ class Ranker(nn.Module):
             cand_mask: (U, C) bool, True at real candidates (default: ``cand_ids != 0``).
             cand_age_s: (U, C) item age at the request in seconds (< 0 unknown), for age dropout.
             request_ts: (U,) request time in seconds, for TransAct's time-window mask.
-            return_user: also return the late user vector (U, D) (None without one).
+            return_user: also return the late features' user vector (U, D) (None without one; for a
+                ``fused`` hybrid the fusion of the batch embedding and the realtime summary).
             naive: early fusion only: compute it the slow, obvious way (one full backbone pass per
                 candidate, :func:`training.model.dcat.naive_candidate_hidden`), the reference DCAT
                 must match (eval mode; no new-item dropout on that path).
@@ -501,18 +519,24 @@ class Ranker(nn.Module):
             bb = self.backbone
             args = (seq["item_ids"], seq["action_ids"], seq["surface_ids"], seq.get("content"), pad_mask)
             gaps = self.time_gaps(seq)
-            if mode in USER_EMBEDDING_MODES:
-                user = self._late_user(seq, user_emb, late_seq, U)  # (U, D) or None: from this sequence
+            batch = self._late_user(seq, user_emb, late_seq, U) if mode in USER_EMBEDDING_MODES else None  # (U, D)
             early = None
             if mode == "pinfm_late":
-                if user is None:
-                    user = last_hidden(bb(*args, time_gaps=gaps), pad_mask)  # (U, D)
+                user = batch if batch is not None else last_hidden(bb(*args, time_gaps=gaps), pad_mask)  # (U, D)
             else:
-                if user is None:  # pinfm_early, or hybrid without a published embedding: this pass gives it
+                if batch is None or self.user_fuse is not None:  # the realtime summary is read: the full pass
                     hidden, cache = context_pass(bb, *args, gaps)  # (U, L, D) + every layer's K/V
-                    user = last_hidden(hidden, pad_mask)  # (U, D)
-                else:  # the user vector is given: the cache alone
-                    cache = context_cache(bb, *args, gaps)
+                    realtime = last_hidden(hidden, pad_mask)  # (U, D)
+                    # without a published embedding, the one the model computes from this sequence
+                    batch = realtime if batch is None else batch
+                    if mode == "pinfm_early":
+                        user = realtime
+                    elif self.user_fuse is None:  # hybrid_user="stored"
+                        user = batch
+                    else:
+                        user = self.user_fuse(torch.cat([batch, realtime], dim=-1))  # (U, D)
+                else:  # hybrid_user="stored" with a given embedding: the cache alone
+                    cache, user = context_cache(bb, *args, gaps), batch
                 early = self._early(bb, args, gaps, cache, cand, cand_ids, cand_surface_ids, cand_content, cand_mask,
                                     naive)  # fmt: skip
             logits = self._late_head(cand, surf, early, user, fold)  # (U, C, A)

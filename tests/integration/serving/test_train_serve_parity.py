@@ -3,10 +3,11 @@
 World: the tiny synthetic world through the real feature pipeline, Feast registered and
 materialized up to the end of the day before the last (``pipeline_world`` and ``online_world``
 in conftest.py); the service reads Feast's online store on SQLite, then on Redis.
-Two tiny rankers are fine-tuned on it by :func:`training.jobs.finetune.finetune` itself
-(early fusion, the served default, and late fusion, the published-embedding path), saved as
-artifacts and loaded as the service loads them (:func:`serving.model.load_ranker`), so the
-saved config's round trip is part of the path.
+Three tiny rankers are fine-tuned on it by :func:`training.jobs.finetune.finetune` itself
+(the hybrid, the served default: DCAT early fusion with the published embedding; early fusion
+alone; late fusion alone, the published-embedding path), saved as artifacts and loaded as the
+service loads them (:func:`serving.model.load_ranker`), so the saved config's round trip is
+part of the path.
 
 The two paths, for the same impressions:
 
@@ -56,7 +57,7 @@ from training.model.ranker_objective import ranker_logits
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-MODES = ("pinfm_early", "pinfm_late")
+MODES = ("hybrid", "pinfm_early", "pinfm_late")
 ATOL = 1e-5  # fp32
 CPU = torch.device("cpu")
 
@@ -90,7 +91,9 @@ def _training_path(model: ServingModel, world: SimpleNamespace, requests: pd.Dat
 
     Returns:
         ``requests`` in the batch's row order, ``b`` (batch_tensors of their impressions),
-        ``probs`` (U, C, A) in the batch's candidate grid, ``user`` (U, D) the late user vectors.
+        ``probs`` (U, C, A) in the batch's candidate grid, ``user`` (U, D) the user embeddings the
+        training forward reads (of the requests' histories; these requests have no event of their
+        day before them), or None for a ranker that reads none.
     """
     rcfg = model.ranker.cfg
     data = load_ranking_data(world.layout, [world.request_day], history_len(rcfg))
@@ -102,9 +105,20 @@ def _training_path(model: ServingModel, world: SimpleNamespace, requests: pd.Dat
     b = batch_tensors(data, idx, items, CPU)
     probs = np.zeros((*b["cand_ids"].shape, len(model.actions)), np.float32)  # (U, C, A)
     probs[b["inverse"].numpy(), b["slot"].numpy()] = predict(model.ranker, data, items, CPU)[idx]
-    with torch.no_grad():
-        _, user = ranker_logits(model.ranker, b, return_user=True)  # (U, D)
-    return SimpleNamespace(requests=requests.iloc[order].reset_index(drop=True), b=b, probs=probs, user=user.numpy())
+    user = None
+    if model.uses_user_embedding:
+        late = batch_tensors(data, idx, items, CPU, history_len(rcfg), late=True)["late_seq"]
+        with torch.no_grad():
+            emb = model.ranker.user_embedding(
+                late["item_ids"], late["action_ids"], late["surface_ids"], late["content"], late["pad_mask"],
+                late["ts"],
+            )  # fmt: skip
+        user = emb[late["index"]].numpy()  # (U, D)
+        if rcfg.sequence == "pinfm_late":  # late fusion alone: that embedding is the forward's user vector
+            with torch.no_grad():
+                _, forward_user = ranker_logits(model.ranker, b, return_user=True)  # (U, D)
+            np.testing.assert_allclose(forward_user.numpy(), user, atol=ATOL, rtol=0)
+    return SimpleNamespace(requests=requests.iloc[order].reset_index(drop=True), b=b, probs=probs, user=user)
 
 
 def _service_path(
@@ -173,8 +187,11 @@ def test_training_batches_and_the_service_feed_the_ranker_the_same_inputs(
         for key in ("cand_surface_ids", "cand_age_s", "cand_content"):
             assert torch.equal(s[key][0], b[key][u, :C]), (req.request_id, key)
         assert int(s["request_ts"][0]) == int(b["request_ts"][u]) == int(req["request_s"])
-        # late fusion's user vector from the served embedding = the one in the training forward
-        np.testing.assert_allclose(served.embedding, train.user[u], atol=ATOL, rtol=0)
+        # the served (published) user embedding = the one the training forward reads; none where none is read
+        if train.user is None:
+            assert not served.embedding.any()
+        else:
+            np.testing.assert_allclose(served.embedding, train.user[u], atol=ATOL, rtol=0)
 
         age = s["cand_age_s"][0].numpy()
         created = int(req["request_s"]) - age

@@ -128,10 +128,11 @@ def test_the_folded_head_scores_as_the_modules_do(mode: str) -> None:
         _ranker("none").eval()(seq, **cands, fold=True)
 
 
-def test_hybrid_scores_read_the_stored_user_embedding() -> None:
+@pytest.mark.parametrize("hybrid_user", ["fused", "stored"])
+def test_hybrid_scores_read_the_stored_user_embedding(hybrid_user: str) -> None:
     """The default ranker fuses the published user embedding with DCAT over the realtime sequence."""
-    assert RankerConfig().sequence == "hybrid"
-    ranker = _ranker("hybrid").eval()
+    assert RankerConfig().sequence == "hybrid" and RankerConfig().hybrid_user == "fused"
+    ranker = _ranker("hybrid", hybrid_user=hybrid_user).eval()
     seq, cands = _inputs()
     U, D = 3, BACKBONE.d_model
     with torch.no_grad():
@@ -147,7 +148,13 @@ def test_hybrid_scores_read_the_stored_user_embedding() -> None:
     real = cands["cand_mask"]
     assert (zeros - ones)[real].abs().min() > 1e-4  # every candidate's score moves with the embedding
     torch.testing.assert_close(broadcast, ones, atol=0, rtol=0)
-    torch.testing.assert_close(user, own, atol=1e-6, rtol=0)
+    if hybrid_user == "fused":  # the late features' user vector: the embedding and the realtime summary, fused
+        assert ranker.user_fuse is not None
+        torch.testing.assert_close(user, ranker.user_fuse(torch.cat([own, own], dim=-1)), atol=1e-6, rtol=0)
+        torch.testing.assert_close(user, own, atol=1e-5, rtol=0)  # it starts as their mean
+    else:
+        assert ranker.user_fuse is None
+        torch.testing.assert_close(user, own, atol=1e-6, rtol=0)
     torch.testing.assert_close(fallback, stored, atol=1e-5, rtol=0)
     torch.testing.assert_close(from_history, stored, atol=1e-5, rtol=0)
     # the realtime sequence still matters with the embedding fixed
@@ -166,11 +173,15 @@ def test_hybrid_trains_the_backbone_through_the_published_history() -> None:
     late = {k: v[:2] if v is not None else None for k, v in seq.items()}  # 2 histories for 3 requests
     late["index"] = torch.tensor([0, 1, 0])
     logits, user = ranker(seq, **cands, late_seq=late, return_user=True)
-    own = ranker.user_embedding(late["item_ids"], late["action_ids"], late["surface_ids"], late["content"],
-                                late["pad_mask"])  # fmt: skip
-    torch.testing.assert_close(user, own[[0, 1, 0]], atol=1e-6, rtol=0)
+    batch = ranker.user_embedding(late["item_ids"], late["action_ids"], late["surface_ids"], late["content"],
+                                  late["pad_mask"])[[0, 1, 0]]  # fmt: skip
+    realtime = ranker.user_embedding(seq["item_ids"], seq["action_ids"], seq["surface_ids"], seq["content"],
+                                     seq["pad_mask"])  # fmt: skip
+    assert ranker.user_fuse is not None
+    torch.testing.assert_close(user, ranker.user_fuse(torch.cat([batch, realtime], dim=-1)), atol=1e-6, rtol=0)
     logits.sum().backward()
     assert ranker.backbone.ln_f.weight.grad is not None and ranker.backbone.ln_f.weight.grad.abs().sum() > 0
+    assert ranker.user_fuse.weight.grad is not None and ranker.user_fuse.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="user vectors for 3 candidate rows"):
         ranker(seq, **cands, late_seq={**late, "index": torch.tensor([0, 1])})
 
@@ -345,6 +356,8 @@ def test_config_round_trip_and_errors() -> None:
         RankerConfig.from_dict({**cfg.to_dict(), "colour": 1})
     with pytest.raises(ValueError, match="sequence must be one of"):
         RankerConfig(sequence="rnn")
+    with pytest.raises(ValueError, match="hybrid_user must be one of"):
+        RankerConfig(hybrid_user="both")
     with pytest.raises(ValueError, match="id_randomization"):
         NewItemConfig(id_randomization=1.5)
 
