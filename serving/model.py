@@ -9,11 +9,13 @@ The default ranker, ``hybrid`` (TransAct's hybrid), reads both: the user embeddi
 pass over the user's history, published per model version by ``publish-embeddings``) and the
 realtime sequence (DCAT at request time). ``pinfm_late`` reads the embedding alone; the other
 modes ignore it (:attr:`ServingModel.uses_user_embedding`), and for them
-:meth:`~ServingModel.user_embeddings` runs no model pass and returns zeros. Without a stored
-embedding, ``score(None, …, sequence=…)`` computes it from the sequence in the same pass that
-reads the sequence for the candidates (for ``hybrid``, the DCAT context pass), so the fallback
-does only the work the scores use; it gives the scores of
-``score(user_embeddings([sequence])[0], …, sequence=…)``.
+:meth:`~ServingModel.user_embeddings` runs no model pass and returns zeros. The published
+embedding of day D covers the user's events before D 00:00 UTC (:func:`history_before_day`),
+as fine-tuning computes it (:func:`training.jobs.finetune.late_sequences`). Without a stored
+embedding, ``score(None, …, sequence=…, request_ts=…)`` computes that one, and only where the
+scores read it: when no event of the request's day is in the sequence, in the DCAT context
+pass that reads the sequence for the candidates anyway (one pass, not two); it gives the
+scores of ``score(user_embeddings([history_before_day(sequence, request_ts)])[0], …)``.
 
 A sequence may carry ``"ts"``, each event's time (unix seconds or datetimes, oldest first,
 aligned with ``item_ids``): a ranker trained with ``RankerConfig.time_gaps`` then gets the
@@ -40,6 +42,28 @@ from features.contract import SURFACE_IDS, ContractError
 from training.data import ContentTable, ItemCreatedAt, SequenceArrays, encode_sequences
 from training.model.inputs import history_len, reads_event_times
 from training.model.ranker import Ranker, RankerConfig
+
+#: UTC days: the user embeddings published after day D's pipeline serve the requests of D + 1
+DAY_S = 86_400
+
+
+def history_before_day(sequence: dict, request_s: int) -> dict:
+    """The sequence's events before the UTC day of ``request_s``: the history a published user embedding covers.
+
+    ``publish-embeddings`` runs on a day's snapshot, so during day D the stored embedding is of
+    the user's events before D 00:00 UTC. A sequence without event times (``ts`` absent or None)
+    is taken whole.
+
+    Args:
+        sequence: "item_ids", "actions", "surfaces" and optionally "ts" (unix seconds, oldest first).
+        request_s: the request time, unix seconds.
+    """
+    ts = sequence.get("ts")
+    if ts is None:
+        return sequence
+    start = int(request_s) - int(request_s) % DAY_S
+    n = sum(1 for t in ts if int(t) < start)  # oldest first: a prefix
+    return {key: (None if values is None else list(values)[:n]) for key, values in sequence.items()}
 
 
 class ServingModel:
@@ -216,10 +240,10 @@ class ServingModel:
 
         Args:
             user_embedding: (D,) from :meth:`user_embeddings` (the published one, for this
-                model version), or None: computed here from ``sequence`` as
-                :meth:`user_embeddings` computes it, in the pass that also reads the sequence
-                for the candidates (``hybrid``: the DCAT context pass); ignored by rankers that
-                do not read it (:attr:`uses_user_embedding`).
+                model version), or None: computed here as publish-embeddings computes it, from
+                :func:`history_before_day` of ``sequence`` (for ``hybrid`` in the DCAT context
+                pass when that history is the whole sequence); ignored by rankers that do not
+                read it (:attr:`uses_user_embedding`).
             candidates: C item ids.
             surface: one of features.contract.SURFACES.
             content: optional item_id → content vector, overriding the catalogue's.
@@ -245,8 +269,12 @@ class ServingModel:
         if len(candidates) == 0:
             return np.zeros((0, len(self.actions)), np.float32)
         per_candidate = self.ranker.uses_sequence_per_candidate
-        if user is None and self.uses_user_embedding and not per_candidate:  # pinfm_late: the embedding is all
-            user = self.user_embeddings([sequence or {"item_ids": [], "actions": [], "surfaces": []}])[0]
+        if user is None and self.uses_user_embedding:
+            seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
+            history = history_before_day(seq, int(time.time()) if request_ts is None else int(request_ts))
+            if not per_candidate or len(history["item_ids"]) < len(seq["item_ids"]):  # a pass of its own
+                user = self.user_embeddings([history])[0]
+            # else (hybrid, no event of the day): the context pass over the sequence gives it below
         if user is None or not self.uses_user_embedding:
             user = np.zeros(self.embedding_dim, np.float32)  # not read; hybrid computes its own below
             stored = None

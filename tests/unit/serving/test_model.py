@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from features.config import Layout
 from serving.app import create_app
-from serving.model import ServingModel
+from serving.model import ServingModel, history_before_day
 from serving.online_features import UserRow
 from training.model.backbone import PinFMConfig
 from training.model.ranker import SEQUENCE_MODES, NewItemConfig, Ranker, RankerConfig
@@ -61,6 +61,18 @@ def test_the_fallback_equals_the_precomputed_path_and_runs_one_context_pass() ->
     calls[0] = 0
     model.score(stored, CANDIDATES, "home", sequence=SEQ)
     assert calls[0] == 2  # with the stored embedding: the context pass (cache only) and the crossing pass
+    # a request on the day of the last two events: the embedding published that day did not hold them
+    day = T0 + 2 * 86_400 + 3_600
+    history = history_before_day(SEQ, day)
+    assert history["item_ids"] == SEQ["item_ids"][:3] and history["ts"] == SEQ["ts"][:3]
+    published = model.user_embeddings([history])[0]
+    calls[0] = 0
+    fallback = model.score(None, CANDIDATES, "home", sequence=SEQ, request_ts=day)
+    assert calls[0] == 3  # the history's pass, the sequence's context pass and the crossing pass: all read
+    np.testing.assert_allclose(
+        fallback, model.score(published, CANDIDATES, "home", sequence=SEQ, request_ts=day), atol=1e-6, rtol=0
+    )
+    assert np.abs(fallback - model.score(stored, CANDIDATES, "home", sequence=SEQ, request_ts=day)).max() > 1e-6
     # a new user: both paths agree too
     empty = {"item_ids": [], "actions": [], "surfaces": []}
     np.testing.assert_allclose(
