@@ -120,6 +120,13 @@ def test_the_folded_head_scores_as_the_modules_do(mode: str) -> None:
         split = ranker.score_from_user_embedding(user, cands["cand_ids"], cands["cand_content"],
                                                  cands["cand_surface_ids"])  # fmt: skip
         torch.testing.assert_close(split[cand_mask], folded[cand_mask], atol=1e-5, rtol=0)
+    # new weights (a reload, an optimiser step): the folded weights are rebuilt, never stale
+    with torch.no_grad():
+        ranker.in_norm.weight.mul_(1.5)
+        ranker.interaction.masknet.blocks[0].aggregate.bias.add_(0.1)
+        refolded = ranker(seq, **cands, **kw, fold=True)
+        torch.testing.assert_close(refolded, ranker(seq, **cands, **kw, fold=False), atol=1e-5, rtol=0)
+    assert (refolded - folded).abs().max() > 1e-4
     # in training (gradients) the modules run
     ranker.train()
     ranker(seq, **cands, **kw).sum().backward()
