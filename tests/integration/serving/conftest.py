@@ -7,6 +7,11 @@ from types import SimpleNamespace
 import pytest
 
 from features.config import Layout
+from serving.model import ServingModel, load_ranker
+from training.jobs.finetune import FinetuneConfig, finetune
+
+#: the sequence modes the parity tests serve: the default first
+PARITY_MODES = ("hybrid", "pinfm_early", "pinfm_late")
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +56,15 @@ def online_world(pipeline_world: SimpleNamespace, online_store) -> SimpleNamespa
     if online_store.kind == "redis":  # the rows the service reads are in Redis (the SQLite file stays as it was)
         assert online_store.client().dbsize() > 0
     return SimpleNamespace(**vars(pipeline_world), online_store=online_store)
+
+
+@pytest.fixture(scope="module")
+def models(pipeline_world: SimpleNamespace) -> dict[str, ServingModel]:
+    """A tiny ranker per parity mode, fine-tuned on the days before the last, loaded from its artifact."""
+    out = {}
+    for mode in PARITY_MODES:
+        cfg = FinetuneConfig(epochs=1, batch_size=256, model="tiny", device="cpu", sequence=mode)
+        result = finetune(pipeline_world.layout, cfg, ds=pipeline_world.request_day, backbone="none", promote=False)
+        out[mode] = load_ranker(pipeline_world.layout, result["version"])
+        assert out[mode].ranker.cfg.time_gaps  # the saved config came back with its time gaps
+    return out

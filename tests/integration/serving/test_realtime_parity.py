@@ -42,10 +42,10 @@ from fastapi.testclient import TestClient
 from afm.replay import DayLog, clear_realtime, replay
 from features.contract import LABEL_ACTIONS
 from serving.app import create_app
-from serving.model import ServingModel, load_ranker
+from serving.model import ServingModel
 from serving.online_features import FeastOnlineFeatures, UserRow
 from training.data import load_ranking_data, read_partition, to_unix_seconds
-from training.jobs.finetune import FinetuneConfig, ItemFacts, finetune, predict
+from training.jobs.finetune import ItemFacts, predict
 from training.metrics import roc_auc
 from training.model.inputs import history_len
 
@@ -70,17 +70,6 @@ class Recording:
         row = self.inner.user(user_id, before_us=before_us)
         self.seen.append((user_id, before_us, row))
         return row
-
-
-@pytest.fixture(scope="module")
-def models(pipeline_world: SimpleNamespace) -> dict[str, ServingModel]:
-    """A tiny ranker per mode, fine-tuned on the days before the last, loaded from its artifact."""
-    out = {}
-    for mode in MODES:
-        cfg = FinetuneConfig(epochs=1, batch_size=256, model="tiny", device="cpu", sequence=mode)
-        result = finetune(pipeline_world.layout, cfg, ds=pipeline_world.request_day, backbone="none", promote=False)
-        out[mode] = load_ranker(pipeline_world.layout, result["version"])
-    return out
 
 
 @pytest.fixture(scope="module")

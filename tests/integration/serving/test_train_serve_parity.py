@@ -48,10 +48,10 @@ import torch
 import serving.model
 from features.contract import IMPRESSION
 from features.store import snapshot_timestamp
-from serving.model import ServingModel, load_ranker
+from serving.model import ServingModel
 from serving.online_features import FeastOnlineFeatures
 from training.data import load_ranking_data, read_partition, to_unix_seconds
-from training.jobs.finetune import FinetuneConfig, ItemFacts, batch_tensors, finetune, predict
+from training.jobs.finetune import ItemFacts, batch_tensors, predict
 from training.model.inputs import history_len
 from training.model.ranker_objective import ranker_logits
 
@@ -60,18 +60,6 @@ pytestmark = [pytest.mark.spark, pytest.mark.slow, pytest.mark.timeout(1800)]
 MODES = ("hybrid", "pinfm_early", "pinfm_late")
 ATOL = 1e-5  # fp32
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def models(pipeline_world: SimpleNamespace) -> dict[str, ServingModel]:
-    """A tiny ranker per mode, fine-tuned on the days before the last, loaded from its artifact."""
-    out = {}
-    for mode in MODES:
-        cfg = FinetuneConfig(epochs=1, batch_size=256, model="tiny", device="cpu", sequence=mode)
-        result = finetune(pipeline_world.layout, cfg, ds=pipeline_world.request_day, backbone="none", promote=False)
-        out[mode] = load_ranker(pipeline_world.layout, result["version"])
-        assert out[mode].ranker.cfg.time_gaps  # the saved config came back with its time gaps
-    return out
 
 
 @pytest.fixture(scope="module")
