@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import string
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -76,10 +77,14 @@ ITEM_FEATURE_COLUMNS = ("item_id", "category", "content", "created_at_s")
 USER_EMBEDDING_COLUMNS = ("user_id", "embedding", "model_version", "event_timestamp")
 
 _TS = pa.timestamp("us", tz="UTC")
+#: The user_embedding view's field of quantized embeddings (bytes of :func:`encode_user_embeddings`; null for
+#: float32 rows, whose ``embedding`` holds the floats); a registry from before it lacks the field.
+QUANTIZED_EMBEDDING_FIELD = "embedding_q"
 USER_EMBEDDING_SOURCE_SCHEMA = pa.schema(
     [
         pa.field("user_id", pa.int64()),
         pa.field("embedding", pa.list_(pa.float32())),
+        pa.field(QUANTIZED_EMBEDDING_FIELD, pa.binary()),
         pa.field("model_version", pa.string()),
         pa.field("event_timestamp", _TS),
     ]
@@ -507,6 +512,7 @@ def materialize(layout: Layout, end_ds: str | None = None) -> dict:
         ("item_features", EPOCH, _source_dir(layout, defs.ITEM_FEATURES_DIR), "item_id"),
         ("user_embedding", EPOCH, _source_dir(layout, defs.USER_EMBEDDING_DIR), "user_id"),
     ]
+    upgrade_user_embedding_sources(layout)  # folders of versions published before embedding_q
     for name, start, path, key in plan:
         rows = _source_rows(path, key, start, end) if start is not None else 0
         if rows:
@@ -561,25 +567,192 @@ def _safe_version(version: str) -> str:
     return version
 
 
-def write_user_embeddings(layout: Layout, df: pd.DataFrame) -> None:
+#: Header of a quantized user embedding: bits (uint8), width D (uint16), little-endian.
+_Q_HEADER = struct.Struct("<BH")
+_Q_LEVELS = {8: 127, 4: 15}
+
+
+def encode_user_embeddings(matrix: np.ndarray, bits: int) -> list[bytes]:
+    """Per-row quantized user embeddings, one compact ``bytes`` value per row (what ``embedding_q`` holds).
+
+    The rows use :mod:`training.model.quantize`'s formats: int8 is symmetric (scale =
+    max|row| / 127, codes in [-127, 127]); int4 is asymmetric (offset = min(row), scale =
+    (max - min) / 15, codes in [0, 15], two per byte, the even column in the low nibble).
+    A value is the header (bits: uint8, D: uint16), the float32 scale, for int4 the float32
+    offset, then the codes: 3 + 4 + D bytes for int8, 3 + 8 + ceil(D / 2) for int4 (D = 64:
+    71 and 43 bytes, against 256 for the float32 list).
+
+    Args:
+        matrix: (N, D) float embeddings.
+        bits: 8 or 4.
+
+    Returns:
+        N byte strings; :func:`decode_user_embedding` reads one back to within half a step
+        (scale / 2) of each value.
+
+    Example:
+        >>> decode_user_embedding(encode_user_embeddings(np.array([[0.5, -1.0]]), 8)[0]).tolist()
+        [0.5039370059967041, -1.0]
+    """
+    if bits not in _Q_LEVELS:
+        raise FeatureStoreError(f"user embeddings: quantization bits must be 8 or 4, got {bits!r}")
+    w = np.asarray(matrix, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] >= 1 << 16:
+        raise FeatureStoreError(f"user embeddings: expected a (N, D < 65536) matrix, got shape {w.shape}")
+    n, d = w.shape
+    levels = np.float32(_Q_LEVELS[bits])
+    if bits == 8:
+        scale = np.abs(w).max(axis=1, initial=0.0) / levels  # (N,)
+        safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        codes = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)  # (N, D)
+        parts = [scale.astype("<f4")[:, None].view(np.uint8), codes.view(np.uint8)]  # (N, 4), (N, D)
+    else:
+        lo = w.min(axis=1, initial=np.inf) if d else np.zeros(n, np.float32)  # (N,)
+        scale = ((w.max(axis=1, initial=-np.inf) - lo) / levels if d else lo).astype(np.float32)
+        safe = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        codes = np.clip(np.rint((w - lo[:, None]) / safe[:, None]), 0, 15).astype(np.uint8)  # (N, D)
+        if d % 2:
+            codes = np.concatenate([codes, np.zeros((n, 1), np.uint8)], axis=1)
+        packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, ceil(D / 2))
+        parts = [scale.astype("<f4")[:, None].view(np.uint8), lo.astype("<f4")[:, None].view(np.uint8), packed]
+    body = np.concatenate(parts, axis=1)  # (N, bytes per row)
+    header = _Q_HEADER.pack(bits, d)
+    return [header + row.tobytes() for row in body]
+
+
+def decode_user_embedding(payload: bytes) -> np.ndarray:
+    """(D,) float32 embedding of one value of :func:`encode_user_embeddings`.
+
+    Raises:
+        FeatureStoreError: a value that is not such an encoding (unknown bits, wrong length).
+    """
+    if len(payload) < _Q_HEADER.size:
+        raise FeatureStoreError(f"quantized user embedding of {len(payload)} bytes has no header")
+    bits, d = _Q_HEADER.unpack_from(payload)
+    floats = {8: 1, 4: 2}.get(bits)
+    if floats is None:
+        raise FeatureStoreError(f"quantized user embedding has {bits} bits; expected 8 or 4")
+    code_bytes = d if bits == 8 else (d + 1) // 2
+    if len(payload) != _Q_HEADER.size + 4 * floats + code_bytes:
+        raise FeatureStoreError(
+            f"quantized user embedding of {len(payload)} bytes; {bits}-bit D={d} needs "
+            f"{_Q_HEADER.size + 4 * floats + code_bytes}"
+        )
+    head = np.frombuffer(payload, "<f4", count=floats, offset=_Q_HEADER.size)
+    raw = np.frombuffer(payload, np.uint8, offset=_Q_HEADER.size + 4 * floats)
+    if bits == 8:
+        return raw.view(np.int8).astype(np.float32) * head[0]
+    codes = np.stack([raw & 0x0F, raw >> 4], axis=1).reshape(-1)[:d]  # (D,)
+    return (codes.astype(np.float32) * head[0] + head[1]).astype(np.float32)
+
+
+def stored_user_embedding(
+    fs: FeatureStore, got: dict[str, list], user_id: int
+) -> tuple[list[float] | None, str | None]:
+    """The user's stored embedding and its model version from an online read (full feature names), or (None, None).
+
+    A float32 row carries ``user_embedding__embedding``. A quantized row (published for an
+    exported model, ``embedding`` null) carries ``embedding_q``, decoded here
+    (:func:`decode_user_embedding`); when the read did not request that field, it is read for
+    this user, if the registry's view has it (a registry from before it has float rows only).
+
+    Args:
+        fs: the feature store the read came from.
+        got: ``get_online_features(..., full_feature_names=True).to_dict()`` of one entity row.
+        user_id: the user of that row.
+    """
+    floats = (got.get("user_embedding__embedding") or [None])[0]
+    version = (got.get("user_embedding__model_version") or [None])[0]
+    if floats is not None and len(floats):
+        return list(floats), version
+    key = f"user_embedding__{QUANTIZED_EMBEDDING_FIELD}"
+    if key in got:
+        payload = got[key][0]
+    elif version is not None and _has_quantized_field(fs):
+        payload = fs.get_online_features(
+            features=[f"user_embedding:{QUANTIZED_EMBEDDING_FIELD}"],
+            entity_rows=[{"user_id": int(user_id)}],
+            full_feature_names=True,
+        ).to_dict()[key][0]
+    else:
+        payload = None
+    if not payload:
+        return None, None
+    return decode_user_embedding(bytes(payload)).tolist(), version
+
+
+def _has_quantized_field(fs: FeatureStore) -> bool:
+    """Whether the registry's user_embedding view has the quantized field (read from Feast's registry cache)."""
+    view = fs.get_feature_view("user_embedding", allow_registry_cache=True)
+    return QUANTIZED_EMBEDDING_FIELD in {f.name for f in view.features}
+
+
+def upgrade_user_embedding_sources(layout: Layout) -> list[str]:
+    """Add a null ``embedding_q`` column to the user_embedding source folders written before it existed.
+
+    Feast reads every version folder of the source as one dataset, whose columns are those of
+    its first file: a folder without the column next to one with it fails materialization of
+    the view. The rewrite keeps every row and value (the float rows' ``embedding_q`` is null
+    anyway) and swaps each folder in whole.
+
+    Returns:
+        The model versions whose folders were rewritten.
+    """
+    from features.feature_repo import definitions as defs
+
+    root = _source_dir(layout, defs.USER_EMBEDDING_DIR)
+    if not root.exists():
+        return []
+    upgraded = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        files = sorted(folder.glob("*.parquet"))
+        if not files or all(QUANTIZED_EMBEDDING_FIELD in pq.read_schema(f).names for f in files):
+            continue
+        out = StagedPartition.beside(folder)
+        out.staged.mkdir(parents=True)
+        for f in files:
+            table = pq.read_table(f)
+            if QUANTIZED_EMBEDDING_FIELD not in table.column_names:
+                table = table.append_column(
+                    pa.field(QUANTIZED_EMBEDDING_FIELD, pa.binary()), pa.nulls(table.num_rows, pa.binary())
+                )
+            names = [n for n in USER_EMBEDDING_SOURCE_SCHEMA.names if n in table.column_names]
+            pq.write_table(table.select(names), out.staged / f.name)
+        out.publish()
+        upgraded.append(folder.name)
+    if upgraded:
+        log.info("user_embedding sources: added a null %s column to %s", QUANTIZED_EMBEDDING_FIELD, upgraded)
+    return upgraded
+
+
+def write_user_embeddings(layout: Layout, df: pd.DataFrame, bits: int | None = None) -> None:
     """Write user embeddings to the offline source and materialize them into the online store.
 
     Rows of one model version replace that version's earlier rows in the offline source;
     the online store then holds each user's newest embedding (by ``event_timestamp``).
+    With ``bits`` the rows are stored quantized (``embedding_q``, :func:`encode_user_embeddings`;
+    ``embedding`` null), else as float32 lists (``embedding_q`` null); every file has both columns.
 
     Args:
         layout: The data root.
         df: Columns ``user_id`` (int), ``embedding`` (sequence of floats, one length for all
             rows), ``model_version`` (str), ``event_timestamp`` (UTC datetime).
+        bits: 8 or 4 to store the embeddings per-row quantized; None for float32.
 
     Raises:
-        FeatureStoreError: on missing columns, mixed embedding lengths, bad versions, or no registry.
+        FeatureStoreError: on missing columns, mixed embedding lengths, bad versions, or no
+            registry; with ``bits``, a registry whose view lacks ``embedding_q``.
     """
     import pandas as pd
 
     from features.feature_repo import definitions as defs
 
     _require_registered(layout)
+    if bits is not None and not _has_quantized_field(feature_store(layout)):
+        raise FeatureStoreError(
+            f"the Feast registry at {registry_location(layout)} has no user_embedding:{QUANTIZED_EMBEDDING_FIELD} "
+            "field for quantized user embeddings; run `afm features register`"
+        )
     _require_columns(list(df.columns), USER_EMBEDDING_COLUMNS, "user embeddings")
     if df.empty:
         raise FeatureStoreError("user embeddings: the DataFrame has no rows")
@@ -602,13 +775,19 @@ def write_user_embeddings(layout: Layout, df: pd.DataFrame) -> None:
         out.staged.mkdir(parents=True)
         rows = matrix[part["_row"].to_numpy()]  # (n, D)
         n, d = rows.shape
-        embedding = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(rows.ravel())
-        )
+        if bits is None:
+            embedding = pa.ListArray.from_arrays(
+                pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), pa.array(rows.ravel())
+            )
+            quantized = pa.nulls(n, pa.binary())
+        else:
+            embedding = pa.nulls(n, pa.list_(pa.float32()))
+            quantized = pa.array(encode_user_embeddings(rows, bits), pa.binary())
         table = pa.Table.from_arrays(
             [
                 pa.array(part["user_id"].to_numpy(dtype=np.int64)),
                 embedding,
+                quantized,
                 pa.array([str(version)] * n, pa.string()),
                 pa.array(part["event_timestamp"].dt.as_unit("us"), _TS),
             ],
@@ -616,6 +795,7 @@ def write_user_embeddings(layout: Layout, df: pd.DataFrame) -> None:
         )
         pq.write_table(table, out.staged / "part-0.parquet")
         out.publish()
+    upgrade_user_embedding_sources(layout)  # folders of versions published before embedding_q
 
     start = ts.min().to_pydatetime()
     end = ts.max().to_pydatetime() + dt.timedelta(microseconds=1)

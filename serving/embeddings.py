@@ -99,8 +99,11 @@ def publish_user_embeddings(
         model_loader: Returns the model (default: ``serving.model.load_ranker(layout)``).
         batch_size: Users per forward pass.
 
+    A model exported with quantized tables (``afm model export``) has ``user_embedding_bits``
+    8 or 4: its embeddings are stored per-row quantized (``user_embedding:embedding_q``).
+
     Returns:
-        ``{"model_version", "n_users", "ds", "seconds"}``.
+        ``{"model_version", "n_users", "ds", "embedding_format", "seconds"}``.
     """
     t0 = time.perf_counter()
     if model_loader is None:
@@ -134,11 +137,13 @@ def publish_user_embeddings(
             "event_timestamp": published_at,
         }
     )
-    write_user_embeddings(layout, frame)
+    bits = getattr(model, "user_embedding_bits", None)  # an exported model's format (ServingModel); None = float32
+    write_user_embeddings(layout, frame, bits=bits)
     summary = {
         "model_version": model.version,
         "n_users": len(user_ids),
         "ds": ds,
+        "embedding_format": "fp32" if bits is None else f"int{bits}",
         "seconds": round(time.perf_counter() - t0, 3),
     }
     log.info("published user embeddings: %s", summary)

@@ -41,6 +41,7 @@ from features.config import Layout
 from features.contract import SURFACE_IDS, ContractError
 from training.data import ContentTable, ItemCreatedAt, SequenceArrays, encode_sequences
 from training.model.inputs import history_len, reads_event_times
+from training.model.quantize import QuantizationConfig, quantize_item_tables
 from training.model.ranker import Ranker, RankerConfig
 
 #: UTC days: the user embeddings published after day D's pipeline serve the requests of D + 1
@@ -66,8 +67,17 @@ def history_before_day(sequence: dict, request_s: int) -> dict:
     return {key: (None if values is None else list(values)[:n]) for key, values in sequence.items()}
 
 
+def _settings_of(quant: dict) -> dict:
+    """The :class:`QuantizationConfig` fields of a config.json ``quantization`` section (it also records bits, tables, source)."""
+    return {k: v for k, v in quant.items() if k in QuantizationConfig.model_fields}
+
+
 class ServingModel:
     """A loaded ranker version.
+
+    A version exported with ``afm model export --quantize`` serves as it was saved: its item-ID
+    tables stay quantized (:mod:`training.model.quantize`), and ``user_embedding_bits`` says how
+    its published user embeddings are stored.
 
     Attributes:
         version: the ranker version string.
@@ -75,6 +85,8 @@ class ServingModel:
         embedding_dim: size of a user embedding.
         max_len: sequences are truncated to their newest ``max_len`` events
             (:func:`training.model.inputs.history_len`).
+        user_embedding_bits: 8 or 4 when ``publish-embeddings`` stores this version's user
+            embeddings quantized, None for float32.
     """
 
     def __init__(
@@ -83,8 +95,11 @@ class ServingModel:
         version: str,
         content: ContentTable | None = None,
         created: ItemCreatedAt | None = None,
+        user_embedding_bits: int | None = None,
     ) -> None:
         self.ranker = ranker.cpu().eval()
+        # how publish-embeddings stores this version's user embeddings: 8 / 4 bits per value, None = float32
+        self.user_embedding_bits = user_embedding_bits
         self.version = version
         self.actions: tuple[str, ...] = tuple(ranker.cfg.actions)
         self.embedding_dim: int = ranker.cfg.backbone.d_model
@@ -106,9 +121,13 @@ class ServingModel:
         if cfg_dict is None:
             raise ContractError(f"{artifact['path']}/config.json has no 'ranker' section; is it a ranker artifact?")
         ranker = Ranker(RankerConfig.from_dict(cfg_dict))
+        quant = artifact["config"].get("quantization")
+        if quant is not None:  # an exported version: its state dict holds quantized item tables
+            quantize_item_tables(ranker, int(quant["bits"]), structure_only=True)
         ranker.load_state_dict(artifact["state_dict"])
         content = ContentTable.from_layout(layout, ranker.cfg.backbone.content_dim)
-        return cls(ranker, artifact["version"], content, ItemCreatedAt.from_layout(layout))
+        user_bits = None if quant is None else QuantizationConfig.from_dict(_settings_of(quant)).user_embedding_bits
+        return cls(ranker, artifact["version"], content, ItemCreatedAt.from_layout(layout), user_bits)
 
     def _event_times(self, seq: dict, where: str) -> list | None:
         """The sequence's per-event times when the ranker reads them, else None (unknown or unused).

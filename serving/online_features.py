@@ -256,9 +256,9 @@ class FeastOnlineFeatures:
         row.sequence, row.realtime_events = merge_sequences(
             snapshot, snapshot_end_us, realtime, before_us, self.max_len
         )
-        if got["user_embedding__embedding"][0] is not None:
-            row.embedding = list(got["user_embedding__embedding"][0])
-            row.model_version = got["user_embedding__model_version"][0]
+        from features.store import stored_user_embedding
+
+        row.embedding, row.model_version = stored_user_embedding(fs, got, user_id)  # float32, or decoded int8/int4
         return row
 
     def realtime(self, user_ids: Sequence[int]) -> dict[int, RealtimeSequence]:

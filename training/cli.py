@@ -493,7 +493,7 @@ def eval_pretrain_retrieval(home, ds, versions, device, out_path) -> None:
 # -------------------------------------------------------------------------- model
 @click.group()
 def model() -> None:
-    """Model registry: list, promote, roll back."""
+    """Model registry: list, promote, roll back, export quantized."""
 
 
 @model.command("list")
@@ -523,3 +523,41 @@ def model_rollback(home) -> None:
     from training.jobs.registry import rollback
 
     echo_json(rollback(layout_of(home)))
+
+
+QUANTIZE_CHOICES = ("int8", "int4")
+USER_EMBEDDING_CHOICES = ("int8", "int4", "fp32")
+
+
+@model.command("export")
+@home_option
+@click.argument("version", required=False)
+@click.option(
+    "--quantize",
+    required=True,
+    type=click.Choice(QUANTIZE_CHOICES),
+    help="Store the item-ID embedding tables per-row quantized to int8 or int4.",
+)
+@click.option(
+    "--user-embeddings",
+    type=click.Choice(USER_EMBEDDING_CHOICES),
+    default="int8",
+    show_default=True,
+    help="How publish-embeddings stores this model's user embeddings in Feast.",
+)
+@click.option(
+    "--evaluate/--no-evaluate",
+    default=True,
+    show_default=True,
+    help="Evaluate the quantized model on the source's eval day (its metrics.json; the gate reads it).",
+)
+def model_export(home, version, quantize, user_embeddings, evaluate) -> None:
+    """Write a NEW ranker version with quantized serving tables from VERSION (default: CURRENT).
+
+    The source version is left as it is and nothing is promoted: serve the new version with
+    `afm model promote NEW`, go back with `afm model rollback`. Prints the new version's
+    quantization record (table bytes before/after, max abs error, AUC before/after).
+    """
+    from training.jobs.export import export_quantized
+
+    echo_json(export_quantized(layout_of(home), version, quantize, user_embeddings, evaluate_day=evaluate))

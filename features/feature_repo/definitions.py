@@ -30,7 +30,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Float32, Int64, String
+from feast.types import Array, Bytes, Float32, Int64, String
 
 from features.tables import MAX_SEQ_LEN
 
@@ -51,6 +51,9 @@ REALTIME_PUSH_SOURCE = "user_realtime_push"
 #: Explicit events a realtime row keeps per user: the training cap, so that the merged sequence's
 #: newest MAX_SEQ_LEN events are complete even for a user with that many events in a day.
 REALTIME_MAX_LEN = MAX_SEQ_LEN
+
+#: ``user_embedding``'s quantized embedding (bytes; null in float32 rows, whose ``embedding`` holds the floats).
+QUANTIZED_EMBEDDING_FIELD = "embedding_q"
 
 #: Source directories, relative to ``Layout.feast``.
 USER_SEQUENCE_DIR = "sources/user_sequence"
@@ -173,11 +176,16 @@ user_embedding = FeatureView(
     schema=[
         Field(name="user_id", dtype=Int64),
         Field(name="embedding", dtype=Array(Float32)),
+        Field(name=QUANTIZED_EMBEDDING_FIELD, dtype=Bytes),
         Field(name="model_version", dtype=String),
     ],
     source=user_embedding_source,
     online=True,
-    description="Precomputed user embedding and the ranker version that computed it (never mix versions).",
+    description=(
+        "Precomputed user embedding and the ranker version that computed it (never mix versions): float32 in "
+        f"embedding, or per-row quantized bytes in {QUANTIZED_EMBEDDING_FIELD} (features.store.encode_user_embeddings) "
+        "for a version exported with quantized serving tables."
+    ),
 )
 
 ranking_user = FeatureService(
