@@ -290,6 +290,26 @@ def bench_dcat(seq_len, candidates, requests, device, d_model, layers, heads, re
     )  # fmt: skip
 
 
+@bench.command("quantize")
+@home_option
+@click.option("--version", default=None, help="A float ranker version (default: CURRENT).")
+@click.option("--candidates", default=500, show_default=True, type=int, help="Candidates of the timed request.")
+@click.option("--reps", default=30, show_default=True, type=int, help="Timed calls per format.")
+@click.option(
+    "--evaluate/--no-evaluate", default=True, show_default=True, help="Also per-action AUC on the eval day per format."
+)
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also write the JSON line here.")
+def bench_quantize(home, version, candidates, reps, evaluate, out_path) -> None:
+    """Memory, candidates/s and AUC of a ranker with fp32, int8 and int4 item tables, side by side (CPU)."""
+    from training.bench.quantize import bench_quantize as run
+
+    out = run(layout_of(home), version, candidates=candidates, reps=reps, evaluate=evaluate)
+    echo_json(out)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(out, default=str, sort_keys=True) + "\n", encoding="utf-8")
+
+
 @bench.command("grouping")
 @click.option("--requests", default=64, show_default=True, type=int, help="Requests per training batch.")
 @click.option("--per-request", default=10, show_default=True, type=int, help="Impressions per request.")
@@ -429,16 +449,32 @@ def _run_dirs_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[
 @eval_.command("retrieval")
 @_run_dirs_option("A finished 'afm bench seqrec' run (plain or --members); repeat it to score several as one ensemble.")
 @_leave_one_out_options
-def eval_retrieval(run_dirs, data_path, protocol, part, device) -> None:
+@click.option(
+    "--quantize",
+    type=click.Choice(["fp32", "int8", "int4"]),
+    default="fp32",
+    show_default=True,
+    help="Score with the item-ID tables per-row quantized (as `afm model export --quantize` serves them).",
+)
+def eval_retrieval(run_dirs, data_path, protocol, part, device, quantize) -> None:
     """Leave-one-out retrieval metrics (HR/NDCG@10/50/200, MRR) of a trained backbone or an ensemble."""
     from training.bench.seqrec import SeqRecData
     from training.experiments.ensemble import ensemble_ranks, load_members
+    from training.model.quantize import BITS, quantize_item_tables, table_bytes
     from training.retrieval import DEFAULT_KS, retrieval_metrics
 
     members = load_members(run_dirs, device)
+    if quantize != "fp32":
+        for m in members:  # both the histories' items and the catalogue come from the quantized rows
+            quantize_item_tables(m.model, BITS[quantize])
     data = SeqRecData.load(data_path)
     m = retrieval_metrics(ensemble_ranks(members, data, part, protocol), DEFAULT_KS)
-    echo_json({"protocol": protocol, "part": part, "n_members": len(members), "n_users": m.pop("n"), **rounded(m, 5)})
+    echo_json(
+        {
+            "protocol": protocol, "part": part, "n_members": len(members), "n_users": m.pop("n"),
+            "item_tables": quantize, "table_bytes": sum(table_bytes(x.model) for x in members), **rounded(m, 5),
+        }
+    )  # fmt: skip
 
 
 @eval_.command("compare")
