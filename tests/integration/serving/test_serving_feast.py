@@ -408,3 +408,47 @@ def test_the_service_reads_the_online_store_named(layout, online_store):
         return
     assert not online_db.exists()
     assert online_store.client().dbsize() >= len(SEQUENCES) + len(ITEMS)  # one hash per user and per item
+
+
+def test_the_online_reader_returns_what_get_online_features_returns(layout):
+    """The service reads the views through Feast's online store directly: the same rows as the SDK's read."""
+    features = FeastOnlineFeatures(layout)
+    fs = feature_store(layout)
+    refs = ["user_sequence:item_ids", "user_sequence:actions", "user_sequence:surfaces", "user_sequence:event_ts_s"]
+    for user_id in [r["user_id"] for r in SEQUENCES] + [999]:
+        got = fs.get_online_features(features=refs, entity_rows=[{"user_id": user_id}]).to_dict()
+        row = features.user(user_id)
+        if got["item_ids"][0] is None:
+            assert user_id == 999 and row.sequence is None
+            continue
+        assert row.sequence is not None
+        assert row.sequence["item_ids"] == list(got["item_ids"][0])
+        assert row.sequence["actions"] == list(got["actions"][0])
+        assert row.sequence["surfaces"] == list(got["surfaces"][0])
+        assert row.sequence.get("ts") == (None if got["event_ts_s"][0] is None else list(got["event_ts_s"][0]))
+    ids = [i["item_id"] for i in ITEMS] + [77, 10]  # 77: no row; 10 twice
+    got = fs.get_online_features(features=["item_features:content"], entity_rows=[{"item_id": i} for i in ids])
+    expected = {i: list(c) for i, c in zip(ids, got.to_dict()["content"], strict=True) if c is not None}
+    assert features.item_content(ids) == expected and 77 not in expected and len(expected) == len(ITEMS)
+
+
+def test_item_content_is_served_from_memory_but_a_missing_item_is_read_again(layout, monkeypatch):
+    features = FeastOnlineFeatures(layout)
+    def f32(content: dict[int, list[float]]) -> dict[int, list[float]]:
+        return {i: np.float32(c).tolist() for i, c in content.items()}
+
+    assert features.item_content([10, 77]) == f32({10: _content(10)})
+    reads: list[list[int]] = []
+    reader = features._reader()
+    real_read = reader.read
+
+    def counting_read(view, join_key, ids, names):
+        reads.append(list(ids))
+        return real_read(view, join_key, ids, names)
+
+    monkeypatch.setattr(reader, "read", counting_read)
+    assert features.item_content([10, 11, 77]) == f32({10: _content(10), 11: _content(11)})
+    assert reads == [[11, 77]]  # 10 came from memory; 77 (no content yet) is asked for again
+    features.content_ttl_s = 0.0  # AFM_ITEM_CONTENT_TTL_S=0: every request reads the store
+    features.item_content([10])
+    assert reads[-1] == [10]
