@@ -43,7 +43,15 @@ GRACEFUL_SHUTDOWN_S = 20
     help="On SIGTERM: stop accepting connections, let in-flight requests finish for at most this many "
     "seconds, then cancel them and stop (env AFM_GRACEFUL_SHUTDOWN_S).",
 )
-def serve(home, host, port, max_body_bytes, graceful_shutdown_s) -> None:
+@click.option(
+    "--torch-threads",
+    envvar="AFM_TORCH_THREADS",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads each model pass uses (torch's intra-op threads; default: torch's, one per core; "
+    "env AFM_TORCH_THREADS). With AFM_MODEL_CONCURRENCY passes at once, their product should not exceed the cores.",
+)
+def serve(home, host, port, max_body_bytes, graceful_shutdown_s, torch_threads) -> None:
     """Run the scoring HTTP service (POST /v1/rank, Open Inference Protocol v2 under /v2, GET /health).
 
     SIGTERM stops it gracefully: no new connections, in-flight requests complete (for at most
@@ -53,6 +61,11 @@ def serve(home, host, port, max_body_bytes, graceful_shutdown_s) -> None:
     import uvicorn
 
     from serving.app import create_app
+
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
 
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)  # uvicorn handles it while serving, then raises it again
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,29 @@ def score_one_pass(model: RankingModel) -> None:
         )
 
 
+#: How many requests may be inside the model at once (env AFM_MODEL_CONCURRENCY); the others wait their turn,
+#: so concurrent requests do not split the cores between more model passes than there are cores for.
+MODEL_CONCURRENCY_ENV = "AFM_MODEL_CONCURRENCY"
+#: Threads each model pass may use (env AFM_TORCH_THREADS; torch's intra-op threads), set by ``afm serve``.
+TORCH_THREADS_ENV = "AFM_TORCH_THREADS"
+
+
+def model_concurrency() -> int:
+    """``AFM_MODEL_CONCURRENCY`` (default 1: one model pass at a time, with every core it is given).
+
+    Raises:
+        ValueError: when it is not a whole number ≥ 1.
+    """
+    raw = os.environ.get(MODEL_CONCURRENCY_ENV, "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MODEL_CONCURRENCY_ENV} must be a whole number ≥ 1, got {raw!r}")
+    return value
+
+
 @dataclass
 class ServiceState:
     layout: Layout
@@ -64,6 +88,9 @@ class ServiceState:
     warm_up_error: str | None = None
     warmed: threading.Event = field(default_factory=threading.Event)
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
+    model_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(model_concurrency())
+    )  # requests inside the model at once
 
     def load(self, *, score_once: bool) -> None:
         """Load the ranker (and with ``score_once`` run one scoring pass); the served model changes only on success."""

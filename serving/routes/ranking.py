@@ -103,8 +103,9 @@ def history_before_day(sequence: dict, request_s: int) -> dict:
 def server_timing(**seconds: float) -> str:
     """A ``Server-Timing`` header value: ``features;dur=1.203, model;dur=8.514`` (milliseconds).
 
-    ``features`` is the online-store read, ``model`` the user embedding (when computed) and the
-    scoring; a client that also times the whole request sees what lies outside them.
+    ``features`` is the online-store read, ``queue`` the wait for a turn in the model
+    (``AFM_MODEL_CONCURRENCY``), ``model`` the user embedding (when computed) and the scoring; a
+    client that also times the whole request sees what lies outside them.
     """
     return ", ".join(f"{name};dur={value * 1e3:.3f}" for name, value in seconds.items())
 
@@ -143,25 +144,26 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
     sequence = user.sequence or dict(EMPTY_SEQUENCE)
     realtime_events = int(getattr(user, "realtime_events", 0))
     request_s = int(time.time()) if before_us is None else before_us // _US
-    if (
+    stored = (
         user.embedding is not None
         and user.model_version == model.version
         and len(user.embedding) == model.embedding_dim
-    ):
-        embedding = np.asarray(user.embedding, dtype=np.float32)  # (D,)
-        source = "precomputed"
-    else:  # what the published embedding would hold: the history before the request's day
-        embedding = model.user_embeddings([history_before_day(sequence, request_s)])[0]  # (U=1, D) → (D,)
-        source = "computed"
+    )
+    source = "precomputed" if stored else "computed"
     metrics.embedding_source.labels(source).inc()
     metrics.candidates.observe(len(req.candidates))
-
     # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend
     at = {} if before_us is None or not _takes(model.score, "request_ts") else {"request_ts": before_us // _US}
-    probs = np.asarray(
-        model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence, **at)
-    )  # (C, A)
-    scored = time.perf_counter()
+    with state.model_slots:  # AFM_MODEL_CONCURRENCY passes at once; the others wait here
+        admitted = time.perf_counter()
+        if stored:
+            embedding = np.asarray(user.embedding, dtype=np.float32)  # (D,)
+        else:  # what the published embedding would hold: the history before the request's day
+            embedding = model.user_embeddings([history_before_day(sequence, request_s)])[0]  # (U=1, D) → (D,)
+        probs = np.asarray(
+            model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence, **at)
+        )  # (C, A)
+        scored = time.perf_counter()
     if probs.shape != (len(req.candidates), len(model.actions)):
         return error_response(500, f"model returned scores of shape {probs.shape}, expected ({len(req.candidates)}, A)")
     primary = model.actions.index(PRIMARY_ACTION) if PRIMARY_ACTION in model.actions else 0
@@ -184,5 +186,9 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
             "primary_action": model.actions[primary],
             "items": items,
         },
-        headers={"Server-Timing": server_timing(features=fetched - started, model=scored - fetched)},
+        headers={
+            "Server-Timing": server_timing(
+                features=fetched - started, queue=admitted - fetched, model=scored - admitted
+            )
+        },
     )

@@ -431,3 +431,56 @@ def test_surfaces_of_the_contract_are_accepted(setup):
     client, *_ = setup
     for surface in SURFACES:
         assert _rank(client, surface=surface).status_code == 200, surface
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``features;dur=1.2, model;dur=3.4`` → ``{"features": 1.2, "model": 3.4}``."""
+    entries = (part.strip().split(";dur=") for part in header.split(","))
+    return {name: float(dur) for name, dur in entries}
+
+
+def test_rank_answers_server_timing_of_the_store_read_the_wait_and_the_model(setup):
+    client, *_ = setup
+    resp = _rank(client)
+    timing = server_timing(resp.headers["server-timing"])
+    assert set(timing) == {"features", "queue", "model"} and all(v >= 0 for v in timing.values())
+
+
+def test_one_request_at_a_time_in_the_model_by_default(tmp_path, fakes, monkeypatch):
+    """AFM_MODEL_CONCURRENCY=1: a second request waits (``queue``) while the first is inside the model."""
+    import threading
+
+    class SlowModel(fakes.TinyModel):
+        inside = 0
+        most_inside = 0
+
+        def score(self, *args, **kwargs):
+            SlowModel.inside += 1
+            SlowModel.most_inside = max(SlowModel.most_inside, SlowModel.inside)
+            time.sleep(0.2)
+            SlowModel.inside -= 1
+            return super().score(*args, **kwargs)
+
+    def served_with(concurrency: str) -> tuple[int, list[dict]]:
+        monkeypatch.setenv("AFM_MODEL_CONCURRENCY", concurrency)
+        SlowModel.most_inside = 0
+        model = SlowModel("r1")
+        app = create_app(Layout(tmp_path), model_loader=lambda: model, online_features=fakes.MemoryFeatures(),
+                         warm_up_in_background=False)  # fmt: skip
+        client, timings = TestClient(app), []
+
+        def one() -> None:
+            timings.append(server_timing(_rank(client).headers["server-timing"]))
+
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return SlowModel.most_inside, timings
+
+    inside, timings = served_with("1")
+    assert inside == 1 and len(timings) == 3
+    assert max(t["queue"] for t in timings) >= 150  # ms: someone waited for a pass to finish
+    inside, _ = served_with("3")
+    assert inside > 1

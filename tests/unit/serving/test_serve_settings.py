@@ -75,3 +75,35 @@ def test_the_sigterm_handler_is_restored_after_serving(tmp_path, served):
     before = signal.getsignal(signal.SIGTERM)
     _serve(tmp_path)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_torch_threads_sets_the_model_pass_threads(tmp_path, served, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("AFM_TORCH_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        _serve(tmp_path, "--torch-threads", "1")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        _serve(tmp_path)  # no option: torch's own setting stays
+        assert torch.get_num_threads() == before
+        from serving.cli import serve
+
+        result = CliRunner().invoke(serve, ["--home", str(tmp_path), "--torch-threads", "0"])
+        assert result.exit_code == 2 and "--torch-threads" in result.output
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_model_concurrency_bounds_the_passes_at_once(monkeypatch):
+    from serving.state import model_concurrency
+
+    monkeypatch.delenv("AFM_MODEL_CONCURRENCY", raising=False)
+    assert model_concurrency() == 1
+    monkeypatch.setenv("AFM_MODEL_CONCURRENCY", "3")
+    assert model_concurrency() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("AFM_MODEL_CONCURRENCY", bad)
+        with pytest.raises(ValueError, match="AFM_MODEL_CONCURRENCY must be a whole number"):
+            model_concurrency()
