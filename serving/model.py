@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -223,13 +224,17 @@ class ServingModel:
             raise ContractError(f"unknown surface {surface!r}; expected one of {sorted(SURFACE_IDS)}")
         ids = np.asarray(candidates, dtype=np.int64).reshape(-1)  # (C,)
         cand_content = self.content.lookup(ids)  # (C, Cd)
-        for j, item in enumerate(ids.tolist()):
-            vec = (content or {}).get(item)
-            if vec is not None:
-                vec = np.asarray(vec, dtype=np.float32)
-                if vec.shape != (self.content.dim,):
-                    raise ContractError(f"content of item {item} has {vec.size} values, expected {self.content.dim}")
-                cand_content[j] = vec
+        if content:
+            rows = [j for j, item in enumerate(ids.tolist()) if content.get(item) is not None]
+            vectors = [content[int(ids[j])] for j in rows]
+            sizes = {len(v) for v in vectors}
+            if sizes - {self.content.dim}:
+                j = next(j for j, v in zip(rows, vectors, strict=True) if len(v) != self.content.dim)
+                raise ContractError(
+                    f"content of item {int(ids[j])} has {len(content[int(ids[j])])} values, expected {self.content.dim}"
+                )
+            if rows:
+                cand_content[rows] = np.asarray(vectors, dtype=np.float32)  # (R, Cd) in one copy
         now = int(time.time()) if request_ts is None else int(request_ts)
         seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
         missing = [k for k in ("item_ids", "actions", "surfaces") if k not in seq]
@@ -276,51 +281,141 @@ class ServingModel:
         Returns:
             (C, A) float32 probabilities, columns in ``self.actions`` order.
         """
-        if surface not in SURFACE_IDS:
-            raise ContractError(f"unknown surface {surface!r}; expected one of {sorted(SURFACE_IDS)}")
+        return self.score_many([ScoreRequest(user_embedding, candidates, surface, content, sequence, request_ts)])[0]
+
+    def score_many(self, requests: Sequence[ScoreRequest]) -> list[np.ndarray]:
+        """Per-action probabilities of several requests; what :meth:`score` gives each, in fewer ranker passes.
+
+        Requests that read the sequence per candidate (DCAT, TransAct) and agree on what their
+        inputs carry (event times known or not, a user embedding given or computed in the pass,
+        an empty sequence or not) share one pass: sequences right-padded to the longest,
+        candidates padded to the most and masked, one row per request. Each candidate's score
+        depends only on its own request's row, so the scores are :meth:`score`'s up to float
+        rounding. Other rankers score the requests one after another.
+
+        Args:
+            requests: the requests, each as the arguments of :meth:`score`.
+
+        Returns:
+            One (C_i, A) float32 array per request, in order.
+
+        Raises:
+            ContractError: as :meth:`score`, naming the first invalid request.
+        """
+        prepared = [self._prepare(r) for r in requests]
+        out: list[np.ndarray | None] = [None] * len(prepared)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prepared):
+            if p is None:
+                out[i] = np.zeros((0, len(self.actions)), np.float32)
+            elif not self.ranker.uses_sequence_per_candidate:
+                out[i] = self._score_late(p)
+            else:
+                groups.setdefault(_batch_key(p), []).append(i)
+        for rows in groups.values():
+            for i, probs in zip(rows, self._score_per_candidate([prepared[i] for i in rows]), strict=True):
+                out[i] = probs
+        return out  # type: ignore[return-value]
+
+    def _prepare(self, r: ScoreRequest) -> dict | None:
+        """One request's validated ranker inputs and user vector (None: no candidates)."""
+        if r.surface not in SURFACE_IDS:
+            raise ContractError(f"unknown surface {r.surface!r}; expected one of {sorted(SURFACE_IDS)}")
         user = None
-        if user_embedding is not None:
-            user = np.asarray(user_embedding, dtype=np.float32).reshape(-1)
+        if r.user_embedding is not None:
+            user = np.asarray(r.user_embedding, dtype=np.float32).reshape(-1)
             if user.shape != (self.embedding_dim,):
                 raise ContractError(
                     f"user embedding has {user.size} values, model {self.version} expects {self.embedding_dim}"
                 )
-        if len(candidates) == 0:
-            return np.zeros((0, len(self.actions)), np.float32)
+        if len(r.candidates) == 0:
+            return None
         per_candidate = self.ranker.uses_sequence_per_candidate
         if user is None and self.uses_user_embedding:
-            seq = sequence or {"item_ids": [], "actions": [], "surfaces": []}
-            history = history_before_day(seq, int(time.time()) if request_ts is None else int(request_ts))
+            seq = r.sequence or {"item_ids": [], "actions": [], "surfaces": []}
+            history = history_before_day(seq, int(time.time()) if r.request_ts is None else int(r.request_ts))
             if not per_candidate or len(history["item_ids"]) < len(seq["item_ids"]):  # a pass of its own
                 user = self.user_embeddings([history])[0]
-            # else (hybrid, no event of the day): the context pass over the sequence gives it below
+            # else (hybrid, no event of the day): the context pass over the sequence gives it
         if user is None or not self.uses_user_embedding:
-            user = np.zeros(self.embedding_dim, np.float32)  # not read; hybrid computes its own below
+            user = np.zeros(self.embedding_dim, np.float32)  # not read; hybrid computes its own in the pass
             stored = None
         else:
             stored = torch.from_numpy(user)[None, :]  # (1, D)
-        b = self.ranker_inputs(candidates, surface, content, sequence if per_candidate else None, request_ts)
+        b = self.ranker_inputs(r.candidates, r.surface, r.content, r.sequence if per_candidate else None, r.request_ts)
+        return {"inputs": b, "user": user, "stored": stored}
+
+    def _score_late(self, p: dict) -> np.ndarray:
+        """A ranker that reads a user vector, not the sequence per candidate: (C, A) probabilities."""
+        b = p["inputs"]
         with torch.no_grad():
-            if per_candidate:
-                logits = self.ranker(
-                    b["seq"],
-                    b["cand_ids"],
-                    b["cand_surface_ids"],
-                    b["cand_content"],
-                    cand_age_s=b["cand_age_s"],
-                    request_ts=b["request_ts"],
-                    user_emb=stored,  # hybrid without it: the user vector of this context pass
-                )  # (1, C, A)
-            else:
-                logits = self.ranker.score_from_user_embedding(
-                    torch.from_numpy(user)[None, :],  # (1, D)
-                    b["cand_ids"],
-                    b["cand_content"],
-                    b["cand_surface_ids"],
-                    cand_age_s=b["cand_age_s"],
-                    request_ts=b["request_ts"],
-                )  # (1, C, A)
+            logits = self.ranker.score_from_user_embedding(
+                torch.from_numpy(p["user"])[None, :],  # (1, D)
+                b["cand_ids"],
+                b["cand_content"],
+                b["cand_surface_ids"],
+                cand_age_s=b["cand_age_s"],
+                request_ts=b["request_ts"],
+            )  # (1, C, A)
         return torch.sigmoid(logits[0]).numpy().astype(np.float32)
+
+    def _score_per_candidate(self, group: list[dict]) -> list[np.ndarray]:
+        """Requests of one batch key in one ranker pass: (C_i, A) probabilities each."""
+        seqs = [p["inputs"]["seq"] for p in group]
+        width = max(s["item_ids"].shape[1] for s in seqs)
+        seq = {
+            key: None if seqs[0][key] is None else torch.cat([_pad_right(s[key], width) for s in seqs])
+            for key in seqs[0]
+        }  # (U, L) each, content (U, L, Cd)
+        n_cand = [p["inputs"]["cand_ids"].shape[1] for p in group]
+        most = max(n_cand)
+
+        def cands(key: str, fill: float = 0) -> torch.Tensor:
+            return torch.cat([_pad_right(p["inputs"][key], most, fill) for p in group])  # (U, C, ...)
+
+        stored = None if group[0]["stored"] is None else torch.cat([p["stored"] for p in group])  # (U, D)
+        cand_ids = cands("cand_ids")  # (U, C)
+        mask = torch.arange(most)[None, :] < torch.tensor(n_cand)[:, None]  # (U, C)
+        with torch.no_grad():
+            logits = self.ranker(
+                seq,
+                cand_ids,
+                cands("cand_surface_ids"),
+                cands("cand_content"),
+                cand_mask=mask if len(group) > 1 else None,
+                cand_age_s=cands("cand_age_s", -1),
+                request_ts=torch.cat([p["inputs"]["request_ts"] for p in group]),
+                user_emb=stored,  # hybrid without it: the user vector of this context pass
+            )  # (U, C, A)
+        probs = torch.sigmoid(logits).numpy().astype(np.float32)
+        return [probs[u, : n_cand[u]] for u in range(len(group))]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One request to :meth:`ServingModel.score_many`: the arguments of :meth:`ServingModel.score`."""
+
+    user_embedding: np.ndarray | None
+    candidates: Sequence[int]
+    surface: str
+    content: dict[int, Sequence[float]] | None = None
+    sequence: dict | None = None
+    request_ts: int | None = None
+
+
+def _batch_key(p: dict) -> tuple:
+    """What requests must agree on to share one ranker pass."""
+    seq = p["inputs"]["seq"]
+    return ("ts" in seq, p["stored"] is None, bool(seq["pad_mask"].any()))
+
+
+def _pad_right(t: torch.Tensor, width: int, fill: float = 0) -> torch.Tensor:
+    """(1, W, ...) → (1, width, ...), the new columns ``fill`` (padding ids, False masks, zero content)."""
+    missing = width - t.shape[1]
+    if missing <= 0:
+        return t
+    pad = torch.full((t.shape[0], missing, *t.shape[2:]), fill, dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)
 
 
 def load_ranker(layout: Layout, version: str | None = None) -> ServingModel:

@@ -16,6 +16,7 @@ from prometheus_client import values as prom_values
 
 from features.config import Layout
 from features.contract import MIN_ID, SURFACES
+from serving.batching import ModelBatcher
 from serving.online_features import OnlineFeatures
 from serving.schemas import describe
 
@@ -55,15 +56,16 @@ def score_one_pass(model: RankingModel) -> None:
         )
 
 
-#: How many requests may be inside the model at once (env AFM_MODEL_CONCURRENCY); the others wait their turn,
-#: so concurrent requests do not split the cores between more model passes than there are cores for.
+#: How many model passes may run at once (env AFM_MODEL_CONCURRENCY): the batcher's workers. Requests that
+#: arrive during a pass wait and are scored together in the next one (serving.batching).
 MODEL_CONCURRENCY_ENV = "AFM_MODEL_CONCURRENCY"
 #: Threads each model pass may use (env AFM_TORCH_THREADS; torch's intra-op threads), set by ``afm serve``.
 TORCH_THREADS_ENV = "AFM_TORCH_THREADS"
 
 
 def model_concurrency() -> int:
-    """``AFM_MODEL_CONCURRENCY`` (default 1: one model pass at a time, with every core it is given).
+    """``AFM_MODEL_CONCURRENCY`` (default 1: one model pass at a time, with every core it is given, batching
+    the requests that wait).
 
     Raises:
         ValueError: when it is not a whole number ≥ 1.
@@ -88,9 +90,7 @@ class ServiceState:
     warm_up_error: str | None = None
     warmed: threading.Event = field(default_factory=threading.Event)
     reload_lock: threading.Lock = field(default_factory=threading.Lock)
-    model_slots: threading.BoundedSemaphore = field(
-        default_factory=lambda: threading.BoundedSemaphore(model_concurrency())
-    )  # requests inside the model at once
+    batcher: ModelBatcher = field(default_factory=lambda: ModelBatcher(workers=model_concurrency()))
 
     def load(self, *, score_once: bool) -> None:
         """Load the ranker (and with ``score_once`` run one scoring pass); the served model changes only on success."""

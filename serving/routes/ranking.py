@@ -17,10 +17,12 @@ import logging
 import time
 
 import numpy as np
+import orjson
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
+from serving.batching import ScoreJob
 from serving.routes.events import parse_time_us
 from serving.schemas import (
     PREVIEW_CHARS,
@@ -39,6 +41,14 @@ log = logging.getLogger(__name__)
 
 _US = 1_000_000
 _DAY_S = 86_400
+
+
+class RankingJSONResponse(JSONResponse):
+    """``/v1/rank``'s answer, encoded with orjson: the same JSON as ``JSONResponse`` (shortest round-trip floats),
+    several times faster for thousands of scores, and the encoding holds the interpreter for less time."""
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
 
 
 class TimedRankRequest(RankRequest):
@@ -152,18 +162,21 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
     source = "precomputed" if stored else "computed"
     metrics.embedding_source.labels(source).inc()
     metrics.candidates.observe(len(req.candidates))
-    # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend
-    at = {} if before_us is None or not _takes(model.score, "request_ts") else {"request_ts": before_us // _US}
-    with state.model_slots:  # AFM_MODEL_CONCURRENCY passes at once; the others wait here
-        admitted = time.perf_counter()
-        if stored:
-            embedding = np.asarray(user.embedding, dtype=np.float32)  # (D,)
-        else:  # what the published embedding would hold: the history before the request's day
-            embedding = model.user_embeddings([history_before_day(sequence, request_s)])[0]  # (U=1, D) → (D,)
-        probs = np.asarray(
-            model.score(embedding, list(req.candidates), req.surface, content or None, sequence=sequence, **at)
-        )  # (C, A)
-        scored = time.perf_counter()
+    # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend; the batcher
+    # scores the requests waiting together (AFM_MODEL_CONCURRENCY passes at once)
+    request_ts = before_us // _US if before_us is not None and _takes(model.score, "request_ts") else None
+    job = ScoreJob(
+        np.asarray(user.embedding, dtype=np.float32) if stored else None,  # (D,)
+        list(req.candidates),
+        req.surface,
+        content or None,
+        sequence,
+        request_ts,
+        history=None if stored else history_before_day(sequence, request_s),  # what a published embedding holds
+    )
+    probs = np.asarray(state.batcher.score(model, job))  # (C, A)
+    scored = time.perf_counter()
+    admitted = job.started_at or fetched
     if probs.shape != (len(req.candidates), len(model.actions)):
         return error_response(500, f"model returned scores of shape {probs.shape}, expected ({len(req.candidates)}, A)")
     primary = model.actions.index(PRIMARY_ACTION) if PRIMARY_ACTION in model.actions else 0
@@ -175,7 +188,7 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
         {"item_id": item, "score": row[primary], "scores": dict(zip(actions, row, strict=True))}
         for item, row in zip(ranked_ids, ranked_probs, strict=True)
     ]
-    return JSONResponse(
+    return RankingJSONResponse(
         content={
             "model_version": model.version,
             "user_id": req.user_id,

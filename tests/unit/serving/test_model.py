@@ -155,3 +155,50 @@ def test_the_service_scores_with_the_stored_embedding_of_its_own_version_only(tm
         for action, p in right[i].items():
             assert stale[i][action] == pytest.approx(p, abs=1e-6)
     assert max(abs(stale[i]["click"] - ones[i]["click"]) for i in CANDIDATES) > 1e-5
+
+
+@pytest.mark.parametrize("sequence", ["hybrid", "pinfm_early", "transact", "pinfm_late"])
+def test_score_many_gives_each_request_the_scores_of_score(sequence: str) -> None:
+    """Requests batched into one ranker pass (padded sequences and candidates) score as they do alone."""
+    from serving.model import ScoreRequest
+
+    model = _model(sequence)
+    D = model.embedding_dim
+    rng = np.random.default_rng(0)
+    short = {k: v[:2] for k, v in SEQ.items()}
+    no_ts = {k: v for k, v in SEQ.items() if k != "ts"}
+    empty = {"item_ids": [], "actions": [], "surfaces": []}
+    requests = [
+        ScoreRequest(rng.normal(size=D).astype(np.float32), CANDIDATES, "home", sequence=SEQ),
+        ScoreRequest(rng.normal(size=D).astype(np.float32), [31, 32], "search", sequence=short),  # fewer of both
+        ScoreRequest(None, CANDIDATES[:3], "home", sequence=SEQ, request_ts=T0 + 2 * 86_400 + 3_600),
+        ScoreRequest(None, [41, 42, 43, 44, 45, 46], "home", sequence=short),
+        ScoreRequest(rng.normal(size=D).astype(np.float32), CANDIDATES, "home", sequence=no_ts),
+        ScoreRequest(rng.normal(size=D).astype(np.float32), [51], "related", sequence=empty),
+        ScoreRequest(None, CANDIDATES, "home", sequence=None, request_ts=T0),
+        ScoreRequest(rng.normal(size=D).astype(np.float32), [], "home", sequence=SEQ),
+        ScoreRequest(rng.normal(size=D).astype(np.float32), [24, 23, 22], "home", sequence=SEQ),
+    ]
+    calls = _block_passes(model)
+    batched = model.score_many(requests)
+    passes = calls[0]
+    calls[0] = 0
+    alone = [
+        model.score(r.user_embedding, r.candidates, r.surface, r.content, sequence=r.sequence, request_ts=r.request_ts)
+        for r in requests
+    ]
+    assert len(batched) == len(requests)
+    for got, want in zip(batched, alone, strict=True):
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    if sequence in ("hybrid", "pinfm_early"):  # DCAT: fewer backbone passes than one request at a time
+        assert passes < calls[0]
+
+
+def test_score_many_names_the_invalid_request() -> None:
+    from serving.model import ScoreRequest
+
+    model = _model()
+    ok = ScoreRequest(None, CANDIDATES, "home", sequence=SEQ)
+    with pytest.raises(Exception, match="unknown surface 'attic'"):
+        model.score_many([ok, ScoreRequest(None, CANDIDATES, "attic", sequence=SEQ)])
