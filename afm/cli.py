@@ -57,6 +57,58 @@ for _command in (
     cli.add_command(_command)
 
 
+def _concurrencies(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected a comma-separated list of client counts ≥ 1, e.g. 1,4,16; got {value!r}")
+    return out
+
+
+@training_cli.bench.command("serving")
+@home_option
+@click.option(
+    "--world",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The demo world to serve (default $AFM_HOME/bench/serving-world; built there on first use).",
+)
+@click.option("--store", type=click.Choice(["sqlite", "redis"]), default="sqlite", show_default=True)
+@click.option("--candidates", default=500, show_default=True, type=click.IntRange(min=1), help="Per request.")
+@click.option("--concurrency", default="1,4,16", show_default=True, callback=_concurrencies, help="Clients per run.")
+@click.option("--seconds", default=30.0, show_default=True, type=click.FloatRange(min=0.5), help="Per run.")
+@click.option("--drill/--no-drill", default=True, show_default=True, help="Promote and reload under load.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also append the lines here.")
+@click.option(
+    "--out-dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the latency histogram (PNG) and the service's log go (default <world>/bench).",
+)
+def bench_serving(home, world, store, candidates, concurrency, seconds, drill, out_path, out_dir) -> None:
+    """The service under HTTP load on the demo world: one JSON line per concurrency, a latency histogram.
+
+    Judged by ratio = candidates_per_s / offline_candidates_per_s (the same model in-process,
+    no HTTP), beside p50/p99 latency, the time inside the model (overhead_share) and Feast's
+    read against a raw read of the same keys (fetch_overhead_ratio). The roll-out drill
+    promotes a copy of the ranker and reloads the service halfway through one run.
+    """
+    import json
+
+    from afm.bench_serving import bench_serving as run
+
+    world = world or layout_of(home).root / "bench" / "serving-world"
+    lines = run(world, store, candidates, concurrency, seconds, out_dir=out_dir, drill=drill)
+    for line in lines:
+        click.echo(json.dumps(line, sort_keys=True))
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with Path(out_path).open("a", encoding="utf-8") as out:
+            out.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+
+
 @cli.command("demo")
 @home_option
 @click.option("--size", type=click.Choice(["tiny", "demo"]), default="demo", show_default=True)

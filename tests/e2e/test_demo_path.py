@@ -99,3 +99,39 @@ def test_rerunning_a_day_through_the_dag_step_is_identical(demo_home) -> None:
     subprocess.run([afm, "features", "run-day", "--ds", ds, "--home", str(layout.root)], check=True, timeout=600)
     after = pd.read_parquet(layout.partition(layout.ranking_examples, ds))
     pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True))
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_bench_serving_loads_the_service_and_rolls_a_model_out_under_load(demo_home, store, tmp_path) -> None:
+    """``afm bench serving`` on the demo world: a line per concurrency, the drill without a failed request."""
+    import json
+
+    layout, _ = demo_home
+    current = (layout.models / "ranker" / "CURRENT").read_text().strip()
+    afm = str(Path(sys.executable).with_name("afm"))
+    out = tmp_path / "serving.jsonl"
+    cmd = [afm, "bench", "serving", "--world", str(layout.root), "--store", store, "--candidates", "40",
+           "--concurrency", "1,3", "--seconds", "3", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines == [json.loads(line) for line in out.read_text().splitlines()]
+    runs, drill = lines[:-1], lines[-1]
+    assert [r["concurrency"] for r in runs] == [1, 3]
+    for r in runs:
+        assert r["store"] == store and r["errors"] == 0 and r["requests"] > 5, r
+        assert 0 < r["model_ms_p50"] < r["p50_ms"] <= r["p99_ms"], r  # the model's time is inside the request's
+        assert 0 < r["overhead_share"] < 1 and r["features_ms_p50"] > 0
+        assert r["candidates_per_s"] == pytest.approx(r["rps"] * 40, rel=1e-3)
+        assert r["ratio"] == pytest.approx(r["candidates_per_s"] / r["offline_candidates_per_s"], rel=1e-2)
+        assert r["raw_read_ms_p50"] > 0 and r["fetch_overhead_ratio"] > 0
+        assert r["precomputed_share"] == 1.0, r  # the published embeddings of the served version are read
+        assert Path(r["histogram"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert set(r["meets"]) >= {"fetch_overhead_ratio", "errors"} and r["meets"]["errors"]
+        assert ("p99_ms" in r["meets"]) == ("overhead_share" in r["meets"]) == (r["concurrency"] == 1)
+        assert r["served_read_ms_p50"] > 0 and r["sdk_read_ms_p50"] > 0
+    assert drill["bench"] == "serving_rollout" and drill["errors"] == 0, drill
+    assert drill["old_version"] == current != drill["new_version"]
+    assert drill["answers_old"] > 0 and drill["answers_new"] > 0 and drill["answers_other"] == 0
+    assert drill["wrong_before_reload"] == 0 and drill["wrong_after_reload"] == 0
+    assert (layout.models / "ranker" / "CURRENT").read_text().strip() == current  # the drill restored it
