@@ -434,6 +434,7 @@ def test_the_online_reader_returns_what_get_online_features_returns(layout):
 
 def test_item_content_is_served_from_memory_but_a_missing_item_is_read_again(layout, monkeypatch):
     features = FeastOnlineFeatures(layout)
+
     def f32(content: dict[int, list[float]]) -> dict[int, list[float]]:
         return {i: np.float32(c).tolist() for i, c in content.items()}
 
