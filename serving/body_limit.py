@@ -13,6 +13,16 @@ from serving.schemas import MAX_CANDIDATES, OIP_ENVELOPE_BYTES
 OIP_INFER_PATH = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer")
 
 
+#: What a client sends less of, per route (the 413's hint).
+EVENTS_PATH = "/v1/events"
+EVENTS_HINT = "send fewer events per batch (afm events push sends 100 a batch)"
+
+
+def hint_for(path: str) -> str:
+    """How to get under the limit on ``path``: fewer events on ``/v1/events``, fewer candidates elsewhere."""
+    return EVENTS_HINT if path == EVENTS_PATH else f"send at most {MAX_CANDIDATES} candidates per request"
+
+
 def limit_for(path: str, max_bytes: int) -> int:
     """The body limit of a request to ``path``: ``max_bytes``, plus OIP_ENVELOPE_BYTES on an inference route.
 
@@ -42,10 +52,11 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = limit_for(scope.get("path", ""), self.max_bytes)
+        path = scope.get("path", "")
+        limit = limit_for(path, self.max_bytes)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await self._refuse(send, f"request body of {declared} bytes is over the limit of {limit} bytes")
+            await self._refuse(send, f"request body of {declared} bytes is over the limit of {limit} bytes", path)
             return
 
         chunks: list[bytes] = []
@@ -59,7 +70,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._refuse(send, f"request body is over the limit of {limit} bytes")
+                await self._refuse(send, f"request body is over the limit of {limit} bytes", path)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -72,8 +83,8 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _refuse(send: Send, message: str) -> None:
-        body = json.dumps({"error": f"{message}; send at most {MAX_CANDIDATES} candidates per request"}).encode()
+    async def _refuse(send: Send, message: str, path: str) -> None:
+        body = json.dumps({"error": f"{message}; {hint_for(path)}"}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

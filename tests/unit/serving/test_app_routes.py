@@ -484,3 +484,11 @@ def test_one_request_at_a_time_in_the_model_by_default(tmp_path, fakes, monkeypa
     assert max(t["queue"] for t in timings) >= 150  # ms: someone waited for a pass to finish
     inside, _ = served_with("3")
     assert inside > 1
+
+
+def test_an_oversized_events_batch_is_told_to_send_fewer_events(setup):
+    client, *_ = setup
+    events = [{"event_id": f"e-{i}", "user_id": 1, "item_id": 2, "action": "click"} for i in range(40_000)]
+    r = client.post("/v1/events", json={"events": events})
+    assert r.status_code == 413
+    assert "send fewer events per batch" in r.json()["error"] and "candidates" not in r.json()["error"]
