@@ -14,7 +14,7 @@ never mixes versions in one pass. A request whose inputs are invalid fails alone
 Example::
 
     batcher = ModelBatcher(workers=1)
-    probs = batcher.score(model, ScoreJob(embedding, candidates, "home", sequence=seq))  # (C, A)
+    probs = batcher.score(model, ScoreJob(ScoreRequest(embedding, candidates, "home", sequence=seq)))  # (C, A)
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
+from serving.model import ScoreRequest
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,19 @@ MAX_BATCH_CANDIDATES = 8192
 
 @dataclass
 class ScoreJob:
-    """One request for the model: ``embedding`` (D,) or, when ``history`` is given, computed from it first."""
+    """One request for the model; with ``history``, its user embedding is computed from that sequence first.
 
-    embedding: np.ndarray | None
-    candidates: Sequence[int]
-    surface: str
-    content: dict[int, list[float]] | None = None
-    sequence: dict | None = None
-    request_ts: int | None = None
-    history: dict | None = None  # the sequence whose user embedding the request reads (computed in the worker)
-    queued_at: float = field(default_factory=time.perf_counter)
-    started_at: float | None = None  # when the worker took it
+    Attributes:
+        request: what :meth:`serving.model.ServingModel.score` is given (``user_embedding`` None
+            when ``history`` is given).
+        history: the sequence whose user embedding the request reads (computed in the worker).
+        started_at: when the worker took the job (``time.perf_counter``); ``batch_size``: how many
+            requests shared its pass.
+    """
+
+    request: ScoreRequest
+    history: dict | None = None
+    started_at: float | None = None
     batch_size: int = 1
 
 
@@ -91,17 +94,18 @@ class ModelBatcher:
         with self._take:
             first = self._held or self._queue.get()
             self._held = None
-            batch, candidates = [first], len(first[1].candidates)
+            batch, candidates = [first], len(first[1].request.candidates)
             while len(batch) < self.max_requests:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item[0] is not first[0] or candidates + len(item[1].candidates) > self.max_candidates:
+                n = len(item[1].request.candidates)
+                if item[0] is not first[0] or candidates + n > self.max_candidates:
                     self._held = item  # another model (a reload) or too many candidates: the next batch
                     break
                 batch.append(item)
-                candidates += len(item[1].candidates)
+                candidates += n
             return batch
 
     def _run(self) -> None:
@@ -145,19 +149,18 @@ def score_jobs(model: Any, jobs: list[ScoreJob]) -> list[np.ndarray]:
     if need:
         computed = np.asarray(model.user_embeddings([j.history for j in need]))  # (U, D)
         for job, emb in zip(need, computed, strict=True):
-            job.embedding, job.history = emb, None
+            job.request, job.history = replace(job.request, user_embedding=emb), None
+    requests = [j.request for j in jobs]
     score_many = getattr(model, "score_many", None)
     if score_many is not None:
-        from serving.model import ScoreRequest
-
-        return score_many(
-            [ScoreRequest(j.embedding, j.candidates, j.surface, j.content, j.sequence, j.request_ts) for j in jobs]
-        )
+        return score_many(requests)
     with_ts = _takes(model.score, "request_ts")
     out = []
-    for j in jobs:  # a model without score_many (a test double, another implementation): one by one
-        at = {"request_ts": j.request_ts} if with_ts and j.request_ts is not None else {}
+    for r in requests:  # a model without score_many (a test double, another implementation): one by one
+        at = {"request_ts": r.request_ts} if with_ts and r.request_ts is not None else {}
         out.append(
-            np.asarray(model.score(j.embedding, list(j.candidates), j.surface, j.content, sequence=j.sequence, **at))
+            np.asarray(
+                model.score(r.user_embedding, list(r.candidates), r.surface, r.content, sequence=r.sequence, **at)
+            )
         )
     return out

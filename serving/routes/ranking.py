@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
 from serving.batching import ScoreJob
+from serving.model import ScoreRequest
 from serving.routes.events import parse_time_us
 from serving.schemas import (
     PREVIEW_CHARS,
@@ -166,12 +167,14 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
     # scores the requests waiting together (AFM_MODEL_CONCURRENCY passes at once)
     request_ts = before_us // _US if before_us is not None and _takes(model.score, "request_ts") else None
     job = ScoreJob(
-        np.asarray(user.embedding, dtype=np.float32) if stored else None,  # (D,)
-        list(req.candidates),
-        req.surface,
-        content or None,
-        sequence,
-        request_ts,
+        ScoreRequest(
+            np.asarray(user.embedding, dtype=np.float32) if stored else None,  # (D,)
+            list(req.candidates),
+            req.surface,
+            content or None,
+            sequence,
+            request_ts,
+        ),
         history=None if stored else history_before_day(sequence, request_s),  # what a published embedding holds
     )
     probs = np.asarray(state.batcher.score(model, job))  # (C, A)

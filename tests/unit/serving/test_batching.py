@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from serving.batching import ModelBatcher, ScoreJob
+from serving.model import ScoreRequest
 
 
 class RecordingModel:
@@ -35,7 +36,7 @@ class RecordingModel:
 
 def _job(candidates: list[int], surface: str = "home", history: dict | None = None) -> ScoreJob:
     embedding = None if history is not None else np.zeros(1, np.float32)
-    return ScoreJob(embedding, candidates, surface, history=history)
+    return ScoreJob(ScoreRequest(embedding, candidates, surface), history=history)
 
 
 def _concurrently(batcher: ModelBatcher, work: list[tuple[object, ScoreJob]]) -> list[object]:

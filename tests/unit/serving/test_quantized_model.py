@@ -78,21 +78,7 @@ def test_a_float_artifact_is_served_as_before(registry: tuple[Layout, str]) -> N
     assert all(isinstance(t, torch.nn.Embedding) for t in item_tables(served.ranker).values())
 
 
-class _Features:
-    def __init__(self, rows: dict[int, UserRow]) -> None:
-        self.rows = rows
-
-    def status(self) -> str:
-        return "ok"
-
-    def user(self, user_id: int) -> UserRow:
-        return self.rows.get(user_id, UserRow())
-
-    def item_content(self, item_ids) -> dict[int, list[float]]:
-        return {}
-
-
-def test_the_service_ranks_with_the_quantized_version(registry: tuple[Layout, str]) -> None:
+def test_the_service_ranks_with_the_quantized_version(registry: tuple[Layout, str], fakes) -> None:
     layout, _ = registry
     out = export_quantized(layout, quantize="int8", evaluate_day=False)
     promote(layout, out["version"])
@@ -102,7 +88,12 @@ def test_the_service_ranks_with_the_quantized_version(registry: tuple[Layout, st
         1: UserRow(sequence=SEQ, embedding=stored, model_version=out["version"]),
         2: UserRow(sequence=SEQ, embedding=stored, model_version=out["source_version"]),  # the float source's
     }
-    app = create_app(layout, model_loader=lambda: model, online_features=_Features(rows), warm_up_in_background=False)
+    app = create_app(
+        layout,
+        model_loader=lambda: model,
+        online_features=fakes.MemoryFeatures(users=rows),
+        warm_up_in_background=False,
+    )
     client = TestClient(app)
     got = {}
     for user_id in rows:
