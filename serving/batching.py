@@ -47,14 +47,12 @@ class ScoreJob:
         request: what :meth:`serving.model.ServingModel.score` is given (``user_embedding`` None
             when ``history`` is given).
         history: the sequence whose user embedding the request reads (computed in the worker).
-        started_at: when the worker took the job (``time.perf_counter``); ``batch_size``: how many
-            requests shared its pass.
+        started_at: when the worker took the job (``time.perf_counter``).
     """
 
     request: ScoreRequest
     history: dict | None = None
     started_at: float | None = None
-    batch_size: int = 1
 
 
 class ModelBatcher:
@@ -77,7 +75,6 @@ class ModelBatcher:
         self._queue: queue.SimpleQueue[tuple[Any, ScoreJob, Future]] = queue.SimpleQueue()
         self._held: tuple[Any, ScoreJob, Future] | None = None  # taken from the queue but not yet batched
         self._take = threading.Lock()
-        self.passes = 0  # model passes run (for tests and metrics)
         self._workers = [threading.Thread(target=self._run, name=f"afm-model-{k}", daemon=True) for k in range(workers)]
         for t in self._workers:
             t.start()
@@ -113,10 +110,9 @@ class ModelBatcher:
             batch = self._next_batch()
             now = time.perf_counter()
             for _, job, _ in batch:
-                job.started_at, job.batch_size = now, len(batch)
+                job.started_at = now
             try:
                 results = score_jobs(batch[0][0], [job for _, job, _ in batch])
-                self.passes += 1
             except Exception as exc:  # noqa: BLE001 - one bad request must not fail the others: score them one by one
                 if len(batch) == 1:
                     batch[0][2].set_exception(exc)
@@ -131,12 +127,13 @@ class ModelBatcher:
         model, job, done = item
         try:
             done.set_result(score_jobs(model, [job])[0])
-            self.passes += 1
         except Exception as exc:  # noqa: BLE001 - the request's own error, raised in its thread
             done.set_exception(exc)
 
 
-def _takes(method: object, parameter: str) -> bool:
+def takes(method: object, parameter: str) -> bool:
+    """Whether ``method`` has ``parameter``: a feature reader's ``user`` may lack ``before_us``, a ranking
+    model's ``score`` may lack ``request_ts`` (then it scores at now)."""
     try:
         return parameter in inspect.signature(method).parameters  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -154,7 +151,7 @@ def score_jobs(model: Any, jobs: list[ScoreJob]) -> list[np.ndarray]:
     score_many = getattr(model, "score_many", None)
     if score_many is not None:
         return score_many(requests)
-    with_ts = _takes(model.score, "request_ts")
+    with_ts = takes(model.score, "request_ts")
     out = []
     for r in requests:  # a model without score_many (a test double, another implementation): one by one
         at = {"request_ts": r.request_ts} if with_ts and r.request_ts is not None else {}

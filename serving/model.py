@@ -227,12 +227,11 @@ class ServingModel:
         if content:
             rows = [j for j, item in enumerate(ids.tolist()) if content.get(item) is not None]
             vectors = [content[int(ids[j])] for j in rows]
-            sizes = {len(v) for v in vectors}
-            if sizes - {self.content.dim}:
-                j = next(j for j, v in zip(rows, vectors, strict=True) if len(v) != self.content.dim)
-                raise ContractError(
-                    f"content of item {int(ids[j])} has {len(content[int(ids[j])])} values, expected {self.content.dim}"
-                )
+            for j, vec in zip(rows, vectors, strict=True):
+                if len(vec) != self.content.dim:
+                    raise ContractError(
+                        f"content of item {int(ids[j])} has {len(vec)} values, expected {self.content.dim}"
+                    )
             if rows:
                 cand_content[rows] = np.asarray(vectors, dtype=np.float32)  # (R, Cd) in one copy
         now = int(time.time()) if request_ts is None else int(request_ts)

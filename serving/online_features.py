@@ -29,7 +29,6 @@ from features.tables import MAX_SEQ_LEN
 log = logging.getLogger(__name__)
 
 EVENT_TS = "event_ts_s"  # user_sequence's per-event unix seconds (features/feature_repo/definitions.py)
-EVENT_TS_FEATURE = f"user_sequence:{EVENT_TS}"
 SNAPSHOT_FIELDS = ("item_ids", "actions", "surfaces")  # + EVENT_TS where the registry has it
 EMBEDDING_FIELDS = ("embedding", "model_version")  # + the quantized embedding where the registry has it
 #: Seconds a found item content vector is served from memory (env AFM_ITEM_CONTENT_TTL_S; 0 = read every time).

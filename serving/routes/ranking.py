@@ -12,7 +12,6 @@ embedding covers (:func:`history_before_day`), as fine-tuning computes it.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 
@@ -22,8 +21,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
-from serving.batching import ScoreJob
-from serving.model import ScoreRequest
+from serving.batching import ScoreJob, takes
+from serving.model import ScoreRequest, history_before_day
 from serving.routes.events import parse_time_us
 from serving.schemas import (
     PREVIEW_CHARS,
@@ -95,22 +94,6 @@ def ranking_router(state: ServiceState, metrics: ServiceMetrics) -> APIRouter:
     return router
 
 
-def history_before_day(sequence: dict, request_s: int) -> dict:
-    """The sequence's events before the UTC day of the request (unix seconds): the history a user embedding covers.
-
-    ``afm publish-embeddings`` runs on a day's snapshot, so during day D the published embedding is
-    of the user's events before D 00:00 UTC, and fine-tuning computes the user embedding of a request
-    from the same events (``training.jobs.finetune.late_sequences``); the events of the day reach the
-    ranker through the sequence itself. A sequence without event times is taken whole.
-    """
-    ts = sequence.get("ts")
-    if ts is None:
-        return sequence
-    start = request_s - request_s % _DAY_S
-    n = sum(1 for t in ts if int(t) < start)  # oldest first: a prefix
-    return {key: list(values)[:n] for key, values in sequence.items()}
-
-
 def server_timing(**seconds: float) -> str:
     """A ``Server-Timing`` header value: ``features;dur=1.203, model;dur=8.514`` (milliseconds).
 
@@ -119,15 +102,6 @@ def server_timing(**seconds: float) -> str:
     client that also times the whole request sees what lies outside them.
     """
     return ", ".join(f"{name};dur={value * 1e3:.3f}" for name, value in seconds.items())
-
-
-def _takes(method: object, parameter: str) -> bool:
-    """Whether ``method`` has ``parameter``: a feature reader's ``user`` without realtime events may lack
-    ``before_us``, a ranking model's ``score`` may lack ``request_ts`` (then it scores at now)."""
-    try:
-        return parameter in inspect.signature(method).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
 
 
 def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSONResponse:
@@ -142,7 +116,7 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
     before_us = None if request_time is None else parse_time_us(request_time)
     started = time.perf_counter()
     try:
-        if before_us is None or not _takes(state.features.user, "before_us"):
+        if before_us is None or not takes(state.features.user, "before_us"):
             user = state.features.user(req.user_id)
         else:  # only the events strictly before the request
             user = state.features.user(req.user_id, before_us=before_us)
@@ -165,7 +139,7 @@ def _rank(state: ServiceState, metrics: ServiceMetrics, req: RankRequest) -> JSO
     metrics.candidates.observe(len(req.candidates))
     # early-fusion rankers (DCAT) also read the sequence: one context pass, candidates cross-attend; the batcher
     # scores the requests waiting together (AFM_MODEL_CONCURRENCY passes at once)
-    request_ts = before_us // _US if before_us is not None and _takes(model.score, "request_ts") else None
+    request_ts = None if before_us is None else before_us // _US  # passed on where the model takes it
     job = ScoreJob(
         ScoreRequest(
             np.asarray(user.embedding, dtype=np.float32) if stored else None,  # (D,)

@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from features.config import Layout
 from features.store import RealtimeSequence
 from serving.app import create_app
+from serving.model import history_before_day
 from serving.online_features import UserRow, merge_sequences
 from serving.routes.events import FUTURE_SKEW_S, EventIngestor, parse_event, parse_time_us
-from serving.routes.ranking import history_before_day
 
 US = 1_000_000
 NOW_US = int(dt.datetime(2026, 1, 4, 12, tzinfo=dt.UTC).timestamp()) * US
